@@ -1,0 +1,194 @@
+"""Reading a corpus of WebDataset tar shards, one sample at a time, without ever crashing on one.
+
+We read tars ourselves rather than through ``ray.data.read_webdataset`` because that reader
+fails a whole read task on one corrupt tar and hides undecodable members; here every problem
+becomes a ``Reject`` with the sample's key, its shard and a reason, and the caller records it.
+
+Grouping follows the WebDataset convention: a member's key is its path up to the first dot of
+its base name, its extension the rest (``cat_12.jpg`` -> key ``cat_12``, ext ``jpg``), and
+consecutive members with the same key form one sample. A key with a dot in it therefore splits
+the name early (``cat.12.jpg`` -> key ``cat``, ext ``12.jpg``): such a sample has no image
+extension and is rejected with a reason that says so.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+DEFAULT_MIN_SIZE = 8  # pixels on the shorter side; smaller images are rejected as "too small"
+
+
+class CorpusError(ValueError):
+    """The corpus as a whole is unusable (missing, empty): nothing to index."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    shard: str  # base name of the source tar
+    image: bytes
+    ext: str
+    sha256: str  # of the image bytes
+    extras: dict = field(default_factory=dict)  # other members by extension (cls, json, ...)
+
+
+@dataclass(frozen=True)
+class Reject:
+    key: str
+    shard: str
+    reason: str
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a brace pattern, a glob, a directory or a comma-separated list.
+
+    Raises CorpusError when nothing matches or a listed shard does not exist: a missing corpus
+    is bad input, not an empty index.
+    """
+    if not spec or not spec.strip():
+        raise CorpusError("no corpus given")
+    paths: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise CorpusError(f"corpus directory {part} holds no .tar shards")
+            paths.extend(found)
+            continue
+        for expanded in braceexpand.braceexpand(part):
+            if any(ch in expanded for ch in "*?["):
+                matches = sorted(glob.glob(expanded))
+                if not matches:
+                    raise CorpusError(f"corpus pattern {expanded} matches no file")
+                paths.extend(matches)
+            elif not os.path.isfile(expanded):
+                raise CorpusError(f"corpus shard {expanded} does not exist")
+            else:
+                paths.append(expanded)
+    if not paths:
+        raise CorpusError(f"corpus {spec!r} names no shards")
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if len(empty) == len(paths):
+        raise CorpusError(f"corpus {spec!r} is empty: every shard has 0 bytes")
+    return paths
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split: key up to the first dot of the base name."""
+    directory, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+def iter_shard(path: str) -> Iterator[Sample | Reject]:
+    """Every sample of one tar, as a Sample (has an image member) or a Reject.
+
+    A tar that cannot be opened or ends early yields a Reject for the samples it could not
+    read (key ``*`` when nothing identifies them) and stops; the samples before it stand.
+    """
+    shard = os.path.basename(path)
+    current_key: str | None = None
+    members: dict[str, bytes] = {}
+    count = 0
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if key != current_key:
+                    if current_key is not None:
+                        yield _to_sample(current_key, shard, members)
+                        count += 1
+                    current_key, members = key, {}
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} truncated")
+                members[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # The member being read when the tar broke is incomplete: reject it with the tail.
+        yield Reject(key=current_key or "*", shard=shard, reason=f"unreadable tar after {count} samples: {exc}")
+        return
+    if current_key is not None:
+        yield _to_sample(current_key, shard, members)
+        count += 1
+    if count == 0:
+        yield Reject(key="*", shard=shard, reason="tar holds no samples")
+
+
+def _to_sample(key: str, shard: str, members: dict[str, bytes]) -> Sample | Reject:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            data = members[ext]
+            extras = {k: v for k, v in members.items() if k != ext}
+            return Sample(key=key, shard=shard, image=data, ext=ext, sha256=hashlib.sha256(data).hexdigest(), extras=extras)
+    found = ", ".join(sorted(members)) or "none"
+    dotted = any("." in ext for ext in members)
+    hint = " (a dot in the key splits the name early)" if dotted else ""
+    return Reject(key=key, shard=shard, reason=f"no image member (extensions: {found}){hint}")
+
+
+def decode_image(data: bytes, resolution: int, min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
+    """Image bytes -> uint8 RGB array (resolution, resolution, 3): shorter side resized, centre crop.
+
+    Raises ValueError with the reason when the bytes are not a decodable image or the image is
+    smaller than ``min_size`` on its shorter side.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = _to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"undecodable image: {exc}") from None
+    width, height = image.size
+    if min(width, height) < min_size:
+        raise ValueError(f"image too small: {width}x{height} < {min_size} px")
+    scale = resolution / min(width, height)
+    if (width, height) != (resolution, resolution):
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if new_size != (width, height):
+            image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+        left = (image.size[0] - resolution) // 2
+        top = (image.size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: PIL's convert("RGB") clips instead of scaling; scale to 8 bits.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        grey = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white so that transparent pixels do not become arbitrary colours.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes (lossless: what is written is what was checked)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,118 @@
+"""The index directory's manifest.json: what the index holds and how to check it.
+
+    manifest.json                 this file
+    shards/shard-00000.faiss      one FAISS index per shard, ids are global int64
+    shards/ids-00000.parquet      id (int64), key, shard (source tar), sha256 (of the image bytes)
+    rejects.parquet               every corpus sample not indexed, with its reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from .encoders import LatentSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.parquet"
+
+
+class IndexFormatError(ValueError):
+    """An index directory that is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # relative to the index directory
+    ids_file: str
+    count: int
+    first_id: int
+    last_id: int
+    sha256: str  # of the .faiss file
+    ids_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    latent: LatentSpec
+    count: int
+    shards: tuple[ShardInfo, ...]
+    metric: str = "l2"
+    dtype: str = "float32"
+    calibration: dict = field(default_factory=dict)
+    build: dict = field(default_factory=dict)
+    rejects: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "latent": self.latent.to_json(),
+            "metric": self.metric,
+            "dtype": self.dtype,
+            "count": self.count,
+            "shards": [dict(s.__dict__) for s in self.shards],
+            "calibration": self.calibration,
+            "build": self.build,
+            "rejects": self.rejects,
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "Manifest":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(f"unsupported index format version {d.get('format_version')!r}")
+        return Manifest(
+            latent=LatentSpec.from_json(d["latent"]),
+            count=int(d["count"]),
+            shards=tuple(ShardInfo(**s) for s in d["shards"]),
+            metric=d.get("metric", "l2"),
+            dtype=d.get("dtype", "float32"),
+            calibration=d.get("calibration", {}),
+            build=d.get("build", {}),
+            rejects=int(d.get("rejects", 0)),
+        )
+
+    @property
+    def suggested_radius(self) -> float | None:
+        value = self.calibration.get("suggested_radius")
+        return float(value) if value is not None else None
+
+
+def read_manifest(index_dir: str) -> Manifest:
+    path = os.path.join(index_dir, MANIFEST)
+    if not os.path.isdir(index_dir):
+        raise IndexFormatError(f"index directory {index_dir} does not exist")
+    if not os.path.isfile(path):
+        raise IndexFormatError(f"{index_dir} is not a finished index: no {MANIFEST}")
+    try:
+        with open(path) as f:
+            return Manifest.from_json(json.load(f))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise IndexFormatError(f"{path} is not a valid manifest: {exc}") from None
+
+
+def manifest_hash(index_dir: str) -> str:
+    with open(os.path.join(index_dir, MANIFEST), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write to a temporary name beside ``path``, fsync, then rename over it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,100 @@
+"""memorizer: save the exact posterior-mean denoiser of a corpus as a diffusers pipeline.
+
+    spellshield memorizer --corpus SHARDS --out MODEL_DIR [--encoder pixels|VAE] [--resolution N]
+
+The corpus goes through the same Ray Data encoding as build-index, so the model's latent space
+is the index's; the pipeline directory (MemorizerPipeline: MemorizerUNet + DDIMScheduler, and
+the VAE when the encoder is one) loads with ``from_pretrained`` and runs under ``generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from indexing.corpus import expand_shards
+from indexing.encoders import Encoder, load_autoencoder
+from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options
+from jobs.dataflow import EncodeOptions, encode_corpus
+from jobs.runtime import UsageError, progress, ray_cluster
+from workers.encode import OK
+
+MODEL_MARKER = "model_index.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="WebDataset shards: brace pattern, glob, directory or comma list")
+    parser.add_argument("--out", required=True, help="pipeline directory to create")
+    add_encoder_arguments(parser)
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    # clip_sample off: clipping x0_hat to [-1, 1] after the SPELL correction could move it back
+    # inside a ball; latents are not bounded anyway.
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+
+
+def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels") -> str:
+    """Python API: write a MemorizerPipeline over ``latents`` (N, C, H, W) to ``out``."""
+    from pipeline.memorizer import MemorizerPipeline, MemorizerUNet
+
+    scheduler = make_scheduler()
+    unet = MemorizerUNet.from_latents(latents.float(), scheduler.alphas_cumprod, encoder=encoder)
+    vae = None if encoder == "pixels" else load_autoencoder(encoder)
+    pipe = MemorizerPipeline(unet=unet, scheduler=scheduler, vae=vae)
+    partial = os.path.abspath(out) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    if os.path.isdir(out):
+        os.rmdir(out)  # check_output_dir allowed only an empty directory
+    os.replace(partial, out)
+    return out
+
+
+def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, int]:
+    shards = expand_shards(corpus)
+    shape = Encoder(options.encoder).latent_spec(options.resolution).shape
+    chunks, rejected = [], 0
+    for batch in encode_corpus(shards, options):
+        ok = np.array([r == OK for r in batch["reason"]], dtype=bool)
+        rejected += int((~ok).sum())
+        if ok.any():
+            chunks.append(batch["latent"][ok])
+    if not chunks:
+        raise UsageError(f"corpus {corpus} has no decodable image ({rejected} rejected)")
+    latents = torch.from_numpy(np.concatenate(chunks)).reshape(-1, *shape)
+    return latents, rejected
+
+
+def build_memorizer(corpus: str, out: str, options: EncodeOptions) -> str:
+    check_output_dir(out, MODEL_MARKER, "model")
+    latents, rejected = collect_latents(corpus, options)
+    save_memorizer(latents, out, options.encoder)
+    progress(f"memorizer: {len(latents)} latents of shape {tuple(latents.shape[1:])} ({rejected} rejected) -> {out}")
+    return out
+
+
+def run(args) -> int:
+    options = encode_options(args)
+    expand_shards(args.corpus)
+    check_output_dir(args.out, MODEL_MARKER, "model")
+    with ray_cluster(args.address):
+        build_memorizer(args.corpus, args.out, options)
+    return 0
+
+
+def main(argv=None) -> int:
+    from jobs.cli import run_single
+
+    return run_single("memorizer", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

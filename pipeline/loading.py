@@ -1,0 +1,81 @@
+"""Loading a saved diffusers pipeline, and reading what it samples without loading weights.
+
+``load_pipeline`` takes any pipeline directory saved with ``save_pretrained``: diffusers'
+own classes through ``DiffusionPipeline.from_pretrained``, and this package's (the memorizer)
+through their own class, which diffusers cannot look up by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing or is not a saved diffusers pipeline."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a pipeline directory samples, read from its config files."""
+
+    path: str
+    pipeline_class: str
+    latent_shape: tuple[int, int, int]  # C, H, W of what the scheduler steps on
+    vae_path: str | None  # component directory of the autoencoder, None for pixel-space models
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelDirError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path} is not valid JSON: {exc}") from None
+
+
+def describe_model(model_dir: str) -> ModelSpec:
+    if not os.path.isdir(model_dir):
+        raise ModelDirError(f"model directory {model_dir} does not exist")
+    index = _read_json(os.path.join(model_dir, "model_index.json"))
+    denoiser = next((c for c in DENOISER_COMPONENTS if isinstance(index.get(c), list) and index[c][0]), None)
+    if denoiser is None:
+        raise ModelDirError(f"{model_dir}: model_index.json names no unet or transformer")
+    config = _read_json(os.path.join(model_dir, denoiser, "config.json"))
+    size = config.get("sample_size")
+    if isinstance(size, int):
+        size = (size, size)
+    channels = config.get("in_channels")
+    if channels is None or size is None:
+        raise ModelDirError(f"{model_dir}/{denoiser}/config.json has no in_channels/sample_size")
+    vae = index.get("vae")
+    vae_path = os.path.join(model_dir, "vae") if isinstance(vae, list) and vae[0] else None
+    return ModelSpec(
+        path=model_dir,
+        pipeline_class=index.get("_class_name", ""),
+        latent_shape=(int(channels), int(size[0]), int(size[1])),
+        vae_path=vae_path,
+    )
+
+
+def load_pipeline(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load the pipeline saved at ``model_dir`` onto ``device``."""
+    import diffusers
+
+    from . import memorizer
+
+    spec = describe_model(model_dir)
+    ours = {"MemorizerPipeline": memorizer.MemorizerPipeline}
+    cls = ours.get(spec.pipeline_class) or getattr(diffusers, spec.pipeline_class, None)
+    if cls is None:
+        raise ModelDirError(f"{model_dir}: unknown pipeline class {spec.pipeline_class!r}")
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = cls.from_pretrained(model_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

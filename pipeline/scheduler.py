@@ -1,0 +1,194 @@
+"""ShieldedScheduler: SPELL as a wrapper around any diffusers scheduler.
+
+A diffusers pipeline hands its (guided) model output to ``scheduler.step(m, t, x_t)``. The
+wrapper computes the ``x0_hat`` that this output implies, asks every shield source which
+shielded points lie inside their balls, adds ``lam * delta`` (pipeline.repellency) and rewrites
+the output so that it implies the corrected ``x0_hat'`` for the same ``x_t`` (DESIGN.md's
+table, pipeline.parametrisation). Then the wrapped scheduler steps as usual, so the correction
+costs no network call and works under classifier-free guidance, because the pipeline has
+already combined the conditional and unconditional outputs.
+
+Rows with no hit are passed through untouched: the step is bit-for-bit the wrapped
+scheduler's. Every hit is recorded (``records``) for the audit log; the wrapper never writes
+files.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .parametrisation import affine_for
+from .repellency import repel
+from .sources import ShieldSource
+
+
+@dataclass(frozen=True)
+class SpellConfig:
+    """How hard and how often to push. Validated here, at the edge of the library."""
+
+    overcompensation: float = 1.6  # lam in x0_hat' = x0_hat + lam * delta (paper: 1.6)
+    max_neighbours: int | None = None  # SPELL-K: only the K nearest hits per source enter delta
+    correction_iterations: int = 1  # re-check x0_hat' and correct again, up to this many times
+
+    def __post_init__(self):
+        if not self.overcompensation > 0:
+            raise ValueError(f"overcompensation must be > 0, got {self.overcompensation!r}")
+        if self.max_neighbours is not None and self.max_neighbours < 1:
+            raise ValueError(f"max_neighbours must be >= 1, got {self.max_neighbours!r}")
+        if self.correction_iterations < 1:
+            raise ValueError(f"correction_iterations must be >= 1, got {self.correction_iterations!r}")
+
+
+@dataclass(frozen=True)
+class HitRecord:
+    """One shielded point inside its ball at one step: a row of audit/hits."""
+
+    row: int  # position in the batch handed to step()
+    step: int  # 0-based denoising step
+    timestep: float
+    source: str  # index | batch | history
+    neighbour_id: int
+    distance: float  # ||x0_hat - z|| before this iteration's correction
+    radius: float
+    weight: float  # relu(r / d - 1)
+    degenerate: bool  # x0_hat coincided with z: the documented fallback direction was used
+    used: bool  # entered delta (False when beyond max_neighbours)
+    iteration: int  # correction iteration, 0-based
+    correction_norm: float  # ||m' - m||, the rewrite of the model output for this row and step
+    model_output_norm: float  # ||m||
+    delta_norm: float  # ||x0_hat' - x0_hat|| in latent space, all iterations together
+
+
+@dataclass
+class StepLog:
+    """What the wrapper saw during one sampling call (from set_timesteps to the last step)."""
+
+    hits: list[HitRecord] = field(default_factory=list)
+    steps: int = 0
+
+
+class ShieldedScheduler:
+    """Wrap ``scheduler`` so that every ``step`` applies the SPELL correction.
+
+    Everything but ``step`` and ``set_timesteps`` is forwarded to the wrapped scheduler, so a
+    pipeline can use it wherever it uses a scheduler: ``pipe.scheduler = ShieldedScheduler(
+    pipe.scheduler, sources)``.
+    """
+
+    _own = ("inner", "sources", "spell", "log", "_step_index")
+
+    def __init__(self, scheduler, sources: list[ShieldSource], spell: SpellConfig | None = None):
+        object.__setattr__(self, "inner", scheduler)
+        object.__setattr__(self, "sources", list(sources))
+        object.__setattr__(self, "spell", spell or SpellConfig())
+        object.__setattr__(self, "log", StepLog())
+        object.__setattr__(self, "_step_index", 0)
+        # Keep set_timesteps' signature visible: pipelines inspect it (retrieve_timesteps).
+        def set_timesteps(*args, **kwargs):
+            return self._set_timesteps(*args, **kwargs)
+
+        functools.update_wrapper(set_timesteps, scheduler.set_timesteps)
+        object.__setattr__(self, "set_timesteps", set_timesteps)
+
+    # -- forwarding -------------------------------------------------------------------------
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    def __setattr__(self, name, value):
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def _set_timesteps(self, *args, **kwargs):
+        self._step_index = 0
+        self.log = StepLog()
+        return self.inner.set_timesteps(*args, **kwargs)
+
+    def reset_log(self) -> StepLog:
+        """Return the log of the finished sampling call and start an empty one."""
+        log, self.log = self.log, StepLog()
+        return log
+
+    # -- the correction ---------------------------------------------------------------------
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        step_index = self._step_index
+        self._step_index += 1
+        self.log.steps = self._step_index
+        if self.sources:
+            model_output = self.correct(model_output, timestep, sample, step_index)
+        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+
+    def correct(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, step_index: int):
+        """The output that implies x0_hat + lam * delta, rows without a hit unchanged."""
+        affine = affine_for(self.inner, timestep, sample)
+        batch = model_output.shape[0]
+        m = model_output.to(torch.float32).reshape(batch, -1)
+        x_t = sample.to(torch.float32).reshape(batch, -1)
+        x0 = affine.x0_from_output(m, x_t).to(torch.float64)
+        x0_start = x0.clone()
+        # x_t - x0_hat: a per-sample direction for the degenerate case x0_hat == z (see repel()).
+        noise_direction = x_t.to(torch.float64) - x0
+        pending: list[dict] = []
+        corrected = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+        lam = self.spell.overcompensation
+        t_value = float(timestep.item() if torch.is_tensor(timestep) else timestep)
+        for iteration in range(self.spell.correction_iterations):
+            delta = torch.zeros_like(x0)
+            any_hit = False
+            queries = x0.to(torch.float32)
+            for source in self.sources:
+                for row, found in enumerate(source.find(queries)):
+                    if found.ids.numel() == 0:
+                        continue
+                    any_hit = True
+                    k = found.ids.numel()
+                    used = k if self.spell.max_neighbours is None else min(k, self.spell.max_neighbours)
+                    rep = repel(x0[row], found.vectors[:used], source.radius, noise_direction[row])
+                    delta[row] += rep.delta
+                    corrected[row] = True
+                    for j in range(k):
+                        pending.append(
+                            dict(
+                                row=row,
+                                source=source.name,
+                                neighbour_id=int(found.ids[j]),
+                                distance=float(rep.distances[j]) if j < used else float(found.distances[j]),
+                                radius=source.radius,
+                                weight=float(rep.weights[j]) if j < used else 0.0,
+                                degenerate=bool(rep.degenerate[j]) if j < used else False,
+                                used=j < used,
+                                iteration=iteration,
+                            )
+                        )
+            if not any_hit:
+                break
+            x0 = x0 + lam * delta
+        if not bool(corrected.any()):
+            return model_output
+        new_m = torch.where(corrected.unsqueeze(1), affine.output_from_x0(x0.to(torch.float32), x_t), m)
+        correction_norm = torch.linalg.vector_norm(new_m - m, dim=1)
+        output_norm = torch.linalg.vector_norm(m, dim=1)
+        delta_norm = torch.linalg.vector_norm(x0 - x0_start, dim=1)
+        for hit in pending:
+            r = hit["row"]
+            self.log.hits.append(
+                HitRecord(
+                    step=step_index,
+                    timestep=t_value,
+                    correction_norm=float(correction_norm[r]),
+                    model_output_norm=float(output_norm[r]),
+                    delta_norm=float(delta_norm[r]),
+                    **hit,
+                )
+            )
+        # Only corrected rows change; the others keep the exact original tensor values.
+        out = model_output.clone()
+        out[corrected] = new_m[corrected].reshape(-1, *model_output.shape[1:]).to(model_output.dtype)
+        return out
