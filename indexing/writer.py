@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .corpus import CorpusError
 from .encoders import LatentSpec
 from .manifest import MANIFEST, REJECTS, Manifest, ShardInfo, file_sha256, write_json_atomic
 
@@ -140,8 +141,8 @@ class IndexWriter:
         self._flush()
         if self.count == 0:
             self.abort()
-            reasons = sorted({r["reason"].split(":")[0] for r in self.rejects})
-            raise ValueError(f"corpus has no indexable image ({len(self.rejects)} rejected: {'; '.join(reasons) or 'empty'})")
+            first = self.rejects[0]["reason"] if self.rejects else "no samples"
+            raise CorpusError(f"corpus has no indexable image ({len(self.rejects)} rejected; first: {first})")
         write_parquet_atomic(pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA), os.path.join(self.partial_dir, REJECTS))
         info = {**build_info, "seconds": round(time.time() - self._started, 3)}
         manifest = Manifest(latent=self.latent, count=self.count, shards=tuple(self.shards), build=info, rejects=len(self.rejects))

@@ -12,6 +12,8 @@ machine, where the read and decode tasks need the other core.
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,7 +39,10 @@ def encode_corpus(shards: list[str], options: EncodeOptions) -> Iterator[dict]:
     """Yield numpy batches with key, shard, sha256, reason, latent (B, D), in corpus order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = True
+    # Ray Data's own progress bars where there is a terminal; otherwise its per-operator log
+    # lines would bury the job's messages, so the jobs print their own progress lines.
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     gpus = cluster_gpus()
     items = [{"path": path, "shard_index": i} for i, path in enumerate(shards)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from indexing.encoders import autoencoder_fingerprint
 from indexing.manifest import manifest_hash, read_manifest, write_json_atomic
 from jobs.runtime import UsageError, progress, ray_cluster
-from pipeline.loading import ModelDirError, describe_model
+from pipeline.invoke import takes_prompt
+from pipeline.loading import ModelDirError, describe_model, pipeline_class
 from pipeline.scheduler import SpellConfig
 from workers.generation import WorkerSettings
 from workers.unit_writer import unit_done
@@ -86,6 +87,7 @@ def validate(args) -> GenerateConfig:
     """Every check that can fail on bad input, before anything is written."""
     try:
         model = describe_model(args.model)
+        conditional = takes_prompt(pipeline_class(model))
     except ModelDirError as exc:
         raise UsageError(str(exc)) from None
     if args.num_images is not None and args.num_images < 1:
@@ -123,6 +125,8 @@ def validate(args) -> GenerateConfig:
             requests = tuple(read_prompts(args.prompts))
         except PromptsError as exc:
             raise UsageError(str(exc)) from None
+        if not conditional:
+            raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
     else:
         requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
     check_run_dir(args.out)

@@ -16,11 +16,15 @@ import shutil
 import numpy as np
 import torch
 
-from indexing.corpus import expand_shards
+import pyarrow as pa
+
+from indexing.corpus import CorpusError, expand_shards
 from indexing.encoders import Encoder, load_autoencoder
+from indexing.manifest import REJECTS
+from indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
 from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options
 from jobs.dataflow import EncodeOptions, encode_corpus
-from jobs.runtime import UsageError, progress, ray_cluster
+from jobs.runtime import progress, ray_cluster
 from workers.encode import OK
 
 MODEL_MARKER = "model_index.json"
@@ -41,8 +45,11 @@ def make_scheduler():
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
 
 
-def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels") -> str:
-    """Python API: write a MemorizerPipeline over ``latents`` (N, C, H, W) to ``out``."""
+def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rejects: list[dict] | None = None) -> str:
+    """Python API: write a MemorizerPipeline over ``latents`` (N, C, H, W) to ``out``.
+
+    ``rejects`` (key, shard, reason) of corpus samples left out go to ``out/rejects.parquet``.
+    """
     from pipeline.memorizer import MemorizerPipeline, MemorizerUNet
 
     scheduler = make_scheduler()
@@ -52,32 +59,35 @@ def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels") -> 
     partial = os.path.abspath(out) + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial)
+    write_parquet_atomic(pa.Table.from_pylist(rejects or [], schema=REJECTS_SCHEMA), os.path.join(partial, REJECTS))
     if os.path.isdir(out):
         os.rmdir(out)  # check_output_dir allowed only an empty directory
     os.replace(partial, out)
     return out
 
 
-def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, int]:
+def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, list[dict]]:
+    """Latents (N, C, H, W) of every decodable corpus image, and a row per rejected sample."""
     shards = expand_shards(corpus)
     shape = Encoder(options.encoder).latent_spec(options.resolution).shape
-    chunks, rejected = [], 0
+    chunks, rejects = [], []
     for batch in encode_corpus(shards, options):
         ok = np.array([r == OK for r in batch["reason"]], dtype=bool)
-        rejected += int((~ok).sum())
+        rejects += [{"key": str(k), "shard": str(s), "reason": str(r)}
+                    for k, s, r, good in zip(batch["key"], batch["shard"], batch["reason"], ok) if not good]
         if ok.any():
             chunks.append(batch["latent"][ok])
     if not chunks:
-        raise UsageError(f"corpus {corpus} has no decodable image ({rejected} rejected)")
+        raise CorpusError(f"corpus {corpus} has no indexable image ({len(rejects)} rejected)")
     latents = torch.from_numpy(np.concatenate(chunks)).reshape(-1, *shape)
-    return latents, rejected
+    return latents, rejects
 
 
 def build_memorizer(corpus: str, out: str, options: EncodeOptions) -> str:
     check_output_dir(out, MODEL_MARKER, "model")
-    latents, rejected = collect_latents(corpus, options)
-    save_memorizer(latents, out, options.encoder)
-    progress(f"memorizer: {len(latents)} latents of shape {tuple(latents.shape[1:])} ({rejected} rejected) -> {out}")
+    latents, rejects = collect_latents(corpus, options)
+    save_memorizer(latents, out, options.encoder, rejects)
+    progress(f"memorizer: {len(latents)} latents of shape {tuple(latents.shape[1:])} ({len(rejects)} rejected) -> {out}")
     return out
 
 

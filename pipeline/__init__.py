@@ -9,7 +9,7 @@ exported here so that diffusers can find them when it loads the directory.
 from .memorizer import MemorizerPipeline, MemorizerUNet
 from .repellency import Neighbours, Repulsion, repel
 from .scheduler import HitRecord, ShieldedScheduler, SpellConfig
-from .sources import BatchSource, IndexSource
+from .sources import BatchSource, IndexSource, StaticSource
 
 __all__ = [
     "BatchSource",
@@ -21,5 +21,6 @@ __all__ = [
     "Repulsion",
     "ShieldedScheduler",
     "SpellConfig",
+    "StaticSource",
     "repel",
 ]

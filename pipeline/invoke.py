@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 
-def takes_prompt(pipe) -> bool:
-    return "prompt" in inspect.signature(pipe.__call__).parameters
+def takes_prompt(pipe_or_class) -> bool:
+    return "prompt" in inspect.signature(pipe_or_class.__call__).parameters
 
 
 def sample_images(pipe, prompts: list[str | None], seeds: list[int], steps: int, **extra) -> np.ndarray:

@@ -64,17 +64,22 @@ def describe_model(model_dir: str) -> ModelSpec:
     )
 
 
-def load_pipeline(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Load the pipeline saved at ``model_dir`` onto ``device``."""
+def pipeline_class(spec: ModelSpec):
+    """The class that loads ``spec``: this package's own, or diffusers' by name."""
     import diffusers
 
     from . import memorizer
 
-    spec = describe_model(model_dir)
     ours = {"MemorizerPipeline": memorizer.MemorizerPipeline}
     cls = ours.get(spec.pipeline_class) or getattr(diffusers, spec.pipeline_class, None)
-    if cls is None:
-        raise ModelDirError(f"{model_dir}: unknown pipeline class {spec.pipeline_class!r}")
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelDirError(f"{spec.path}: unknown pipeline class {spec.pipeline_class!r}")
+    return cls
+
+
+def load_pipeline(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load the pipeline saved at ``model_dir`` onto ``device``."""
+    cls = pipeline_class(describe_model(model_dir))
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     pipe = cls.from_pretrained(model_dir, **kwargs)
     pipe.set_progress_bar_config(disable=True)

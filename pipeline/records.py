@@ -29,15 +29,15 @@ HIT_FIELDS = [
     _field("source", pa.string(), "shield source: index (protected corpus), batch (other samples), history", False),
     _field("neighbour_id", pa.int64(), "global id in the index (source index) or batch row (source batch)", False),
     _field("neighbour_key", pa.string(), "corpus key of the neighbour (index) or sample key of the sibling (batch)"),
-    _field("distance", pa.float64(), "||x0_hat - z|| at this step, before this iteration's correction", False),
+    _field("distance", pa.float64(), "norm(x0_hat - z) at this step, before this iteration's correction", False),
     _field("radius", pa.float64(), "radius of this source's balls", False),
     _field("weight", pa.float64(), "relu(r / distance - 1), the paper's sparse weight", False),
     _field("degenerate", pa.bool_(), "x0_hat coincided with z; the documented fallback direction was used", False),
     _field("used", pa.bool_(), "entered the correction (false: beyond --max-neighbours)", False),
     _field("iteration", pa.int32(), "correction iteration, 0-based", False),
-    _field("correction_norm", pa.float64(), "||m' - m||: change of the model output for this sample and step", False),
-    _field("model_output_norm", pa.float64(), "||m||: the (guided) model output for this sample and step", False),
-    _field("delta_norm", pa.float64(), "||x0_hat' - x0_hat||: the correction in latent space", False),
+    _field("correction_norm", pa.float64(), "norm(m' - m): change of the model output for this sample and step", False),
+    _field("model_output_norm", pa.float64(), "norm(m) of the (guided) model output for this sample and step", False),
+    _field("delta_norm", pa.float64(), "norm(x0_hat' - x0_hat): the correction in latent space, all iterations", False),
 ]
 
 SAMPLE_FIELDS = [

@@ -6,6 +6,7 @@ lie strictly inside its radius of each row, nearest first. Sources know nothing 
 - ``IndexSource``: the protected corpus, searched through any object with
   ``range_search(queries, radius, max_k=None) -> [(ids, distances)]`` and
   ``vectors(ids) -> (K, D) tensor`` (the shields of ``indexing.search``).
+- ``StaticSource``: a small set of points held in memory, searched exactly.
 - ``BatchSource``: the other trajectories of the same batch (never the row itself): SPELL's
   diversity mode.
 """
@@ -52,6 +53,33 @@ class IndexSource:
             ids = torch.as_tensor(ids, dtype=torch.int64)
             vectors = self.shield.vectors(ids).to(queries.device)
             out.append(Neighbours(ids=ids, vectors=vectors, distances=torch.as_tensor(distances)))
+        return out
+
+
+class StaticSource:
+    """A fixed set of shielded points held in memory and searched exactly (float64).
+
+    For small shields (a rights holder's handful of images) and as the exact reference the
+    index-backed sources are tested against.
+    """
+
+    name = "index"
+
+    def __init__(self, points: torch.Tensor, radius: float, name: str = "index"):
+        if radius <= 0:
+            raise ValueError(f"radius must be > 0, got {radius!r}")
+        self.points = points.reshape(points.shape[0], -1)
+        self.radius = float(radius)
+        self.name = name
+
+    def find(self, queries: torch.Tensor) -> list[Neighbours]:
+        points = self.points.to(queries.device)
+        dist = torch.cdist(queries.to(torch.float64), points.to(torch.float64))
+        out = []
+        for row in range(queries.shape[0]):
+            inside = torch.nonzero(dist[row] < self.radius).flatten()
+            idx = inside[torch.argsort(dist[row, inside])]
+            out.append(Neighbours(ids=idx.to(torch.int64), vectors=points[idx], distances=dist[row, idx].to(queries.dtype)))
         return out
 
 

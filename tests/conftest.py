@@ -1,0 +1,80 @@
+"""Shared fixtures: one local Ray cluster per session, small real corpora, and the tiny real
+models and indexes the job tests share. Nothing here is a mock: Ray, FAISS, Parquet and
+diffusers are the real libraries, at small sizes."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+# Ray 2.x turns token auth on for local clusters; every process of a test (this one, ray start,
+# ray job submit, the job drivers) must agree, so the tests switch it off for all of them.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+CIFAR_DIR = os.path.join(SHARED, "data", "cifar10")
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(CIFAR_DIR), reason="../shared (CIFAR-10 shards) is absent")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster for the whole session (address="local": never a stale cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_corpus(tmp_path_factory):
+    from indexing.digits import write_digits_corpus
+
+    out = tmp_path_factory.mktemp("digits")
+    return write_digits_corpus(str(out), num_shards=8)
+
+
+def add_tar_members(path: str, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def protected_index(ray_session, digits_corpus, tmp_path_factory):
+    """Index over the first half of the digits shards (pixels, 8x8), built by the real job."""
+    from jobs.build_index import build_index
+    from jobs.dataflow import EncodeOptions
+
+    out = str(tmp_path_factory.mktemp("idx") / "index")
+    build_index(",".join(digits_corpus[:4]), out, EncodeOptions(resolution=8, batch_size=256), shard_size=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def memorizer_model(ray_session, digits_corpus, tmp_path_factory):
+    from jobs.dataflow import EncodeOptions
+    from jobs.memorizer import build_memorizer
+
+    out = str(tmp_path_factory.mktemp("model") / "memorizer")
+    build_memorizer(",".join(digits_corpus), out, EncodeOptions(resolution=8, batch_size=256))
+    return out

@@ -1,0 +1,19 @@
+"""The demo end to end (smaller than its default): the shield lowers the near-duplicate rate."""
+
+import json
+import os
+
+from jobs.demo import demo
+
+
+def test_demo_shield_beats_no_shield(ray_session, tmp_path):
+    out = str(tmp_path / "demo")
+    result = demo(out, num_images=48, steps=30)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary == result
+    assert summary["near_duplicate_rate_unshielded"] > 0.2
+    assert summary["near_duplicate_rate_shielded"] < summary["near_duplicate_rate_unshielded"]
+    for report in summary["reports"].values():
+        assert os.path.isfile(report)
+        assert os.path.isfile(os.path.join(os.path.dirname(report), "corrected_per_step.png"))

@@ -1,0 +1,46 @@
+"""The memorizer: the exact posterior mean, saved and loaded with diffusers, sampling copies."""
+
+import json
+import os
+
+import torch
+from diffusers import DDIMScheduler
+
+from jobs.memorizer import save_memorizer
+from pipeline.loading import describe_model, load_pipeline
+from pipeline.memorizer import MemorizerUNet
+
+
+def test_posterior_mean_hand_worked():
+    # Two points y = +1 and -1 (1-d), abar = 0.5: a = s = sqrt(.5). At x_t = 0 both are equally
+    # likely: the mean is 0. At x_t = a (the noiseless image of +1) the weights are
+    # softmax(-(0)/(2 s^2), -(2a)^2/(2 s^2)) = softmax(0, -4 a^2 / (2 s^2)) = softmax(0, -2).
+    latents = torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1)
+    alphas = torch.full((10,), 0.5)
+    model = MemorizerUNet.from_latents(latents, alphas)
+    a = 0.5**0.5
+    assert abs(float(model.posterior_mean(torch.zeros(1, 1, 1, 1), 3))) < 1e-12
+    w = torch.softmax(torch.tensor([0.0, -2.0], dtype=torch.float64), 0)
+    expected = float(w[0] - w[1])
+    assert abs(float(model.posterior_mean(torch.full((1, 1, 1, 1), a), 3)) - expected) < 1e-6
+    # epsilon prediction: (x_t - a * mean) / s
+    eps = model(torch.full((1, 1, 1, 1), a), 3).sample
+    assert abs(float(eps) - (a - a * expected) / a) < 1e-6
+
+
+def test_save_load_and_sampling_returns_training_points(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.rand(12, 3, 4, 4, generator=g) * 2 - 1
+    out = str(tmp_path / "model")
+    save_memorizer(latents, out)
+    spec = describe_model(out)
+    assert spec.latent_shape == (3, 4, 4) and spec.vae_path is None
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["unet"] == ["pipeline.memorizer", "MemorizerUNet"]
+    pipe = load_pipeline(out)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert torch.equal(pipe.unet.latents, latents)
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    samples = pipe(batch_size=6, generator=gens, num_inference_steps=30, output_type="latent").images
+    nearest = torch.cdist(samples.reshape(6, -1), latents.reshape(12, -1)).min(1).values
+    assert float(nearest.max()) < 1e-4  # every sample is a copy: the honest worst case
