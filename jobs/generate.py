@@ -15,12 +15,15 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 from indexing.encoders import autoencoder_fingerprint
 from indexing.manifest import manifest_hash, read_manifest, write_json_atomic
 from jobs.runtime import UsageError, progress, ray_cluster
+from jobs.unit_pool import UnitFailed, run_units
 from pipeline.invoke import takes_prompt
 from pipeline.loading import ModelDirError, describe_model, pipeline_class
 from pipeline.scheduler import SpellConfig
@@ -33,8 +36,10 @@ RUN_FORMAT = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers pipeline directory (from_pretrained)")
-    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--model", default=None, help="diffusers pipeline directory (from_pretrained); required for a new run")
+    parser.add_argument("--out", default=None, help="run directory to create; required for a new run")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="finish an interrupted run: skips finished units; other options, if given, must match the run's")
     parser.add_argument("--index", default=None, help="shield index directory; without it the run is unshielded")
     parser.add_argument("--radius", type=float, default=None, help="shield radius (default: the index's suggested radius)")
     parser.add_argument("--overcompensation", type=float, default=1.6, help="lam in x0' = x0 + lam * delta (default 1.6)")
@@ -49,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     parser.add_argument("--workers", type=int, default=None, help="generation actors (default: one per GPU, else 1)")
     parser.add_argument("--search-backend", default="exact", choices=["exact", "faiss"], help="index search backend")
+    parser.add_argument("--max-unit-attempts", type=int, default=3,
+                        help="attempts per work unit before the job fails (a dead worker or an unsearchable shield)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
@@ -83,8 +90,14 @@ def _positive(name: str, value, allow_none: bool = False):
         raise UsageError(f"{name} must be >= 1, got {value}")
 
 
-def validate(args) -> GenerateConfig:
+ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbours", "correction_iterations",
+             "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
+
+
+def validate(args, check_out: bool = True) -> GenerateConfig:
     """Every check that can fail on bad input, before anything is written."""
+    if not args.model or not args.out:
+        raise UsageError("--model and --out are required (or --resume RUN_DIR)")
     try:
         model = describe_model(args.model)
         conditional = takes_prompt(pipeline_class(model))
@@ -95,7 +108,7 @@ def validate(args) -> GenerateConfig:
     for name in ("batch_size", "steps"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--unit-size", args.unit_size, allow_none=True)
-    _positive("--workers", args.workers, allow_none=True)
+    _positive("--workers", getattr(args, "workers", None), allow_none=True)
     if args.radius is not None and not args.radius > 0:
         raise UsageError(f"--radius must be > 0, got {args.radius}")
     try:
@@ -129,7 +142,8 @@ def validate(args) -> GenerateConfig:
             raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
     else:
         requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
-    check_run_dir(args.out)
+    if check_out:
+        check_run_dir(args.out)
     return GenerateConfig(
         model=os.path.abspath(args.model),
         out=os.path.abspath(args.out),
@@ -155,7 +169,7 @@ def check_run_dir(path: str) -> None:
             status = "unreadable"
         if status == "finished":
             raise UsageError(f"{path} already holds a finished run; choose another --out")
-        raise UsageError(f"{path} holds an unfinished run (status {status}); choose another --out")
+        raise UsageError(f"{path} holds an unfinished run (status {status}); finish it with --resume {path}")
     if os.path.isfile(path):
         raise UsageError(f"{path} is a file, not a directory")
     if os.path.isdir(path) and os.listdir(path):
@@ -174,17 +188,63 @@ def package_versions() -> dict:
     return out
 
 
-def write_run_json(config: GenerateConfig, status: str, progress_info: dict) -> None:
+def write_run_json(config: GenerateConfig, status: str, progress_info: dict, args: dict, error: str | None = None) -> None:
     payload = {
         "format_version": RUN_FORMAT,
         "status": status,
         "config": config.to_json(),
         "config_sha256": config.digest(),
+        "args": args,
         "index_manifest_sha256": manifest_hash(config.index) if config.index else None,
         "versions": package_versions(),
         "progress": progress_info,
     }
+    if error is not None:
+        payload["error"] = error
     write_json_atomic(os.path.join(config.out, RUN_FILE), payload)
+
+
+def read_run_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} holds no run to resume (no {RUN_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc.msg}") from None
+
+
+def resume_config(args) -> tuple[GenerateConfig, dict]:
+    """The config of the run in ``args.resume``; any options given must reproduce it exactly."""
+    run_dir = args.resume
+    run = read_run_json(run_dir)
+    saved = run.get("args") or {}
+    if args.model is None:
+        if args.out not in (None, run_dir):
+            raise UsageError(f"--out {args.out} differs from --resume {run_dir}")
+        given = SimpleNamespace(**{**{k: None for k in ARG_NAMES}, **saved, "out": run_dir})
+    else:
+        given = SimpleNamespace(**{k: getattr(args, k, None) for k in ARG_NAMES})
+        given.out = run_dir
+    config = validate(given, check_out=False)
+    if config.digest() != run.get("config_sha256"):
+        raise UsageError(f"{run_dir} was made with a different config (config_sha256 differs); "
+                         "resume it with its own options, or start a new run")
+    if config.index and manifest_hash(config.index) != run.get("index_manifest_sha256"):
+        raise UsageError(f"the index {config.index} changed since {run_dir} started (manifest sha256 differs)")
+    return config, {k: getattr(given, k) for k in ARG_NAMES}
+
+
+def remove_stale_temporaries(run_dir: str) -> int:
+    """Temporary files of attempts that died (never renamed into place): safe to delete."""
+    removed = 0
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            if ".tmp-" in name:
+                os.remove(os.path.join(root, name))
+                removed += 1
+    return removed
 
 
 def worker_settings(config: GenerateConfig, torch_threads: int | None) -> WorkerSettings:
@@ -194,59 +254,97 @@ def worker_settings(config: GenerateConfig, torch_threads: int | None) -> Worker
     )
 
 
-def generate(config: GenerateConfig, workers: int | None = None) -> dict:
-    """Python API: run the planned units on Ray actors (Ray must be up). Returns the progress."""
+class Progress:
+    """Units done / total, images/s and hits/s: on the console (one updating line on a terminal,
+    a line per unit otherwise) and in run.json as the job goes."""
+
+    def __init__(self, config: GenerateConfig, args: dict, info: dict):
+        self.config, self.args, self.info = config, args, info
+        self.started = time.time()
+        self.images = self.hits = 0
+        self.tty = sys.stderr.isatty()
+
+    def unit_done(self, unit, summary: dict) -> None:
+        info = self.info
+        self.images += summary["samples"]
+        self.hits += summary["hits"]
+        info["units_done"] += 1
+        info["samples_done"] = info.get("samples_done", 0) + summary["samples"]
+        elapsed = max(time.time() - self.started, 1e-9)
+        info.update(images_per_second=round(self.images / elapsed, 3), hits_per_second=round(self.hits / elapsed, 3),
+                    elapsed_seconds=round(elapsed, 3))
+        info.setdefault("units", {})[unit.name] = {k: summary[k] for k in ("node", "pid", "seconds", "samples", "hits")}
+        write_run_json(self.config, "running", info, self.args)
+        done, total = info["units_done"], info["units_total"]
+        line = (f"generate: {done}/{total} units, {info['images_per_second']:.2f} images/s, "
+                f"{info['hits_per_second']:.1f} hits/s")
+        if self.tty:
+            width = 24
+            bar = "#" * int(width * done / max(total, 1))
+            print(f"\r[{bar:<{width}}] {line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        else:
+            progress(line)
+
+
+def generate(config: GenerateConfig, workers: int | None = None, args: dict | None = None, max_attempts: int = 3) -> dict:
+    """Python API: run the planned units on Ray actors (Ray must be up); skips finished units.
+
+    Raises UnitFailed when a unit fails ``max_attempts`` times (run.json then says "failed").
+    """
     import ray
 
     from workers.generation import GenerationWorker
 
+    args = args if args is not None else {}
     units = plan_units(plan_samples(list(config.requests), config.seed), config.unit_size)
     os.makedirs(config.out, exist_ok=True)
+    remove_stale_temporaries(config.out)
     todo = [u for u in units if not unit_done(config.out, u.name)]
-    info = {"units_total": len(units), "units_done": len(units) - len(todo), "samples_total": sum(len(u.samples) for u in units)}
-    write_run_json(config, "running", info)
+    info = {"units_total": len(units), "units_done": len(units) - len(todo),
+            "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo)}
+    write_run_json(config, "running", info, args)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     count = workers or (gpus if gpus else 1)
-    count = max(1, min(count, len(todo))) if todo else 0
-    # A fraction of a CPU per actor: a whole one each starves Ray on small machines.
+    # A fraction of a CPU per actor: a whole one each starves Ray on small machines. SPREAD puts
+    # the actors on different nodes when there are several.
     options = {"num_gpus": 1, "num_cpus": 0.25} if gpus else {"num_cpus": 0.5}
     threads = None if gpus else max(1, cpus // max(count, 1))
-    actor_cls = ray.remote(GenerationWorker).options(max_restarts=2, max_task_retries=2, **options)
-    actors = [actor_cls.remote(worker_settings(config, threads)) for _ in range(count)]
-    started = time.time()
-    images = hits = 0
-    pending = {}
-    queue = list(todo)
-    for actor in actors:
-        if queue:
-            pending[actor.run_unit.remote(queue.pop(0))] = actor
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ref = done[0]
-        actor = pending.pop(ref)
-        summary = ray.get(ref)
-        images += summary["samples"]
-        hits += summary["hits"]
-        info["units_done"] += 1
-        elapsed = max(time.time() - started, 1e-9)
-        info.update(images_per_second=round(images / elapsed, 3), hits_per_second=round(hits / elapsed, 3))
-        progress(f"generate: {info['units_done']}/{info['units_total']} units, "
-                 f"{info['images_per_second']:.2f} images/s, {info['hits_per_second']:.1f} hits/s")
-        write_run_json(config, "running", info)
-        if queue:
-            pending[actor.run_unit.remote(queue.pop(0))] = actor
-    for actor in actors:
-        ray.kill(actor)
-    info["seconds"] = round(time.time() - started, 3)
-    write_run_json(config, "finished", info)
+    actor_cls = ray.remote(GenerationWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **options)
+    settings = worker_settings(config, threads)
+    tracker = Progress(config, args, info)
+    try:
+        stats = run_units(todo, lambda: actor_cls.remote(settings), count, tracker.unit_done, max_attempts=max_attempts)
+    except UnitFailed as exc:
+        write_run_json(config, "failed", info, args, error=str(exc))
+        raise
+    info.update(attempts=stats.attempts, retries=stats.retries, actors_replaced=stats.actors_replaced,
+                seconds=round(time.time() - tracker.started, 3))
+    write_run_json(config, "finished", info, args)
     return info
 
 
 def run(args) -> int:
-    config = validate(args)
+    if args.max_unit_attempts < 1:
+        raise UsageError(f"--max-unit-attempts must be >= 1, got {args.max_unit_attempts}")
+    if args.resume is not None:
+        config, saved_args = resume_config(args)
+        if read_run_json(args.resume).get("status") == "finished":
+            progress(f"generate: {args.resume} is already finished; nothing to do")
+            return 0
+    else:
+        config = validate(args)
+        saved_args = {k: getattr(args, k) for k in ARG_NAMES}
+        for key in ("model", "out", "index", "prompts"):  # so that --resume works from any directory
+            if saved_args[key] is not None:
+                saved_args[key] = os.path.abspath(saved_args[key])
     with ray_cluster(args.address):
-        generate(config, args.workers)
+        try:
+            generate(config, args.workers, saved_args, args.max_unit_attempts)
+        except UnitFailed as exc:
+            print(f"spellshield generate: failed: {exc} (finished units are kept; "
+                  f"rerun with --resume {config.out})", file=sys.stderr)
+            return 1
     progress(f"generate: run written to {config.out}")
     return 0
 

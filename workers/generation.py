@@ -20,6 +20,7 @@ import torch
 
 from indexing.corpus import encode_png
 from indexing.encoders import Encoder
+from indexing.manifest import file_sha256, read_manifest
 from indexing.search import open_index
 from pipeline.invoke import sample_images, to_uint8
 from pipeline.loading import load_pipeline
@@ -54,6 +55,22 @@ def pick_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class ShieldUnavailable(RuntimeError):
+    """The shield index cannot be searched as it was built: fail closed, write nothing."""
+
+
+def verify_index_files(index_dir: str) -> None:
+    """Every shard file and id table present with the sha256 the manifest records."""
+    manifest = read_manifest(index_dir)
+    for shard in manifest.shards:
+        for name, expected in ((shard.file, shard.sha256), (shard.ids_file, shard.ids_sha256)):
+            path = os.path.join(index_dir, name)
+            if not os.path.isfile(path):
+                raise ShieldUnavailable(f"index file {path} is missing")
+            if file_sha256(path) != expected:
+                raise ShieldUnavailable(f"index file {path} does not match its sha256 in the manifest")
+
+
 class GenerationWorker:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
@@ -67,6 +84,8 @@ class GenerationWorker:
         if settings.index_dir is not None:
             if settings.radius is None or not settings.radius > 0:
                 raise ValueError(f"a shielded run needs a radius > 0, got {settings.radius!r}")
+            # Fail closed: a shield that is not the one the manifest describes is no shield.
+            verify_index_files(settings.index_dir)
             backend_device = self.device if settings.search_backend == "exact" else "cpu"
             self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
@@ -121,7 +140,8 @@ class GenerationWorker:
                 meta = {k: sample[k] for k in ("sample", "prompt", "seed", "unit", "nearest_key", "nearest_distance", "inside_shield")}
                 images.append((spec.key, encode_png(pixels[row]), meta))
         write_unit(settings.run_dir, unit.name, images, hits, samples)
-        return {"unit": unit.index, "samples": len(samples), "hits": len(hits), "seconds": time.time() - started}
+        return {"unit": unit.index, "samples": len(samples), "hits": len(hits), "seconds": round(time.time() - started, 4),
+                "node": _node_id(), "pid": os.getpid()}
 
     def _neighbour_keys(self, hits, batch) -> dict:
         keys = {}
@@ -132,3 +152,13 @@ class GenerationWorker:
             if h.source == "batch":
                 keys[("batch", h.neighbour_id)] = batch[h.neighbour_id].key
         return keys
+
+
+def _node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray): recorded per unit in run.json."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None

@@ -1,0 +1,163 @@
+"""Exactly once and fail closed, with real processes: a worker actor killed with SIGKILL in the
+middle of a unit, a driver stopped and resumed, a shield that cannot be searched."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from jobs.cli import main
+from jobs.generate import generate, validate
+from tests.conftest import ROOT
+from tests.test_generate import gen_args, tar_images
+
+pytestmark = pytest.mark.slow
+
+RUN_ARGS = dict(num_images=40, unit_size=8, batch_size=8, steps=120, seed=7)
+
+
+def cli_args(model, index, out):
+    return ["--model", model, "--index", index, "--out", str(out), "--num-images", str(RUN_ARGS["num_images"]),
+            "--unit-size", str(RUN_ARGS["unit_size"]), "--batch-size", str(RUN_ARGS["batch_size"]),
+            "--steps", str(RUN_ARGS["steps"]), "--seed", str(RUN_ARGS["seed"]), "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, memorizer_model, protected_index, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "run"
+    generate(validate(gen_args(memorizer_model, out, protected_index, **RUN_ARGS)))
+    return str(out)
+
+
+def run_contents(run_dir):
+    samples = pd.read_parquet(os.path.join(run_dir, "audit", "samples")).sort_values("sample").reset_index(drop=True)
+    hits = pd.read_parquet(os.path.join(run_dir, "audit", "hits"))
+    hits = hits.drop(columns=["run"]).sort_values(["sample", "step", "iteration", "neighbour_id"]).reset_index(drop=True)
+    images = {}
+    for tar in glob.glob(os.path.join(run_dir, "images", "*.tar")):
+        for key, image in tar_images(tar).items():
+            assert key not in images, f"{key} written twice"
+            images[key] = image
+    return samples, hits, images
+
+
+def assert_same_as_clean(run_dir, clean_dir):
+    samples, hits, images = run_contents(run_dir)
+    clean_samples, clean_hits, clean_images = run_contents(clean_dir)
+    assert len(samples) == RUN_ARGS["num_images"] and samples["sample"].is_unique
+    assert sorted(images) == sorted(samples["sample"]) == sorted(clean_images)
+    for key in images:
+        assert (images[key] == clean_images[key]).all()
+    # hit rows of aborted attempts are not counted: exactly the clean run's rows
+    pd.testing.assert_frame_equal(hits, clean_hits)
+    cols = ["sample", "seed", "nearest_id", "nearest_distance", "inside_shield", "active_steps"]
+    pd.testing.assert_frame_equal(samples[cols], clean_samples[cols])
+    assert not glob.glob(os.path.join(run_dir, "**", "*.tmp-*"), recursive=True)
+
+
+def processes_with(title: bytes) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(title):
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def driver(args, gcs_address):
+    env = {**os.environ, "RAY_ADDRESS": gcs_address, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jobs.generate"] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def done_units(run_dir):
+    return len(glob.glob(os.path.join(run_dir, "audit", "samples", "unit-*.parquet")))
+
+
+def test_worker_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
+    out = tmp_path / "run"
+    proc = driver(cli_args(memorizer_model, protected_index, out), ray_session.get_runtime_context().gcs_address)
+    try:
+        wait_for(lambda: done_units(out) >= 1, what="a first unit")
+        wait_for(lambda: processes_with(b"ray::GenerationWorker.run_unit"), what="a unit in progress")
+        victims = processes_with(b"ray::GenerationWorker.run_unit")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished"
+    assert run["progress"]["retries"] >= 1 and run["progress"]["actors_replaced"] >= 1
+    assert_same_as_clean(str(out), clean_run)
+
+
+def test_driver_stopped_then_resumed(ray_session, memorizer_model, protected_index, clean_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = driver(cli_args(memorizer_model, protected_index, out), ray_session.get_runtime_context().gcs_address)
+    try:
+        wait_for(lambda: done_units(out) >= 2, what="two units")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished_before = done_units(out)
+    assert finished_before < 5
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    # A new run cannot be started over it, and another config cannot resume it.
+    assert main(["generate"] + cli_args(memorizer_model, protected_index, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    other = cli_args(memorizer_model, protected_index, out)
+    other[other.index("--seed") + 1] = "8"
+    assert main(["generate", "--resume", str(out)] + other) == 2
+    assert "different config" in capsys.readouterr().err
+    # The run's own options (here: none but --resume) finish it.
+    assert main(["generate", "--resume", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["progress"]["resumed_units_skipped"] == finished_before
+    assert_same_as_clean(str(out), clean_run)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_unsearchable_shield_fails_closed(ray_session, memorizer_model, protected_index, tmp_path, capsys, damage):
+    index = tmp_path / "index"
+    shutil.copytree(protected_index, index)
+    shard = index / "shards" / "shard-00001.faiss"
+    if damage == "corrupt":
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    out = tmp_path / "run"
+    code = main(["generate", "--model", memorizer_model, "--index", str(index), "--out", str(out),
+                 "--num-images", "4", "--steps", "5", "--max-unit-attempts", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    expected = "does not match its sha256" if damage == "corrupt" else "is missing"
+    assert expected in err[-1] and "unit 0 failed 2 times" in err[-1]
+    # fail closed: not one image, not one audit row
+    assert not glob.glob(str(out / "images" / "*")) and not glob.glob(str(out / "audit" / "*" / "*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and expected in run["error"]
