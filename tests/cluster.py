@@ -4,6 +4,7 @@ every other Ray instance on the machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -65,8 +66,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
 class RayHead:
-    """``with RayHead(num_cpus=2) as head: head.submit([...])``"""
+    """``with RayHead(num_cpus=2) as head: head.submit([...])``; ``head.add_node(...)`` starts
+    another node (``ray start --address``) on this machine, with its own custom resources."""
 
     def __init__(self, num_cpus: int = 2, resources: str | None = None):
         self.num_cpus = num_cpus
@@ -74,14 +80,14 @@ class RayHead:
         self.port = free_port()
         self.dashboard_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def __enter__(self) -> "RayHead":
-        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-        cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+        cmd = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(self.num_cpus),
                "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
                # Another Ray instance on this machine (the tests' own local cluster) holds the
@@ -95,7 +101,7 @@ class RayHead:
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self.alive_nodes() >= 1:
                         return self
             except OSError:
                 time.sleep(0.5)
@@ -105,8 +111,7 @@ class RayHead:
         raise RuntimeError("the Ray dashboard did not come up in 90 s")
 
     def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-        cmd = [ray_bin, "job", "submit", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
+        cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
         deadline = time.time() + 90
         while True:
             proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -115,7 +120,75 @@ class RayHead:
                 return proc
             time.sleep(2)
 
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def add_node(self, num_cpus: int = 2, resources: str | None = None, timeout: float = 60) -> subprocess.Popen:
+        """Start a worker node and wait until the cluster counts it."""
+        cmd = [_ray_bin(), "start", "--block", "--address", self.gcs_address, "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
+        if resources:
+            cmd += ["--resources", resources]
+        before = self.alive_nodes()
+        proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(proc)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.alive_nodes() > before:
+                return proc
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start --address exited with {proc.returncode}")
+            time.sleep(0.5)
+        raise RuntimeError("the new node did not join in time")
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        """Stop one worker node by process id (its whole process tree), as a machine loss would."""
+        kill_tree(proc.pid, grace=0)
+        proc.wait(timeout=10)
+
+    def alive_nodes(self) -> int:
+        with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as r:
+            data = json.load(r)
+        summary = data.get("data", {}).get("summary", [])
+        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+
+    def submit_async(self, entrypoint: list[str], cwd: str) -> str:
+        """Submit without waiting; returns the job id."""
+        cmd = [_ray_bin(), "job", "submit", "--no-wait", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
+        deadline = time.time() + 90
+        while True:
+            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+            if "No available agent" not in proc.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if "raysubmit_" in line:
+                return line[line.index("raysubmit_"):].split()[0].strip("'\".,")
+        raise RuntimeError(f"no job id in: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+
+    def job_status(self, job_id: str) -> str:
+        with urllib.request.urlopen(f"{self.address}/api/jobs/{job_id}", timeout=5) as r:
+            return json.load(r)["status"]
+
+    def job_logs(self, job_id: str) -> str:
+        with urllib.request.urlopen(f"{self.address}/api/jobs/{job_id}/logs", timeout=5) as r:
+            return json.load(r).get("logs", "")
+
+    def wait_job(self, job_id: str, timeout: float = 600) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.job_status(job_id)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(1)
+        raise RuntimeError(f"job {job_id} still running after {timeout} s")
+
     def __exit__(self, *exc) -> None:
+        for node in self.nodes:
+            kill_tree(node.pid)
+            node.wait(timeout=10)
+        self.nodes = []
         if self.proc is not None:
             kill_tree(self.proc.pid)
             self.proc.wait(timeout=10)
