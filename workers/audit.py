@@ -1,19 +1,22 @@
-"""Reading a run's audit logs and images back, and turning them into rates, plots and a report.
+"""Reading a run back and measuring it: near-duplicate rates, sparsity, correction sizes.
 
-Plain functions; ``jobs.audit`` fans ``recheck_unit`` out as Ray tasks, one per image tar.
+Plain functions; ``jobs.audit`` fans ``recheck_unit`` out as Ray tasks, one per image tar, and
+``workers.report`` draws the plots and writes the HTML.
 
 The near-duplicate rate is computed from the images themselves when an index is given: each
 PNG is decoded, encoded with the index's encoder and searched exactly, instead of trusting the
-sample rows the generator wrote.
+sample rows the generator wrote. Image references are resolved strictly inside the run
+directory: a reference with an absolute path or ``..`` is an error, whatever wrote it.
 """
 
 from __future__ import annotations
 
 import glob
-import html
 import io
 import json
+import math
 import os
+import posixpath
 import tarfile
 
 import numpy as np
@@ -24,9 +27,11 @@ from PIL import Image
 from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 from workers.unit_writer import HITS_DIR, IMAGES_DIR, SAMPLES_DIR
 
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
 
 class RunError(ValueError):
-    """A run directory that is missing or holds no finished unit."""
+    """A run directory that is missing, holds no finished unit, or points outside itself."""
 
 
 def load_run(run_dir: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -50,41 +55,79 @@ def load_run(run_dir: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return run, samples, hits
 
 
-def read_unit_images(tar_path: str) -> tuple[list[str], np.ndarray]:
-    """Sample keys and uint8 RGB images of one unit tar, in file order."""
-    keys, images = [], []
+def resolve_image_ref(run_dir: str, ref: str) -> tuple[str, str]:
+    """``images/unit-NNNNN.tar#<member>`` -> (tar path inside run_dir, member name).
+
+    Raises RunError for anything that could leave the run directory or its images folder.
+    """
+    if not isinstance(ref, str) or ref.count("#") != 1:
+        raise RunError(f"malformed image reference {ref!r}")
+    tar_part, member = ref.split("#")
+    normal = posixpath.normpath(tar_part)
+    if (
+        os.path.isabs(tar_part)
+        or "\\" in tar_part
+        or normal.startswith("..")
+        or posixpath.dirname(normal) != IMAGES_DIR
+        or not normal.endswith(".tar")
+        or "/" in member
+        or "\\" in member
+        or member in ("", ".", "..")
+    ):
+        raise RunError(f"image reference {ref!r} points outside {run_dir}/{IMAGES_DIR}")
+    return os.path.join(run_dir, *normal.split("/")), member
+
+
+def read_tar_images(tar_path: str) -> dict[str, np.ndarray]:
+    """PNG members of one unit tar as uint8 RGB arrays, by member name."""
+    out = {}
     with tarfile.open(tar_path) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".png"):
-                keys.append(member.name[: -len(".png")])
                 with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
-                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return keys, (np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8))
+                    out[member.name] = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return out
 
 
-def recheck_unit(tar_path: str, index_dir: str, radius: float, backend: str = "exact") -> list[dict]:
-    """Exact nearest corpus latent of every image in ``tar_path``, recomputed from the PNGs."""
+def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radius: float, backend: str = "exact") -> list[dict]:
+    """Exact nearest corpus latent of each (sample, image reference), recomputed from the PNGs."""
     from indexing.encoders import Encoder
     from indexing.search import open_index
     from workers.final_check import check_images
 
-    keys, images = read_unit_images(tar_path)
-    if not keys:
-        return []
+    by_tar: dict[str, list[tuple[str, str]]] = {}
+    for sample, ref in refs:
+        tar_path, member = resolve_image_ref(run_dir, ref)
+        by_tar.setdefault(tar_path, []).append((sample, member))
     shield = open_index(index_dir, backend=backend)
     encoder = Encoder(shield.manifest.latent.encoder).init()
     rows = []
-    for start in range(0, len(keys), 64):
-        check = check_images(images[start : start + 64], encoder, shield, radius)
-        for j, key in enumerate(keys[start : start + 64]):
-            rows.append({"sample": key, "audit_nearest_id": int(check.ids[j]), "audit_nearest_key": check.keys[j],
-                         "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j])})
+    for tar_path, wanted in by_tar.items():
+        images = read_tar_images(tar_path)
+        missing = [m for _, m in wanted if m not in images]
+        if missing:
+            raise RunError(f"{tar_path} lacks {len(missing)} image(s) its sample rows name, e.g. {missing[0]}")
+        for start in range(0, len(wanted), 64):
+            chunk = wanted[start : start + 64]
+            check = check_images(np.stack([images[m] for _, m in chunk]), encoder, shield, radius)
+            for j, (sample, _) in enumerate(chunk):
+                rows.append({"sample": sample, "audit_nearest_id": int(check.ids[j]), "audit_nearest_key": check.keys[j],
+                             "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j])})
     return rows
 
 
-def unit_tars(run_dir: str, samples: pd.DataFrame) -> list[str]:
-    names = sorted({f"unit-{int(u):05d}.tar" for u in samples["unit"]})
-    return [os.path.join(run_dir, IMAGES_DIR, n) for n in names]
+# -- statistics ------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (better than p +- z se near 0 and 1)."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def corrected_share_per_step(samples: pd.DataFrame, hits: pd.DataFrame) -> pd.Series:
@@ -92,81 +135,92 @@ def corrected_share_per_step(samples: pd.DataFrame, hits: pd.DataFrame) -> pd.Se
     steps = int(samples["steps"].max()) if len(samples) else 0
     share = pd.Series(0.0, index=pd.RangeIndex(steps, name="step"))
     if len(hits) and len(samples):
-        used = hits[hits["used"]]
+        used = hits[hits["used"] & hits["sample"].isin(samples["sample"])]
         per_step = used.groupby("step")["sample"].nunique() / len(samples)
         share.loc[per_step.index] = per_step.values
     return share
 
 
+def correction_ratios(hits: pd.DataFrame) -> np.ndarray:
+    """correction_norm / model_output_norm, one value per corrected (sample, attempt, step)."""
+    if not len(hits):
+        return np.zeros(0)
+    per_step = hits.drop_duplicates(["sample", "attempt", "step"])
+    per_step = per_step[per_step["model_output_norm"] > 0]
+    return (per_step["correction_norm"] / per_step["model_output_norm"]).to_numpy()
+
+
+def rate(inside: pd.Series) -> dict:
+    k, n = int(inside.sum()), int(len(inside))
+    low, high = wilson_interval(k, n)
+    return {"near_duplicates": k, "num_samples": n, "near_duplicate_rate": (k / n) if n else 0.0,
+            "near_duplicate_rate_ci95": [low, high]}
+
+
+def per_prompt_rates(samples: pd.DataFrame, inside: pd.Series) -> list[dict]:
+    out = []
+    frame = samples.assign(_inside=inside.values)
+    for (index, prompt), group in frame.groupby(["prompt_index", frame["prompt"].fillna("")], sort=True):
+        out.append({"prompt_index": int(index), "prompt": prompt or None, **rate(group["_inside"])})
+    return out
+
+
 def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: float | None, inside: pd.Series | None) -> dict:
-    written = samples[samples["image"].notna()]
-    share = corrected_share_per_step(written, hits)
-    total_steps = float(written["steps"].sum())
+    """The numbers of summary.json for the written samples of a run."""
+    share = corrected_share_per_step(samples, hits)
+    total_steps = float(samples["steps"].sum())
+    ratios = correction_ratios(hits[hits["sample"].isin(samples["sample"])]) if len(hits) else np.zeros(0)
+    config = run.get("config", {})
     summary = {
-        "run": os.path.basename(os.path.normpath(run.get("config", {}).get("out", ""))) or None,
-        "num_samples": int(len(written)),
+        "run": os.path.basename(os.path.normpath(config.get("out", ""))) or None,
+        "num_samples": int(len(samples)),
         "radius": radius,
         "near_duplicate_rate": None,
+        "near_duplicate_rate_ci95": None,
         "near_duplicates": None,
-        "active_step_fraction": float(written["active_steps"].sum() / total_steps) if total_steps else 0.0,
-        "steps": int(written["steps"].max()) if len(written) else 0,
+        "active_step_fraction": float(samples["active_steps"].sum() / total_steps) if total_steps else 0.0,
+        "steps": int(samples["steps"].max()) if len(samples) else 0,
         "hits": int(len(hits)),
         "hits_by_source": {str(k): int(v) for k, v in hits.groupby("source").size().items()} if len(hits) else {},
         "corrected_share_per_step": [round(float(v), 6) for v in share.values],
-        "max_correction_ratio_mean": float(written["max_correction_ratio"].mean()) if len(written) else 0.0,
-        "shielded": bool(run.get("config", {}).get("index")),
+        "correction_ratio_quantiles": {f"{q:g}": float(np.quantile(ratios, q)) for q in (0.5, 0.9, 0.99, 1.0)}
+        if len(ratios) else {},
+        "shielded": bool(config.get("index")),
+        "per_prompt": [],
     }
     if inside is not None:
-        summary["near_duplicates"] = int(inside.sum())
-        summary["near_duplicate_rate"] = float(inside.mean()) if len(inside) else 0.0
+        summary.update({k: v for k, v in rate(inside).items() if k != "num_samples"})
+        summary["per_prompt"] = per_prompt_rates(samples, inside)
     return summary
 
 
-def plot_corrected_share(share: list[float], path: str, title: str) -> None:
-    import matplotlib
+def corpus_image(index_dir: str, shield, global_id: int) -> np.ndarray:
+    """The corpus image behind an index id: from its source tar when reachable, else decoded
+    from the stored latent (exact for the pixels encoder)."""
+    from indexing.corpus import Sample, decode_image, expand_shards, iter_shard
+    from indexing.encoders import Encoder
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    ax.bar(range(len(share)), share, color="#3a6ea5", width=0.85)
-    ax.set_xlabel("denoising step")
-    ax.set_ylabel("share of trajectories corrected")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_report(audit_dir: str, summary: dict, offenders: pd.DataFrame) -> str:
-    """audit/report.html: the numbers, the per-step plot and the closest samples."""
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                   for k, v in summary.items() if k != "corrected_share_per_step")
-    worst = offenders.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4f}") if len(offenders) else "<p>none</p>"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>spellshield audit</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}</style></head><body>
-<h1>spellshield audit: {html.escape(str(summary.get('run')))}</h1>
-<table>{rows}</table>
-<h2>Share of trajectories corrected at each step</h2>
-<img src="corrected_per_step.png" alt="share of trajectories corrected per step">
-<h2>Closest samples to the corpus</h2>{worst}
-</body></html>
-"""
-    path = os.path.join(audit_dir, "report.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    manifest = shield.manifest
+    key = shield.keys([global_id])[0]
+    corpus = manifest.build.get("corpus")
+    shard_name = _source_shard(index_dir, manifest, global_id)
+    if corpus and shard_name:
+        try:
+            for path in expand_shards(corpus):
+                if os.path.basename(path) == shard_name:
+                    for item in iter_shard(path):
+                        if isinstance(item, Sample) and item.key == key:
+                            return decode_image(item.image, manifest.latent.resolution)
+        except (ValueError, OSError):
+            pass
+    vector = shield.vectors([global_id]).reshape(1, *manifest.latent.shape)
+    return Encoder(manifest.latent.encoder).decode(vector)[0]
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
-    return "-" if value is None else str(value)
+def _source_shard(index_dir: str, manifest, global_id: int) -> str | None:
+    for shard in manifest.shards:
+        if shard.first_id <= global_id <= shard.last_id:
+            table = pq.read_table(os.path.join(index_dir, shard.ids_file), columns=["id", "shard"]).to_pandas()
+            match = table.loc[table["id"] == global_id, "shard"]
+            return str(match.iloc[0]) if len(match) else None
+    return None
