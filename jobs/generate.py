@@ -273,8 +273,12 @@ class Progress:
         elapsed = max(time.time() - self.started, 1e-9)
         info.update(images_per_second=round(self.images / elapsed, 3), hits_per_second=round(self.hits / elapsed, 3),
                     elapsed_seconds=round(elapsed, 3))
-        info.setdefault("units", {})[unit.name] = {k: summary[k] for k in ("node", "pid", "seconds", "samples", "hits")}
+        info.setdefault("units", {})[unit.name] = {
+            k: summary[k] for k in ("node", "pid", "seconds", "samples", "hits", "sample_seconds", "check_seconds", "write_seconds")
+        }
+        t0 = time.time()
         write_run_json(self.config, "running", info, self.args)
+        info["run_json_seconds"] = round(info.get("run_json_seconds", 0.0) + time.time() - t0, 4)
         done, total = info["units_done"], info["units_total"]
         line = (f"generate: {done}/{total} units, {info['images_per_second']:.2f} images/s, "
                 f"{info['hits_per_second']:.1f} hits/s")

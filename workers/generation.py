@@ -97,15 +97,19 @@ class GenerationWorker:
         settings = self.settings
         started = time.time()
         images, hits, samples = [], [], []
+        timings = {"sample_seconds": 0.0, "check_seconds": 0.0, "write_seconds": 0.0}
         specs = list(unit.samples)
         for start in range(0, len(specs), settings.batch_size):
             batch = specs[start : start + settings.batch_size]
             t0 = time.time()
             pixels = to_uint8(sample_images(self.pipe, [s.prompt for s in batch], [s.seed for s in batch], settings.steps))
+            t1 = time.time()
+            timings["sample_seconds"] += t1 - t0
             log = self.scheduler.reset_log()
             check = None
             if self.shield is not None:
                 check = check_images(pixels, self.encoder, self.shield, settings.radius)
+            timings["check_seconds"] += time.time() - t1
             seconds = (time.time() - t0) / len(batch)
             neighbour_keys = self._neighbour_keys(log.hits, batch)
             for row, spec in enumerate(batch):
@@ -139,9 +143,11 @@ class GenerationWorker:
                 samples.append(sample)
                 meta = {k: sample[k] for k in ("sample", "prompt", "seed", "unit", "nearest_key", "nearest_distance", "inside_shield")}
                 images.append((spec.key, encode_png(pixels[row]), meta))
+        t_write = time.time()
         write_unit(settings.run_dir, unit.name, images, hits, samples)
+        timings["write_seconds"] = time.time() - t_write
         return {"unit": unit.index, "samples": len(samples), "hits": len(hits), "seconds": round(time.time() - started, 4),
-                "node": _node_id(), "pid": os.getpid()}
+                "node": _node_id(), "pid": os.getpid(), **{k: round(v, 4) for k, v in timings.items()}}
 
     def _neighbour_keys(self, hits, batch) -> dict:
         keys = {}
