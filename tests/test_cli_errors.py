@@ -110,3 +110,16 @@ def test_every_command_has_help(capsys):
     assert proc.returncode == 0
     for command in ["build-index", "memorizer", "generate", "audit", "demo"]:
         assert command in proc.stdout
+
+
+def test_unknown_pipeline_class(capsys, memorizer_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(memorizer_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["_class_name"] = "NoSuchPipeline"
+    (model / "model_index.json").write_text(json.dumps(index))
+    code, err = run_cli(capsys, ["generate", "--model", str(model), "--num-images", "2", "--out", str(tmp_path / "run")])
+    assert code == 2 and len(err) == 1 and "unknown pipeline class 'NoSuchPipeline'" in err[0]
+    assert not (tmp_path / "run").exists()
