@@ -164,3 +164,29 @@ def test_encoder_spec_on_the_weights_directory(images64):
     assert spec.fingerprint == autoencoder_fingerprint(TAEF2_DIR) and spec.scaling_factor == 1.0
     latents = encoder.encode(images64[:2])
     assert latents.shape == (2, 32, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_build_index_with_the_weights_directory(ray_session, tmp_path):
+    """`--encoder <taef2 dir>` through the Ray build: stored vectors are TAEF2's latents of the images."""
+    from indexing.corpus import decode_image, iter_shard
+    from indexing.manifest import read_manifest
+    from indexing.search import open_index
+    from jobs.build_index import build_index
+    from jobs.dataflow import EncodeOptions
+    from tests.conftest import add_tar_members
+
+    samples = []
+    for item in iter_shard(os.path.join(CIFAR_DIR, "train-000000.tar")):
+        samples.append(item)
+        if len(samples) == 12:
+            break
+    tar = str(tmp_path / "cifar-small-000000.tar")
+    add_tar_members(tar, [(f"{s.key}.jpg", s.image) for s in samples])
+    out = str(tmp_path / "index")
+    build_index(tar, out, EncodeOptions(encoder=TAEF2_DIR, resolution=32, batch_size=5), shard_size=100)
+    manifest = read_manifest(out)
+    assert manifest.count == 12 and manifest.latent.encoder_class == "TAEF2" and manifest.latent.shape == (32, 4, 4)
+    assert manifest.latent.fingerprint == autoencoder_fingerprint(TAEF2_DIR)
+    pixels = np.stack([decode_image(s.image, 32) for s in samples])
+    expected = Encoder(TAEF2_DIR).init().encode(pixels).reshape(12, -1).numpy()
+    np.testing.assert_allclose(open_index(out).vectors(range(12)).numpy(), expected, atol=1e-4, rtol=1e-4)
