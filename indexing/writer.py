@@ -209,6 +209,9 @@ class IndexWriter:
     def finish(self, build_info: dict, calibrate=None) -> Manifest:
         """Flush, write rejects and manifest, then rename the staging directory to ``<out>``.
 
+        The manifest's ``build`` gets ``seconds`` (from this writer's creation to the last shard)
+        and, with ``calibrate``, ``calibrate_seconds``.
+
         ``calibrate(staging_dir, manifest) -> dict`` may add nearest-neighbour quantiles; it
         runs before the rename so that the published index is complete.
         """
@@ -222,7 +225,10 @@ class IndexWriter:
         manifest = Manifest(latent=self.latent, count=self._sink.count, shards=tuple(shards), dtype=self.dtype,
                             build=info, rejects=self._rejects.count)
         if calibrate is not None:
-            manifest = Manifest(**{**manifest.__dict__, "calibration": calibrate(self.partial_dir, manifest)})
+            started = time.time()
+            calibration = calibrate(self.partial_dir, manifest)
+            info["calibrate_seconds"] = round(time.time() - started, 3)
+            manifest = Manifest(**{**manifest.__dict__, "calibration": calibration, "build": info})
         write_json_atomic(os.path.join(self.partial_dir, MANIFEST), manifest.to_json())
         if os.path.exists(self.out_dir):
             # Only an empty directory may be replaced; the CLI refuses a finished index earlier.

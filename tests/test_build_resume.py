@@ -35,7 +35,7 @@ def index_files(path):
             out[os.path.relpath(full, path)] = file_sha256(full)
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
-    for key in ("seconds", "resumed_parts"):
+    for key in ("seconds", "resumed_parts", "encode_seconds", "calibrate_seconds"):
         manifest["build"].pop(key)
     out["manifest.json"] = manifest
     return out
