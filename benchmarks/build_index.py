@@ -196,18 +196,20 @@ def decoded_pixels(corpus: str, resolution: int, limit: int | None = None) -> np
 
 
 def encode_vs_bare(corpus: str, encoder_spec: str, resolution: int, batch_size: int, device: str | None = None,
-                   dtype: str = "float32") -> dict:
+                   dtype: str = "float32", bare_images: int = 4096) -> dict:
     """Build-pipeline encode throughput against the bare encoder on the same device.
 
     The pipeline runs on the Ray cluster that is up (its encoder actors take a GPU when the
-    cluster has one); the bare encoder runs here on ``device`` (default: cuda if available).
+    cluster has one) over the whole corpus; the bare encoder runs here on ``device`` (default:
+    cuda if available) over its first ``bare_images`` images, decoded beforehand (host memory).
     """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = pipeline_encode_throughput(corpus, encoder_spec, resolution, batch_size, dtype)
-    bare = bare_encoder_throughput(encoder_spec, decoded_pixels(corpus, resolution), batch_size, device)
+    bare = bare_encoder_throughput(encoder_spec, decoded_pixels(corpus, resolution, bare_images), batch_size, device)
     return {"benchmark": "encode-vs-bare", "encoder": encoder_spec, "resolution": resolution, "batch_size": batch_size,
+            "bare_images": bare_images,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             **pipeline, "bare_images_per_second": bare,
             "ratio_steady": pipeline["steady_images_per_second"] / bare,
@@ -232,6 +234,7 @@ def main(argv=None) -> int:
     e.add_argument("--resolution", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--bare-images", type=int, default=4096, help="images for the bare-encoder measurement")
     args = parser.parse_args(argv)
     if args.what == "build":
         for images in args.images:
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
 
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="ERROR")
         try:
-            print(json.dumps(encode_vs_bare(args.corpus, args.encoder, args.resolution, args.batch_size, dtype=args.dtype)))
+            print(json.dumps(encode_vs_bare(args.corpus, args.encoder, args.resolution, args.batch_size, dtype=args.dtype,
+                                            bare_images=args.bare_images)))
         finally:
             ray.shutdown()
     return 0

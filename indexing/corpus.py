@@ -155,10 +155,11 @@ def decode_image(data: bytes, resolution: int, min_size: int = DEFAULT_MIN_SIZE)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            image = image.copy()
+            image = _to_rgb(image)
+    except UnsupportedImageMode:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"undecodable image: {exc}") from None
-    image = _to_rgb(image)  # ValueError naming the mode when it has no faithful RGB rendering
     width, height = image.size
     if min(width, height) < min_size:
         raise ValueError(f"image too small: {width}x{height} < {min_size} px")
@@ -171,6 +172,10 @@ def decode_image(data: bytes, resolution: int, min_size: int = DEFAULT_MIN_SIZE)
         top = (image.size[1] - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+class UnsupportedImageMode(ValueError):
+    """A decodable image whose mode has no faithful 8-bit RGB rendering: rejected, with the mode."""
 
 
 # Modes with one faithful 8-bit RGB rendering. Others (32-bit integer "I", float "F", LAB, HSV...)
@@ -196,7 +201,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in _DIRECT_MODES:
         return image.convert("RGB")
-    raise ValueError(f"unsupported image mode {mode}: no faithful 8-bit RGB rendering")
+    raise UnsupportedImageMode(f"unsupported image mode {mode}: no faithful 8-bit RGB rendering")
 
 
 def encode_png(image: np.ndarray) -> bytes:

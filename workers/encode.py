@@ -75,7 +75,8 @@ class ChunkEncoder:
 
     def __call__(self, row: dict) -> dict:
         resolution = int(row["resolution"])
-        pixels = np.frombuffer(row.pop("pixels"), dtype=np.uint8).reshape(-1, resolution, resolution, 3)
+        # bytearray: a writable copy, which torch.from_numpy wants (a read-only buffer makes it warn)
+        pixels = np.frombuffer(bytearray(row.pop("pixels")), dtype=np.uint8).reshape(-1, resolution, resolution, 3)
         if len(pixels):
             latents = self.encoder.encode(pixels).reshape(len(pixels), -1).cpu().numpy()
         else:
