@@ -42,9 +42,8 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def encoder_pool(options: EncodeOptions) -> dict:
-    """Actor-pool arguments for the encoder stage on this cluster."""
-    gpus = cluster_gpus()
+def encoder_pool(options: EncodeOptions, gpus: int) -> dict:
+    """Actor-pool arguments for the encoder stage on a cluster with ``gpus`` GPUs."""
     if gpus:
         size = min(options.num_encoders, gpus) if options.num_encoders else gpus
         return {"concurrency": max(1, size), "num_gpus": 1, "num_cpus": 0.25, "device": "cuda"}
@@ -61,7 +60,7 @@ def encode_chunks(tars: list[tuple[int, str]], options: EncodeOptions) -> Iterat
     # lines would bury the job's messages, so the jobs print their own progress lines.
     ctx.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    pool = encoder_pool(options)
+    pool = encoder_pool(options, cluster_gpus())
     items = [{"part": part, "path": path} for part, path in tars]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(

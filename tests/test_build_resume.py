@@ -19,7 +19,7 @@ from indexing.parts import PARTS, part_paths
 from indexing.search import _shard_vectors, open_index
 from jobs.build_index import CRASH_AFTER_PARTS, build_index
 from jobs.cli import main
-from jobs.dataflow import EncodeOptions
+from jobs.dataflow import EncodeOptions, encoder_pool
 from tests.conftest import ROOT
 from workers.encode import ChunkEncoder, chunk_latents, read_chunks
 
@@ -137,3 +137,14 @@ def test_rows_of_parts_are_the_ids_tables(reference):
     ids = np.concatenate([pq.read_table(os.path.join(reference, s.ids_file)).column("id").to_numpy() for s in manifest.shards])
     assert manifest.count == sum(1 for path in manifest.build["corpus"].split(",") for _ in iter_shard(path)) == 1349
     assert ids.tolist() == list(range(manifest.count)) and [s.count for s in manifest.shards] == [250] * 5 + [99]
+
+
+def test_encoder_pool_takes_every_gpu_or_one_cpu_actor():
+    def pool(gpus, **kw):
+        p = encoder_pool(EncodeOptions(**kw), gpus)
+        return p["concurrency"], p["num_gpus"], p["num_cpus"], p["device"]
+
+    assert pool(4) == (4, 1, 0.25, "cuda")  # one actor per GPU, a fraction of a CPU each
+    assert pool(4, num_encoders=2) == (2, 1, 0.25, "cuda")
+    assert pool(2, num_encoders=8) == (2, 1, 0.25, "cuda")  # never more actors than GPUs
+    assert pool(0) == (1, 0, 0.25, "cpu") and pool(0, num_encoders=3) == (3, 0, 0.25, "cpu")
