@@ -1,23 +1,32 @@
 """Corpus reading (WebDataset tars), latent encoding (pixels or any diffusers autoencoder),
-FAISS shard writing, the manifest, search backends and radius calibration. No Ray."""
+FAISS shard writing, the manifest, search backends and radius calibration. No Ray.
 
-from .corpus import CorpusError, Reject, Sample, decode_image, expand_shards, iter_shard
-from .encoders import PIXELS, Encoder, LatentSpec
-from .manifest import IndexFormatError, Manifest, read_manifest
-from .search import open_index
+The names below are imported on first use (PEP 562), so that a process that only reads tars
+(a Ray Data read task importing ``indexing.corpus``) does not pay for torch, diffusers and FAISS.
+"""
 
-__all__ = [
-    "PIXELS",
-    "CorpusError",
-    "Encoder",
-    "IndexFormatError",
-    "LatentSpec",
-    "Manifest",
-    "Reject",
-    "Sample",
-    "decode_image",
-    "expand_shards",
-    "iter_shard",
-    "open_index",
-    "read_manifest",
-]
+import importlib
+
+_EXPORTS = {
+    "CorpusError": "corpus",
+    "Reject": "corpus",
+    "Sample": "corpus",
+    "decode_image": "corpus",
+    "expand_shards": "corpus",
+    "iter_shard": "corpus",
+    "PIXELS": "encoders",
+    "Encoder": "encoders",
+    "LatentSpec": "encoders",
+    "IndexFormatError": "manifest",
+    "Manifest": "manifest",
+    "read_manifest": "manifest",
+    "open_index": "search",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -147,14 +147,18 @@ def _to_sample(key: str, shard: str, members: dict[str, bytes]) -> Sample | Reje
 def decode_image(data: bytes, resolution: int, min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
     """Image bytes -> uint8 RGB array (resolution, resolution, 3): shorter side resized, centre crop.
 
-    Raises ValueError with the reason when the bytes are not a decodable image or the image is
-    smaller than ``min_size`` on its shorter side.
+    Raises ValueError with the reason when the bytes are not a decodable image, its mode has no
+    faithful RGB rendering, or it is smaller than ``min_size`` on its shorter side. Odd modes
+    that have one are converted: 16-bit greyscale scaled to 8 bits, CMYK and palette converted,
+    transparency (RGBA, LA, PA, palette with a transparent index) composited on white.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             image = _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnsupportedImageMode:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"undecodable image: {exc}") from None
     width, height = image.size
     if min(width, height) < min_size:
@@ -170,21 +174,34 @@ def decode_image(data: bytes, resolution: int, min_size: int = DEFAULT_MIN_SIZE)
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+class UnsupportedImageMode(ValueError):
+    """A decodable image whose mode has no faithful 8-bit RGB rendering: rejected, with the mode."""
+
+
+# Modes with one faithful 8-bit RGB rendering. Others (32-bit integer "I", float "F", LAB, HSV...)
+# have no defined display range or need a colour profile: rejected with the mode in the reason
+# rather than indexed as a guess that a copy of the image would not match.
+_DIRECT_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "RGBX")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
+    mode = image.mode
+    if mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: PIL's convert("RGB") clips instead of scaling; scale to 8 bits.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        grey = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+    if mode in _SIXTEEN_BIT_MODES:
+        # 16-bit greyscale: PIL's convert("RGB") clips instead of scaling; scale to 8 bits.
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         # Composite on white so that transparent pixels do not become arbitrary colours.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB")
+    raise UnsupportedImageMode(f"unsupported image mode {mode}: no faithful 8-bit RGB rendering")
 
 
 def encode_png(image: np.ndarray) -> bytes:

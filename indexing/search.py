@@ -110,10 +110,21 @@ def _load_shard(index_dir: str, file: str):
 
 
 def _shard_vectors(index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of an IndexIDMap2(IndexFlatL2) shard, in insertion order."""
+    """(ids, float32 vectors) of a shard, in insertion order.
+
+    A shard is ``IndexIDMap2(IndexFlatL2)`` (manifest dtype float32) or
+    ``IndexIDMap2(IndexScalarQuantizer(QT_fp16))`` (dtype float16), whose codes are the stored
+    latents as IEEE half floats: read as such and widened exactly, so the float32 values returned
+    are the fp16-rounded latents, the stored truth.
+    """
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    flat = faiss.downcast_index(index.index)
-    return ids, flat.reconstruct_n(0, flat.ntotal)
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        if inner.sq.qtype != faiss.ScalarQuantizer.QT_fp16:
+            raise IndexFormatError(f"unsupported scalar quantizer type {inner.sq.qtype} (only QT_fp16 is stored)")
+        codes = faiss.vector_to_array(inner.codes).view(np.float16).reshape(inner.ntotal, inner.d)
+        return ids, codes.astype(np.float32)
+    return ids, inner.reconstruct_n(0, inner.ntotal)
 
 
 class ExactShield(Shield):

@@ -2,38 +2,64 @@
 
     spellshield build-index --corpus 'data/train-{000000..000009}.tar' --out INDEX_DIR
     python -m jobs.build_index --corpus ... --out ...        (the same, e.g. under ray job submit)
+
+Two phases, both in bounded memory:
+
+1. encode: Ray Data streams the tars through the encoder pool (``jobs.dataflow``); the driver
+   appends each tar's latents, id rows and rejects to a *part* under ``OUT.partial/parts``
+   (``indexing.parts``), made durable and checksummed when the tar is done.
+2. assemble: the parts, in corpus order, become FAISS shards of ``--shard-size`` with global ids,
+   id tables, rejects.parquet and a calibrated manifest in ``OUT.partial/index``, renamed to
+   ``OUT`` at the end.
+
+Rerunning an interrupted build with the same arguments resumes it: finished parts whose
+checksums hold are kept, only the other tars are encoded, and the index is the one an
+uninterrupted build writes. A partial build made with other arguments is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import time
+from dataclasses import dataclass
 
-from indexing.calibrate import calibrate
-from indexing.corpus import expand_shards
-from indexing.encoders import Encoder
+from indexing.calibrate import calibrate_index
+from indexing.corpus import CorpusError, expand_shards
+from indexing.encoders import Encoder, LatentSpec
 from indexing.manifest import MANIFEST
-from indexing.search import ExactShield
-from indexing.writer import IndexWriter
-from jobs.dataflow import EncodeOptions, encode_corpus
+from indexing.parts import (PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts, open_staging,
+                            sources_of)
+from indexing.writer import DTYPES, IndexWriter, assemble_parts
+from jobs.dataflow import EncodeOptions, encode_chunks
 from jobs.runtime import UsageError, progress, ray_cluster
-from workers.encode import OK
+from workers.encode import chunk_latents
+
+# Test hook (as FAISS big_batch_search's crash_at): kill the build with SIGKILL, like a lost
+# node or an OOM kill, right after this many parts have been written in this run.
+CRASH_AFTER_PARTS = "SPELLSHIELD_CRASH_AFTER_PARTS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, help="WebDataset shards: brace pattern, glob, directory or comma list")
-    parser.add_argument("--out", required=True, help="index directory to create")
+    parser.add_argument("--out", required=True, help="index directory to create (an interrupted build resumes from OUT.partial)")
     add_encoder_arguments(parser)
-    parser.add_argument("--shard-size", type=int, default=100_000, help="vectors per FAISS shard (default 100000)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer QT_fp16); default float32")
+    parser.add_argument("--shard-size", type=int, default=100_000,
+                        help="vectors per FAISS shard (default 100000); assembly holds one shard in memory")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", default="pixels", help="'pixels' or a diffusers autoencoder directory / hub id")
+    parser.add_argument("--encoder", default="pixels",
+                        help="'pixels', a diffusers autoencoder directory / hub id, or the TAEF2 weights directory (*.pth)")
     parser.add_argument("--resolution", type=int, default=32, help="images are resized and centre-cropped to N x N")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
-    parser.add_argument("--num-encoders", type=int, default=1, help="encoder actors (one per GPU when there are GPUs)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    parser.add_argument("--num-encoders", type=int, default=0,
+                        help="encoder actors (default: one per GPU, or one on a cluster without GPUs)")
 
 
 def check_output_dir(path: str, marker: str, what: str) -> None:
@@ -51,50 +77,123 @@ def encode_options(args) -> EncodeOptions:
         raise UsageError(f"--resolution must be >= 1, got {args.resolution}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_encoders < 0:
+        raise UsageError(f"--num-encoders must be >= 0, got {args.num_encoders}")
     return EncodeOptions(encoder=args.encoder, resolution=args.resolution, batch_size=args.batch_size,
-                         num_encoders=max(1, args.num_encoders))
+                         num_encoders=args.num_encoders, dtype=getattr(args, "dtype", "float32"))
 
 
-def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = 100_000) -> dict:
-    """Python API: build the index at ``out``; returns the manifest as a dict. Needs Ray up."""
-    shards = expand_shards(corpus)
-    check_output_dir(out, MANIFEST, "index")
+def _check(options: EncodeOptions, shard_size: int) -> None:
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+    if options.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    shards: tuple[str, ...]
+    latent: LatentSpec
+    config: BuildConfig
+    partial: str  # OUT.partial
+    resuming: bool
+
+
+def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -> BuildPlan:
+    """Validate everything that can be checked before any encoding; creates nothing."""
+    _check(options, shard_size)
+    shards = expand_shards(corpus)
+    check_output_dir(out, MANIFEST, "index")
     latent = Encoder(options.encoder).latent_spec(options.resolution)
-    writer = IndexWriter(out, latent, shard_size)
-    started = time.time()
-    done = 0
+    config = BuildConfig(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
+                         resolution=options.resolution, min_size=options.min_size, dtype=options.dtype)
+    partial = os.path.abspath(out) + ".partial"
     try:
-        for batch in encode_corpus(shards, options):
-            ok = [r == OK for r in batch["reason"]]
-            keys = [k for k, good in zip(batch["key"], ok) if good]
-            if keys:
-                writer.add(keys, [s for s, g in zip(batch["shard"], ok) if g], [h for h, g in zip(batch["sha256"], ok) if g],
-                           batch["latent"][ok])
-            for key, shard, reason, good in zip(batch["key"], batch["shard"], batch["reason"], ok):
-                if not good:
-                    writer.reject(str(key), str(shard), str(reason))
-            done += len(ok)
-        manifest = writer.finish(
-            {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__},
-            calibrate=lambda partial, m: calibrate(ExactShield(partial, m)),
-        )
-    except BaseException:
-        writer.abort()
-        raise
+        resuming = check_staging(partial, config)
+    except PartialBuildError as exc:
+        raise UsageError(str(exc)) from None
+    return BuildPlan(tuple(shards), latent, config, partial, resuming)
+
+
+def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = 100_000,
+                plan: BuildPlan | None = None) -> dict:
+    """Python API: build (or resume building) the index at ``out``; returns the manifest. Needs Ray up."""
+    started = time.time()
+    plan = plan or plan_build(corpus, out, options, shard_size)
+    shards, latent = list(plan.shards), plan.latent
+    open_staging(plan.partial, plan.config)
+    parts_dir = os.path.join(plan.partial, PARTS)
+    parts = finished_parts(parts_dir, plan.config, latent.dim)
+    if plan.resuming:
+        progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
+    reused = len(parts)
+    encode_started = time.time()
+    encoded = encode_parts(shards, parts, parts_dir, latent.dim, options)
+    images = sum(p.count + p.rejects for p in parts.values())
+    manifest = _assemble(out, plan.partial, parts_dir, latent, options, shard_size, list(parts.values()),
+                         {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__, "resumed_parts": reused,
+                          "encode_seconds": round(time.time() - encode_started, 3)})
     elapsed = time.time() - started
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
-             f"{done / max(elapsed, 1e-9):.1f} images/s -> {out}")
+             f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
     return manifest.to_json()
+
+
+def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeOptions, on_chunk=None) -> int:
+    """Encode every tar without a finished part; adds their PartInfo to ``parts``.
+
+    ``on_chunk(row)``, if given, sees every encoded chunk row as it arrives (benchmarks time it).
+    """
+    todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
+    crash_after = int(os.environ.get(CRASH_AFTER_PARTS, "0") or 0)
+    writer: PartWriter | None = None
+    written, last_report = 0, time.time()
+    try:
+        for row in encode_chunks(todo, options):
+            if on_chunk is not None:
+                on_chunk(row)
+            if writer is None:
+                number = int(row["part"])
+                writer = PartWriter(parts_dir, number, os.path.abspath(shards[number]), dim, options.dtype)
+            keys = row["keys"]
+            writer.add(keys, [row["shard"]] * len(keys), row["sha256"], row["reasons"], chunk_latents(row, options.dtype))
+            if row["last"]:
+                info = writer.finish()
+                parts[info.number] = info
+                writer = None
+                written += 1
+                if crash_after and written >= crash_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if time.time() - last_report > 10 or written == len(todo):
+                    progress(f"build-index: {len(parts)} of {len(shards)} parts encoded")
+                    last_report = time.time()
+    finally:
+        if writer is not None:
+            writer.abort()
+    return written
+
+
+def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build_info):
+    writer = IndexWriter(out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
+    try:
+        assemble_parts(parts_dir, parts, writer)
+        manifest = writer.finish(build_info, calibrate=lambda staging, m: calibrate_index(staging, m))
+    except CorpusError:
+        writer.abort()
+        shutil.rmtree(partial, ignore_errors=True)  # nothing indexable: leave nothing behind
+        raise
+    except BaseException:
+        writer.abort()  # the parts stay: a rerun assembles again without encoding
+        raise
+    shutil.rmtree(partial, ignore_errors=True)
+    return manifest
 
 
 def run(args) -> int:
     options = encode_options(args)
-    expand_shards(args.corpus)  # bad corpus: fail before starting Ray
-    check_output_dir(args.out, MANIFEST, "index")
+    plan = plan_build(args.corpus, args.out, options, args.shard_size)  # bad input: fail before starting Ray
     with ray_cluster(args.address):
-        build_index(args.corpus, args.out, options, args.shard_size)
+        build_index(args.corpus, args.out, options, args.shard_size, plan=plan)
     return 0
 
 

@@ -1,13 +1,19 @@
-"""The Ray Data runner that turns corpus shards into latents, in corpus order.
+"""The Ray Data runner that turns corpus tars into encoded chunks, streaming, in corpus order.
 
-    shard paths -> read_shard_rows (flat_map, one task per tar)
-                -> decode_batch     (map_batches, CPU tasks)
-                -> BatchEncoder     (map_batches, actor pool; GPUs when the cluster has them)
-                -> driver           (iter_batches, order preserved)
+    (part, tar path) items -> read_chunks   (flat_map, CPU tasks: read, decode, resize)
+                           -> ChunkEncoder  (map, actor pool: one actor per GPU when the
+                                             cluster has GPUs, else CPU actors)
+                           -> driver        (iter_rows, order preserved)
 
-Order is preserved so that global ids, and therefore the index, are the same on every run.
+Ray Data's streaming executor keeps a bounded number of chunks in flight between the stages
+(backpressure on the object store), so host memory depends on the chunk size and the number
+of workers, not on the corpus size. Order is preserved so that the driver can append each
+tar's chunks to its part file as they come.
+
 Encoder actors ask for a fraction of a CPU: a whole one each deadlocks Ray Data on a 2-core
-machine, where the read and decode tasks need the other core.
+machine, where the read tasks need the other core. The two stages ask for different CPU
+fractions (0.5 and 0.25) on purpose: with equal resources Ray Data fuses them into one actor,
+which would then read, decode and encode in turn instead of overlapping reading with encoding.
 """
 
 from __future__ import annotations
@@ -19,49 +25,54 @@ from typing import Iterator
 
 import ray
 
-from workers.encode import BatchEncoder, decode_batch, read_shard_rows
+from workers.encode import ChunkEncoder, read_chunks
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
     encoder: str = "pixels"
     resolution: int = 32
-    batch_size: int = 256
-    num_encoders: int = 1
+    batch_size: int = 256  # images per encoder call, and per chunk of a tar
+    num_encoders: int = 0  # 0: one actor per GPU, or one CPU actor when there is no GPU
     min_size: int = 8
+    dtype: str = "float32"  # storage of latents: float32 or float16
 
 
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def encode_corpus(shards: list[str], options: EncodeOptions) -> Iterator[dict]:
-    """Yield numpy batches with key, shard, sha256, reason, latent (B, D), in corpus order."""
+def encoder_pool(options: EncodeOptions, gpus: int) -> dict:
+    """Actor-pool arguments for the encoder stage on a cluster with ``gpus`` GPUs."""
+    if gpus:
+        size = min(options.num_encoders, gpus) if options.num_encoders else gpus
+        return {"concurrency": max(1, size), "num_gpus": 1, "num_cpus": 0.25, "device": "cuda"}
+    return {"concurrency": max(1, options.num_encoders or 1), "num_gpus": 0, "num_cpus": 0.25, "device": "cpu"}
+
+
+def encode_chunks(tars: list[tuple[int, str]], options: EncodeOptions) -> Iterator[dict]:
+    """Encoded chunk rows (see ``workers.encode``) of the (part number, tar path) pairs, in order."""
+    if not tars:
+        return
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     # Ray Data's own progress bars where there is a terminal; otherwise its per-operator log
     # lines would bury the job's messages, so the jobs print their own progress lines.
     ctx.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    gpus = cluster_gpus()
-    items = [{"path": path, "shard_index": i} for i, path in enumerate(shards)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_shard_rows, num_cpus=0.5)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"resolution": options.resolution, "min_size": options.min_size},
-        batch_size=options.batch_size,
-        batch_format="numpy",
+    pool = encoder_pool(options, cluster_gpus())
+    items = [{"part": part, "path": path} for part, path in tars]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(
+        read_chunks,
+        fn_kwargs={"resolution": options.resolution, "chunk_size": options.batch_size, "min_size": options.min_size},
         num_cpus=0.5,
     )
-    workers = max(1, min(options.num_encoders, gpus) if gpus else options.num_encoders)
-    ds = ds.map_batches(
-        BatchEncoder,
-        fn_constructor_kwargs={"encoder_spec": options.encoder, "device": "cuda" if gpus else "cpu"},
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        num_gpus=1 if gpus else 0,
-        num_cpus=0.25 if gpus else 0.5,
+    ds = ds.map(
+        ChunkEncoder,
+        fn_constructor_kwargs={"encoder_spec": options.encoder, "device": pool["device"], "dtype": options.dtype},
+        concurrency=pool["concurrency"],
+        num_gpus=pool["num_gpus"],
+        num_cpus=pool["num_cpus"],
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    yield from ds.iter_rows()

@@ -23,9 +23,9 @@ from indexing.encoders import Encoder, load_autoencoder
 from indexing.manifest import REJECTS
 from indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
 from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options
-from jobs.dataflow import EncodeOptions, encode_corpus
+from jobs.dataflow import EncodeOptions, encode_chunks
 from jobs.runtime import progress, ray_cluster
-from workers.encode import OK
+from workers.encode import OK, chunk_latents
 
 MODEL_MARKER = "model_index.json"
 
@@ -71,12 +71,11 @@ def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, 
     shards = expand_shards(corpus)
     shape = Encoder(options.encoder).latent_spec(options.resolution).shape
     chunks, rejects = [], []
-    for batch in encode_corpus(shards, options):
-        ok = np.array([r == OK for r in batch["reason"]], dtype=bool)
-        rejects += [{"key": str(k), "shard": str(s), "reason": str(r)}
-                    for k, s, r, good in zip(batch["key"], batch["shard"], batch["reason"], ok) if not good]
-        if ok.any():
-            chunks.append(batch["latent"][ok])
+    for row in encode_chunks(list(enumerate(shards)), options):
+        rejects += [{"key": str(k), "shard": row["shard"], "reason": str(r)} for k, r in zip(row["keys"], row["reasons"]) if r != OK]
+        latents = chunk_latents(row, options.dtype)
+        if len(latents):
+            chunks.append(latents.astype(np.float32))
     if not chunks:
         raise CorpusError(f"corpus {corpus} has no indexable image ({len(rejects)} rejected)")
     latents = torch.from_numpy(np.concatenate(chunks)).reshape(-1, *shape)

@@ -98,3 +98,15 @@ def test_expand_shards_errors(tmp_path):
     (tmp_path / "x-000.tar").write_bytes(b"x")
     (tmp_path / "x-001.tar").write_bytes(b"x")
     assert [os.path.basename(p) for p in expand_shards(str(tmp_path / "x-{000..001}.tar"))] == ["x-000.tar", "x-001.tar"]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [Image.fromarray(np.full((16, 16), 0.5, np.float32)), Image.fromarray(np.full((16, 16), 70000, np.int32))],
+    ids=["F", "I"],
+)
+def test_modes_without_a_faithful_rgb_rendering_are_rejected_by_name(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    with pytest.raises(ValueError, match=f"unsupported image mode {image.mode}:"):
+        decode_image(buffer.getvalue(), 8)

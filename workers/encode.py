@@ -1,70 +1,93 @@
 """The steps of the corpus-encoding dataflow, as plain functions and a plain class.
 
-Ray Data schedules them (``jobs.dataflow``), but each one takes and returns ordinary Python or
-numpy batches, so they are tested without Ray (the clip-retrieval reader/mapper split).
+Ray Data schedules them (``jobs.dataflow``), but each one takes and returns ordinary Python
+rows, so they are tested without Ray (the clip-retrieval reader/mapper split).
 
-    read_shard_rows  flat_map: one tar path -> one row per sample, rejects included
-    decode_batch     map_batches: image bytes -> uint8 RGB at the target resolution, or a reason
-    BatchEncoder     map_batches on an actor pool: pixels -> flattened scaled latents
+    read_chunks   flat_map: one tar -> chunk rows of up to ``chunk_size`` samples, decoded to
+                  uint8 RGB at the target resolution; unreadable samples carry their reason
+    ChunkEncoder  map on an actor pool: a chunk's pixels -> flattened scaled latents
+
+A row is a *chunk* of one tar rather than a sample so that the batch the encoder sees is fixed
+by the corpus alone (the tar and the chunk size): a resumed build, which encodes only some
+tars, feeds every image through the network in the same batch as an uninterrupted one, and gets
+the same bits back. A chunk row:
+
+    part (int)   the tar's position in the corpus       chunk (int), last (bool)
+    shard (str)  the tar's base name                      keys, sha256, reasons (lists, every sample)
+    pixels (bytes)  uint8 (n_ok, H, W, 3) of the samples whose reason is "" (OK), in order
+    latents (bytes) after the encoder: (n_ok, dim) in the build's dtype; dim (int)
 """
 
 from __future__ import annotations
 
+import os
+from typing import Iterator
+
 import numpy as np
 
 from indexing.corpus import DEFAULT_MIN_SIZE, Reject, decode_image, iter_shard
-from indexing.encoders import Encoder
 
-OK = ""  # the reason column of a row that is fine
+OK = ""  # the reason of a sample that is fine
 
 
-def read_shard_rows(row: dict) -> list[dict]:
-    """Every sample of the tar at ``row["path"]``; unreadable ones carry their reason."""
-    out = []
-    for position, item in enumerate(iter_shard(row["path"])):
+def read_chunks(row: dict, resolution: int, chunk_size: int, min_size: int = DEFAULT_MIN_SIZE) -> Iterator[dict]:
+    """Every sample of the tar at ``row["path"]``, decoded, in chunks of ``chunk_size`` samples."""
+    shard = os.path.basename(row["path"])
+    number = 0
+    keys, hashes, reasons, pixels = [], [], [], []
+
+    def chunk(last: bool) -> dict:
+        stacked = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
+        return {"part": int(row["part"]), "chunk": number, "last": last, "shard": shard, "keys": list(keys),
+                "sha256": list(hashes), "reasons": list(reasons), "pixels": stacked.tobytes(), "resolution": resolution}
+
+    for item in iter_shard(row["path"]):
         if isinstance(item, Reject):
-            out.append({"key": item.key, "shard": item.shard, "image": b"", "sha256": "", "reason": item.reason,
-                        "order": position, "shard_index": row["shard_index"]})
+            keys.append(item.key), hashes.append(""), reasons.append(item.reason)
         else:
-            out.append({"key": item.key, "shard": item.shard, "image": item.image, "sha256": item.sha256, "reason": OK,
-                        "order": position, "shard_index": row["shard_index"]})
-    return out
+            keys.append(item.key), hashes.append(item.sha256)
+            try:
+                pixels.append(decode_image(item.image, resolution, min_size))
+                reasons.append(OK)
+            except ValueError as exc:
+                reasons.append(str(exc))
+        if len(keys) == chunk_size:
+            yield chunk(last=False)
+            number += 1
+            keys, hashes, reasons, pixels = [], [], [], []
+    yield chunk(last=True)  # possibly empty: it tells the driver how many chunks the tar had
 
 
-def decode_batch(batch: dict, resolution: int, min_size: int = DEFAULT_MIN_SIZE) -> dict:
-    """Decode, convert to RGB, resize and centre-crop; failures become a reason, not a crash."""
-    n = len(batch["key"])
-    pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
-    reasons = [str(r) for r in batch["reason"]]
-    for i in range(n):
-        if reasons[i] != OK:
-            continue
-        try:
-            pixels[i] = decode_image(bytes(batch["image"][i]), resolution, min_size)
-        except ValueError as exc:
-            reasons[i] = str(exc)
-    out = {k: v for k, v in batch.items() if k != "image"}
-    out["reason"] = np.array(reasons, dtype=object)
-    out["pixels"] = pixels
-    return out
+class ChunkEncoder:
+    """Encode the decoded images of a chunk row; the latents replace the pixels in the row."""
 
+    def __init__(self, encoder_spec: str, device: str = "cpu", dtype: str = "float32", torch_threads: int | None = None):
+        # Imported here, not at module level: the read tasks import this module too, and need
+        # neither torch nor diffusers (about 2 s and 230 MiB per worker process).
+        from indexing.encoders import Encoder
 
-class BatchEncoder:
-    """Encode the decodable rows of a batch; rejected rows keep a zero latent and their reason."""
+        if torch_threads:
+            import torch
 
-    def __init__(self, encoder_spec: str, device: str = "cpu"):
+            torch.set_num_threads(torch_threads)
         self.encoder = Encoder(encoder_spec, device=device).init()
+        self.dtype = np.dtype(dtype)
 
-    def __call__(self, batch: dict) -> dict:
-        pixels = batch.pop("pixels")
-        ok = np.array([r == OK for r in batch["reason"]], dtype=bool)
-        latents = None
-        if ok.any():
-            encoded = self.encoder.encode(pixels[ok]).reshape(int(ok.sum()), -1).cpu().numpy()
-            latents = np.zeros((len(ok), encoded.shape[1]), dtype=np.float32)
-            latents[ok] = encoded
+    def __call__(self, row: dict) -> dict:
+        resolution = int(row["resolution"])
+        # bytearray: a writable copy, which torch.from_numpy wants (a read-only buffer makes it warn)
+        pixels = np.frombuffer(bytearray(row.pop("pixels")), dtype=np.uint8).reshape(-1, resolution, resolution, 3)
+        if len(pixels):
+            latents = self.encoder.encode(pixels).reshape(len(pixels), -1).cpu().numpy()
         else:
-            dim = self.encoder.encode(pixels[:1]).reshape(1, -1).shape[1]
-            latents = np.zeros((len(ok), dim), dtype=np.float32)
-        batch["latent"] = latents
-        return batch
+            latents = np.zeros((0, 0), np.float32)
+        row["dim"] = int(latents.shape[1])
+        row["latents"] = latents.astype(self.dtype).tobytes()  # fp16 rounding happens here, once
+        return row
+
+
+def chunk_latents(row: dict, dtype: str) -> np.ndarray:
+    """The latents of an encoded chunk row as an (n_ok, dim) array."""
+    dim = int(row["dim"])
+    flat = np.frombuffer(row["latents"], dtype=np.dtype(dtype))
+    return flat.reshape(-1, dim) if dim else flat.reshape(0, 0)

@@ -1,0 +1,92 @@
+"""index: look after a finished shield index.
+
+    spellshield index calibrate INDEX_DIR [--holdout SHARDS] [--holdout-size N] [--sample-size N]
+    spellshield index verify INDEX_DIR
+
+``calibrate`` recomputes the 1-NN distance quantiles of the corpus (self excluded) and, with
+``--holdout``, of images that are not in the index (encoded with the index's encoder), and
+writes them with the radius they suggest into the manifest (atomically). ``verify`` checks
+checksums, counts, ids and the manifest; a problem ends with one line naming it and exit code 2.
+Neither needs Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from indexing.calibrate import calibrate_index, encode_holdout
+from indexing.encoders import Encoder
+from indexing.manifest import MANIFEST, read_manifest, write_json_atomic
+from indexing.verify import verify_index
+from jobs.runtime import UsageError, progress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    text = "1-NN distance quantiles of the corpus and of a held-out sample, and the radius they suggest, into the manifest"
+    cal = sub.add_parser("calibrate", help=text, description=text)
+    cal.add_argument("index_dir", metavar="INDEX_DIR", help="a finished index directory")
+    cal.add_argument("--holdout", default=None, help="WebDataset shards of images NOT in the index (pattern, glob, dir, list)")
+    cal.add_argument("--holdout-size", type=int, default=1000, help="held-out images to encode (default 1000)")
+    cal.add_argument("--sample-size", type=int, default=2000, help="corpus latents whose 1-NN is measured (default 2000)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the corpus sample (default 0)")
+    cal.add_argument("--batch-size", type=int, default=64, help="images per encoder batch for the held-out sample")
+    cal.add_argument("--device", default=None, help="encoder device for the held-out sample (default: cuda if available)")
+    text = "check checksums, counts, id uniqueness and contiguity, and manifest consistency; exit 2 naming the first problem"
+    ver = sub.add_parser("verify", help=text, description=text)
+    ver.add_argument("index_dir", metavar="INDEX_DIR", help="a finished index directory")
+
+
+def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 1000, sample_size: int = 2000,
+              seed: int = 0, batch_size: int = 64, device: str | None = None) -> dict:
+    """Python API: recompute the calibration and write it into the manifest; returns it."""
+    for name, value in (("--holdout-size", holdout_size), ("--sample-size", sample_size), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    manifest = read_manifest(index_dir)
+    latents, info = None, None
+    if holdout:
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = Encoder(manifest.latent.encoder, device=device).init()
+        latents, info = encode_holdout(holdout, encoder, manifest.latent.resolution, holdout_size, batch_size)
+        if len(latents) == 0:
+            raise UsageError(f"--holdout {holdout} has no decodable image ({info['rejects']} rejected)")
+        progress(f"index calibrate: {len(latents)} held-out images encoded with {manifest.latent.encoder}")
+    calibration = calibrate_index(index_dir, manifest, sample_size, seed, latents, info)
+    # Rewrite only the calibration entry of the manifest as found, through a temporary name.
+    path = os.path.join(index_dir, MANIFEST)
+    with open(path) as f:
+        payload = json.load(f)
+    payload["calibration"] = calibration
+    write_json_atomic(path, payload)
+    return calibration
+
+
+def run(args) -> int:
+    if args.index_command == "verify":
+        summary = verify_index(args.index_dir)
+        progress(f"index verify: {args.index_dir} is consistent: {summary['count']} vectors ({summary['dtype']}) in "
+                 f"{summary['shards']} shard(s), {summary['rejects']} rejects")
+        return 0
+    calibration = calibrate(args.index_dir, args.holdout, args.holdout_size, args.sample_size, args.seed,
+                            args.batch_size, args.device)
+    quantiles = calibration["nn_distance_quantiles"]
+    held = calibration.get("holdout", {}).get("nn_distance_quantiles", {})
+    progress(f"index calibrate: corpus 1-NN median {quantiles.get('0.5', float('nan')):.4g}"
+             + (f", held-out 1-NN 1% quantile {held['0.01']:.4g}" if held else "")
+             + f", suggested radius {calibration['suggested_radius']:.4g} -> {os.path.join(args.index_dir, MANIFEST)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from jobs.cli import run_single
+
+    return run_single("index", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""One build over real tars holding every kind of bad input: each bad sample is a rejects row with
+its reason, every other sample is indexed with the right pixels, odd image modes included."""
+
+import io
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from indexing.manifest import read_manifest
+from indexing.search import open_index
+from jobs.build_index import build_index
+from jobs.dataflow import EncodeOptions
+from tests.conftest import add_tar_members, jpeg_bytes
+
+RES = 8
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def palette_with_transparency() -> bytes:
+    image = Image.new("P", (16, 16), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0: red (transparent), 1: blue
+    image.paste(1, (8, 0, 16, 16))
+    return encoded(image, "PNG", transparency=0)
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rejects")
+    rng = np.random.default_rng(0)
+    good = [jpeg_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(6)]
+    odd = str(tmp / "odd-000000.tar")
+    add_tar_members(odd, [
+        ("good_000.jpg", good[0]), ("good_000.cls", b"3"),
+        ("corrupt_000.jpg", good[1][: len(good[1]) // 2]),            # JPEG cut in half
+        ("notes_000.txt", b"not an image"),                            # no image member
+        ("tiny_000.png", encoded(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG")),
+        ("grey16_000.png", encoded(Image.fromarray(np.full((16, 16), 40000, np.uint16)), "PNG")),
+        ("cmyk_000.jpg", encoded(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG", quality=100)),
+        ("palette_000.png", palette_with_transparency()),
+        ("la_000.png", encoded(Image.new("LA", (16, 16), (0, 128)), "PNG")),
+        ("float_000.tif", encoded(Image.fromarray(np.full((16, 16), 0.5, np.float32)), "TIFF")),
+        ("cat.4.jpg", good[2]),                                        # a dot in the key
+        ("good_001.jpg", good[3]),
+    ])
+    cut = str(tmp / "cut-000000.tar")
+    add_tar_members(cut, [(f"cut_{i:03d}.jpg", good[4]) for i in range(5)])
+    data = open(cut, "rb").read()
+    member = 512 + -(-len(good[4]) // 512) * 512  # tar header + data padded to 512-byte blocks
+    with open(cut, "wb") as f:
+        f.write(data[: 3 * member + 512 + 100])  # inside the 4th member's data: 3 samples stand
+    empty = tmp / "empty-000000.tar"
+    empty.write_bytes(b"")
+    out = str(tmp / "index")
+    build_index(",".join([odd, cut, str(empty)]), out, EncodeOptions(resolution=RES, batch_size=4), shard_size=5)
+    return out
+
+
+def test_every_bad_sample_is_a_reject_with_its_reason(built):
+    rejects = pq.read_table(os.path.join(built, "rejects.parquet")).to_pylist()
+    reasons = {(r["key"], r["shard"]): r["reason"] for r in rejects}
+    expected = {
+        ("corrupt_000", "odd-000000.tar"): "undecodable image",
+        ("notes_000", "odd-000000.tar"): "no image member (extensions: txt)",
+        ("tiny_000", "odd-000000.tar"): "image too small: 4x4 < 8 px",
+        ("float_000", "odd-000000.tar"): "unsupported image mode F",
+        ("cat", "odd-000000.tar"): "a dot in the key splits the name early",
+        ("cut_003", "cut-000000.tar"): "unreadable tar after 3 samples",
+        ("*", "empty-000000.tar"): "unreadable tar after 0 samples",
+    }
+    assert set(reasons) == set(expected) and len(rejects) == len(expected)
+    for where, reason in expected.items():
+        assert reason in reasons[where], (where, reasons[where])
+    assert read_manifest(built).rejects == len(expected)
+
+
+def test_the_rest_is_indexed_with_the_right_pixels(built):
+    manifest = read_manifest(built)
+    shield = open_index(built)
+    keys = shield.keys(range(manifest.count))
+    assert keys == ["good_000", "grey16_000", "cmyk_000", "palette_000", "la_000", "good_001", "cut_000", "cut_001", "cut_002"]
+    assert [s.count for s in manifest.shards] == [5, 4]
+
+    def pixel(key, y, x):  # the stored RGB of a pixel, back in 0..255
+        v = shield.vectors([keys.index(key)]).numpy()[0].reshape(3, RES, RES)
+        return np.round((v[:, y, x] + 1) * 127.5).astype(int).tolist()
+
+    assert pixel("grey16_000", 3, 3) == [156] * 3                     # 40000 / 65535, scaled to 8 bits
+    assert pixel("cmyk_000", 3, 3) == [255, 255, 255]                 # no ink is white
+    assert pixel("palette_000", 3, 0) == [255, 255, 255]              # transparent index: white
+    assert pixel("palette_000", 3, 7) == [0, 0, 255]                  # opaque index: its colour
+    assert all(abs(c - 128) <= 1 for c in pixel("la_000", 3, 3))      # black at alpha 128 over white

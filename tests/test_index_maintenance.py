@@ -1,0 +1,122 @@
+"""`spellshield index verify` finds each kind of damage and names it; `index calibrate` writes the
+1-NN quantiles of the corpus and of a held-out sample, equal to brute force, into the manifest."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from indexing.corpus import decode_image, iter_shard
+from indexing.manifest import file_sha256, read_manifest
+from indexing.search import open_index
+from jobs.build_index import build_index
+from jobs.cli import main
+from jobs.dataflow import EncodeOptions
+
+
+@pytest.fixture(scope="module")
+def index(ray_session, digits_corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("maint") / "index")
+    build_index(",".join(digits_corpus[:3]), out, EncodeOptions(resolution=8, batch_size=128), shard_size=300)
+    return out
+
+
+@pytest.fixture
+def copy(index, tmp_path):
+    target = str(tmp_path / "copy")
+    shutil.copytree(index, target)
+    return target
+
+
+def verify(capsys, path):
+    code = main(["index", "verify", path])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def edit_manifest(path, change):
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    change(manifest)
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+def test_a_sound_index_verifies(index, capsys):
+    code, err = verify(capsys, index)
+    assert code == 0 and err == [f"index verify: {index} is consistent: 675 vectors (float32) in 3 shard(s), 0 rejects"]
+
+
+def test_corrupted_shard_bytes(copy, capsys):
+    path = os.path.join(copy, "shards", "shard-00001.faiss")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == ["spellshield index: error: shards/shard-00001.faiss: sha256 differs from the manifest's (corrupted or replaced)"]
+
+
+def test_missing_ids_file(copy, capsys):
+    os.remove(os.path.join(copy, "shards", "ids-00002.parquet"))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == ["spellshield index: error: shards/ids-00002.parquet is missing"]
+
+
+def test_duplicated_id(copy, capsys):
+    # a duplicated id with a matching checksum: only the id check can catch it
+    path = os.path.join(copy, "shards", "ids-00000.parquet")
+    table = pq.read_table(path)
+    ids = table.column("id").to_numpy().copy()
+    ids[10] = ids[9]
+    pq.write_table(table.set_column(0, table.schema.field("id"), pa.array(ids)), path)
+    edit_manifest(copy, lambda m: m["shards"][0].update(ids_sha256=file_sha256(path)))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == ["spellshield index: error: shards/ids-00000.parquet: id 9 appears 2 times"]
+
+
+def test_count_mismatch(copy, capsys):
+    edit_manifest(copy, lambda m: m.update(count=m["count"] + 1))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == ["spellshield index: error: manifest count 676 differs from the shards' total 675"]
+
+
+def test_shard_count_mismatch(copy, capsys):
+    edit_manifest(copy, lambda m: m["shards"][2].update(count=76, last_id=675))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == ["spellshield index: error: shards/shard-00002.faiss holds 75 vectors, the manifest says 76"]
+
+
+def brute_force_nn(queries, base, exclude_self=False):
+    d = np.sqrt(((queries[:, None, :].astype(np.float64) - base[None, :, :].astype(np.float64)) ** 2).sum(-1))
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    return d.min(1)
+
+
+def test_calibrate_with_holdout(copy, digits_corpus, capsys):
+    before = read_manifest(copy)
+    holdout = ",".join(digits_corpus[6:8])
+    code = main(["index", "calibrate", copy, "--holdout", holdout, "--holdout-size", "100", "--sample-size", "5000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and "suggested radius" in err[-1]
+    after = read_manifest(copy)
+    assert after.shards == before.shards and after.count == before.count  # only the calibration changed
+    cal = after.calibration
+    base = open_index(copy).vectors(range(after.count)).numpy()
+    corpus_nn = brute_force_nn(base, base, exclude_self=True)
+    images = [decode_image(s.image, 8) for path in digits_corpus[6:8] for s in iter_shard(path)][:100]
+    held = np.stack(images).transpose(0, 3, 1, 2).reshape(100, -1).astype(np.float32) / 127.5 - 1.0
+    held_nn = brute_force_nn(held, base)
+    assert cal["sample_size"] == 675 and cal["holdout"]["sample_size"] == 100
+    for q, value in cal["nn_distance_quantiles"].items():
+        assert value == pytest.approx(np.quantile(corpus_nn, float(q)), rel=1e-5, abs=1e-5)
+    for q, value in cal["holdout"]["nn_distance_quantiles"].items():
+        assert value == pytest.approx(np.quantile(held_nn, float(q)), rel=1e-5, abs=1e-5)
+    expected = min(0.5 * np.median(corpus_nn), np.quantile(held_nn, 0.01))
+    assert cal["suggested_radius"] == pytest.approx(expected, rel=1e-5) and cal["holdout"]["corpus"] == holdout
+    assert verify(capsys, copy)[0] == 0  # the rewritten manifest is still consistent
