@@ -1,23 +1,31 @@
 """Corpus reading (WebDataset tars), latent encoding (pixels or any diffusers autoencoder),
-FAISS shard writing, the manifest, search backends and radius calibration. No Ray."""
+FAISS shard writing, the manifest, search backends and radius calibration. No Ray.
 
-from .corpus import CorpusError, Reject, Sample, decode_image, expand_shards, iter_shard
-from .encoders import PIXELS, Encoder, LatentSpec
-from .manifest import IndexFormatError, Manifest, read_manifest
-from .search import open_index
+Names are imported on first use, so that ``indexing.exact`` or ``indexing.projected`` load
+with torch and numpy alone (the GPU benchmark runs where FAISS, PIL and pyarrow are absent)."""
 
-__all__ = [
-    "PIXELS",
-    "CorpusError",
-    "Encoder",
-    "IndexFormatError",
-    "LatentSpec",
-    "Manifest",
-    "Reject",
-    "Sample",
-    "decode_image",
-    "expand_shards",
-    "iter_shard",
-    "open_index",
-    "read_manifest",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "PIXELS": ".encoders",
+    "CorpusError": ".corpus",
+    "Encoder": ".encoders",
+    "IndexFormatError": ".manifest",
+    "LatentSpec": ".encoders",
+    "Manifest": ".manifest",
+    "Reject": ".corpus",
+    "Sample": ".corpus",
+    "decode_image": ".corpus",
+    "expand_shards": ".corpus",
+    "iter_shard": ".corpus",
+    "open_index": ".search",
+    "read_manifest": ".manifest",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
