@@ -19,11 +19,14 @@ directly); ``ExactShield`` is the backend over an index directory.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from .exactness import (
     EMPTY,
+    float16_gemm_accumulates_in_float32,
     float16_gemm_margin,
     float16_query_scale,
     float32_margin,
@@ -59,9 +62,12 @@ class ExactScan:
             raise ValueError(f"{len(self.ids)} ids for {self.count} vectors")
         self.lookup = RowLookup(self.ids)
         if compute == "auto":
-            compute = "float16" if vectors.dtype == torch.float16 and vectors.device.type == "cuda" else "float32"
+            on_gpu = vectors.dtype == torch.float16 and vectors.device.type == "cuda"
+            compute = "float16" if on_gpu and float16_gemm_accumulates_in_float32(vectors.device) else "float32"
         if compute == "float16" and vectors.dtype != torch.float16:
             raise ValueError("compute='float16' needs float16 storage (a float32 index would lose its truth)")
+        if compute == "float16" and not float16_gemm_accumulates_in_float32(vectors.device):
+            raise ValueError(f"the float16 GEMM on {vectors.device} does not accumulate in float32: use compute='float32'")
         self.compute = compute
         if chunk_rows is None:
             # Views cost nothing; an upcast float16 -> float32 chunk is a copy, keep it ~64 MB.
@@ -69,6 +75,8 @@ class ExactScan:
             chunk_rows = max(1024, budget // self.dim)
         self.chunk_rows = int(chunk_rows)
         self.stats = stats if stats is not None else SearchStats()
+        self._upcast: torch.Tensor | None = None  # reused float32 copy of a float16 chunk
+        self._lock = threading.Lock()  # the buffer is shared: one scan at a time per ExactScan
         self._starts = list(range(0, self.count, self.chunk_rows))
         sq = torch.empty(self.count, dtype=torch.float64, device=self.device)
         for start in self._starts:
@@ -102,8 +110,14 @@ class ExactScan:
         chunk = self.base[start : start + self.chunk_rows]
         if self.compute == "float16":
             dots = (operand @ chunk.T).to(torch.float32) * (2.0 / scale)  # power of two: exact
-        else:
-            dots = 2.0 * (operand @ chunk.to(torch.float32).T)
+        elif chunk.dtype == torch.float32:
+            dots = 2.0 * (operand @ chunk.T)
+        else:  # float16 storage, float32 arithmetic: upcast (exact) into a buffer kept between chunks
+            if self._upcast is None or self._upcast.device != chunk.device:
+                self._upcast = torch.empty((self.chunk_rows, self.dim), dtype=torch.float32, device=chunk.device)
+            upcast = self._upcast[: len(chunk)]
+            upcast.copy_(chunk)
+            dots = 2.0 * (operand @ upcast.T)
         return qsq32[:, None] + self.base_sq[None, start : start + self.chunk_rows] - dots
 
     def candidates(self, q: torch.Tensor, radii: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +130,7 @@ class ExactScan:
         flush_rows = max(self.chunk_rows, MASK_ELEMENTS // max(batch, 1))
         pairs_q, pairs_r = [], []
         mask, mask_start = None, 0
-        with full_precision_matmul():
+        with self._lock, full_precision_matmul():
             for c, start in enumerate(self._starts):
                 if mask is None:
                     mask_start = start
@@ -163,7 +177,7 @@ class ExactScan:
         fetch = min(self.count, k + 16)
         qsq_host, qsq32, operand, scale = self._prepare(q)
         best_d = best_r = None
-        with full_precision_matmul():
+        with self._lock, full_precision_matmul():
             for start in self._starts:
                 d2 = self._fast_sq(operand, qsq32, start, scale)
                 d, r = torch.topk(d2, min(fetch, d2.shape[1]), dim=1, largest=False)

@@ -222,9 +222,11 @@ def full_precision_matmul():
             _precision_saved = (
                 torch.get_float32_matmul_precision(),
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                _cpu_fp16_reduction(None),
             )
             torch.set_float32_matmul_precision("highest")
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            _cpu_fp16_reduction(False)
         _precision_users += 1
     try:
         yield
@@ -234,4 +236,34 @@ def full_precision_matmul():
             if _precision_users == 0 and _precision_saved is not None:
                 torch.set_float32_matmul_precision(_precision_saved[0])
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = _precision_saved[1]
+                _cpu_fp16_reduction(_precision_saved[2])
                 _precision_saved = None
+
+
+def _cpu_fp16_reduction(value: bool | None):
+    """Read (None) or set torch's CPU switch for reduced-precision fp16 GEMM reductions, where it exists."""
+    if not hasattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction"):
+        return None
+    if value is None:
+        return torch._C._get_cpu_allow_fp16_reduced_precision_reduction()
+    torch._C._set_cpu_allow_fp16_reduced_precision_reduction(bool(value))
+    return value
+
+
+_fp16_checked: dict = {}
+
+
+def float16_gemm_accumulates_in_float32(device) -> bool:
+    """Probe the device's float16 GEMM: 2048 + 4095 ones is 6143, which float16 rounds to 6144;
+    a float16 accumulator stalls at 2048 (2048 + 1 rounds back to 2048). The float16 bound
+    assumes float32 accumulation, so a device that fails this is searched in float32."""
+    key = str(torch.device(device))
+    if key not in _fp16_checked:
+        dim = 4096
+        a = torch.ones((16, dim), dtype=torch.float16, device=device)
+        b = torch.ones((64, dim), dtype=torch.float16, device=device)
+        b[:, 0] = 2048
+        with full_precision_matmul():
+            out = (a @ b.T).to(torch.float32)
+        _fp16_checked[key] = bool(torch.all(out == 6144.0))
+    return _fp16_checked[key]

@@ -108,13 +108,15 @@ class IvfProbe:
                 self.eps[j] = 2.0 * float(float32_margin(dim, (x * x).sum(1).max(), csq_max))
         self.empty = np.array([len(r) == 0 for r in list_rows])
         self.voronoi = min(voronoi, nlist - 1)
+        # Centroid-to-centroid distances, direct differences in float64, one row at a time.
+        self.gaps = np.stack([np.sqrt(((self.centroids - c) ** 2).sum(1)) for c in self.centroids])
 
     def lists(self, q64: np.ndarray, radius: float) -> np.ndarray:
         diff = self.centroids - q64[None, :]
         dq = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         bound = dq - self.cover * (1 + self.SLACK)
         for i in np.argsort(dq)[: self.voronoi]:
-            gap = np.sqrt(((self.centroids - self.centroids[i]) ** 2).sum(1))
+            gap = self.gaps[i]
             f = dq**2 - dq[i] ** 2
             with np.errstate(divide="ignore", invalid="ignore"):
                 half = (f - self.eps - self.SLACK * (dq**2 + dq[i] ** 2)) / (2 * gap * (1 + self.SLACK))

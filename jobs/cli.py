@@ -16,6 +16,7 @@ COMMANDS = {
     "memorizer": ("jobs.memorizer", "save a memorizing diffusion model of a corpus (the honest worst case)"),
     "generate": ("jobs.generate", "sample a diffusers pipeline with the SPELL shield, writing images and audit logs"),
     "audit": ("jobs.audit", "near-duplicate rates, per-step sparsity and a report for a generation run"),
+    "project-index": ("jobs.project_index", "fit the projected search backend's PCA filter on an index and write its files"),
     "demo": ("jobs.demo", "offline end-to-end demo: corpus, index, memorizer, generate with and without shield, audit"),
 }
 

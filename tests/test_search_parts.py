@@ -135,3 +135,24 @@ def test_fit_projection_with_fewer_samples_than_dims():
     np.testing.assert_allclose(b @ b.T, np.eye(6), atol=1e-6)
     assert projection.sigma >= np.linalg.svd(b, compute_uv=False)[0]
     assert spectral_norm_bound(torch.from_numpy(projection.basis)) == projection.sigma
+
+
+def test_project_index_command(capsys, tmp_path):
+    from jobs.cli import main
+
+    base = np.random.default_rng(7).standard_normal((300, 12)).astype(np.float32)
+    path = write_index(tmp_path / "index", base, 100)
+    assert main(["project-index", path, "--dims", "4", "--sample-size", "200"]) == 0
+    assert "300 vectors, 4 of 12 dims" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(path, "projection-4", "projection.json"))
+    for argv, message in [
+        (["project-index", path, "--dims", "4"], "exists"),
+        (["project-index", path, "--dims", "0"], "--dims must be >= 1"),
+        (["project-index", str(tmp_path / "nope")], "does not exist"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("spellshield project-index: error:") and message in err[0]
+    shield = open_index(path, backend="projected", dims=4, create=False)
+    ids, _ = shield.knn(base[:2], 1)[0]
+    assert ids.tolist() == [0]

@@ -20,6 +20,7 @@ import torch
 
 from indexing.corpus import encode_png
 from indexing.encoders import Encoder
+from indexing.faiss_search import gpu_available as faiss_gpu_available
 from indexing.search import open_index
 from pipeline.invoke import sample_images, to_uint8
 from pipeline.loading import load_pipeline
@@ -67,7 +68,9 @@ class GenerationWorker:
         if settings.index_dir is not None:
             if settings.radius is None or not settings.radius > 0:
                 raise ValueError(f"a shielded run needs a radius > 0, got {settings.radius!r}")
-            backend_device = self.device if settings.search_backend == "exact" else "cpu"
+            backend_device = self.device
+            if settings.search_backend == "faiss" and not faiss_gpu_available():
+                backend_device = "cpu"
             self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
             sources.append(IndexSource(self.shield, settings.radius))
