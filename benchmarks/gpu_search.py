@@ -12,8 +12,8 @@ whole matrix (the bandwidth floor the exact scan is held against) and the projec
 alone.
 
 Data, generated on the device (never on the host: ~40 GB): a rank-``--rank`` signal with a
-spectrum falling as j^-0.5 plus isotropic noise, the signal carrying ``--signal-share`` of the
-variance: latents of real images have such a spectrum, and without one no projection can
+variance falling as j^-``--decay`` plus isotropic noise, the signal carrying ``--signal-share`` of
+the variance: latents of real images have such a spectrum, and without one no projection can
 filter (a d-dim projection of isotropic data keeps d/D of every distance). ``--isotropic``
 adds a second round on pure Gaussian data, where the projected backend must fall back to one
 exact scan. Queries per step: 8 stored vectors plus small noise (hits) and 8 fresh draws from
@@ -52,24 +52,38 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def generate(n: int, dim: int, rank: int, signal_share: float, device, seed: int, isotropic: bool,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, dim) float16 on ``device``, unit variance per coordinate on average (module doc)."""
+class Distribution:
+    """A rank-``rank`` signal whose j-th direction has variance ~ j^-decay, plus isotropic noise
+    (or pure noise), unit variance per coordinate on average; all draws happen on ``device``."""
+
+    def __init__(self, dim: int, rank: int, signal_share: float, device, seed: int, isotropic: bool, decay: float = 0.5):
+        self.dim, self.isotropic = dim, isotropic
+        self.effective_rank = None
+        if not isotropic:
+            g = torch.Generator(device=device).manual_seed(seed)
+            self.basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g, device=device))
+            variance = (1.0 + torch.arange(rank, device=device, dtype=torch.float64)) ** -decay
+            self.effective_rank = float(variance.sum() ** 2 / (variance**2).sum())
+            self.spectrum = (variance.sqrt() * math.sqrt(signal_share * dim / float(variance.sum()))).to(torch.float32)
+            self.noise = math.sqrt(1.0 - signal_share)
+
+    def sample(self, rows: int, g: torch.Generator) -> torch.Tensor:
+        device = g.device
+        chunk = torch.randn(rows, self.dim, generator=g, device=device)
+        if not self.isotropic:
+            coefficients = torch.randn(rows, len(self.spectrum), generator=g, device=device) * self.spectrum
+            chunk.mul_(self.noise).addmm_(coefficients, self.basis.T)
+        return chunk
+
+
+def generate(n: int, dist: Distribution, device, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, dim) float16 draws of ``dist`` on ``device``, written in ~1 GB chunks."""
     g = torch.Generator(device=device).manual_seed(seed)
-    data = out if out is not None else torch.empty((n, dim), dtype=torch.float16, device=device)
-    if not isotropic:
-        basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g, device=device))
-        spectrum = (1.0 + torch.arange(rank, device=device, dtype=torch.float32)) ** -0.5
-        spectrum *= math.sqrt(signal_share * dim / float((spectrum**2).sum()))
-        noise = math.sqrt(1.0 - signal_share)
-    step = max(1, (1 << 30) // (4 * dim))
+    data = out if out is not None else torch.empty((n, dist.dim), dtype=torch.float16, device=device)
+    step = max(1, (1 << 30) // (4 * dist.dim))
     for start in range(0, n, step):
         rows = min(step, n - start)
-        chunk = torch.randn(rows, dim, generator=g, device=device)
-        if not isotropic:
-            chunk.mul_(noise).addmm_(torch.randn(rows, rank, generator=g, device=device) * spectrum, basis.T)
-        data[start : start + rows] = chunk.to(torch.float16)
-        del chunk
+        data[start : start + rows] = dist.sample(rows, g).to(torch.float16)
     return data
 
 
@@ -110,7 +124,8 @@ def brute_force_ids(data: torch.Tensor, q: torch.Tensor, radius: float) -> list[
     return sorted(hits)
 
 
-def run_round(args, device, data: torch.Tensor, isotropic: bool, started: float) -> dict:
+def run_round(args, device, data: torch.Tensor, dist: Distribution, started: float) -> dict:
+    isotropic = dist.isotropic
     label = "isotropic" if isotropic else f"rank-{args.rank} signal + noise"
     result = {"data": label, "signal_share": None if isotropic else args.signal_share}
     t0 = time.perf_counter()
@@ -119,22 +134,20 @@ def run_round(args, device, data: torch.Tensor, isotropic: bool, started: float)
     result["exact_setup_s"] = time.perf_counter() - t0
     result["exact_compute"] = exact.compute
 
-    def fresh(rows, g):
-        if isotropic:
-            return torch.randn(rows, data.shape[1], generator=g, device=device)
-        # A new draw of the same distribution: generate() with a fresh seed, a few rows.
-        return generate(rows, data.shape[1], args.rank, args.signal_share, device, args.seed, False).to(torch.float32)
+    def fresh(rows, g):  # new draws of the data's distribution, from the queries' own generator
+        return dist.sample(rows, g)
 
     # Radius: half the median 1-NN distance (self excluded) of 64 stored vectors.
     sample = data[torch.arange(0, len(data), max(1, len(data) // 64), device=device)[:64]].to(torch.float32)
     nn = []
     for start in range(0, len(sample), args.batch):
-        for ids, dist in exact.knn64(sample[start : start + args.batch], 2):
-            nn.append(float(dist[1]))
+        for _, found in exact.knn64(sample[start : start + args.batch], 2):
+            nn.append(float(found[1]))
     radius = 0.5 * float(np.median(nn))
     result["radius"] = radius
     result["median_1nn"] = 2 * radius
-    batches = query_batches(data, args.steps, args.batch, args.seed + 1, fresh)
+    steps = args.steps if not isotropic else min(args.steps, 20)  # the worst case: fewer steps
+    batches = query_batches(data, steps, args.batch, args.seed + 1, fresh)
     radii = np.full(args.batch, radius)
 
     # The bandwidth floor: the float16 GEMM over every chunk, nothing else.
@@ -230,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, default=256, help="projected dims (at most dim / 4)")
     parser.add_argument("--rank", type=int, default=None, help="rank of the signal (default: --dims)")
     parser.add_argument("--signal-share", type=float, default=0.5, help="share of the variance in the signal")
+    parser.add_argument("--decay", type=float, default=0.5, help="signal variance of direction j ~ j^-decay")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="timed steps (a new query batch each)")
     parser.add_argument("--fit-sample", type=int, default=20000, help="vectors the PCA is fitted on")
@@ -263,19 +277,22 @@ def main(argv=None) -> int:
 
     print(f"{info['device_name']}: {args.n} x {args.dim} float16 ({info['gigabytes']:.1f} GB), batch {args.batch}", flush=True)
     t0 = time.perf_counter()
-    data = generate(args.n, args.dim, args.rank, args.signal_share, device, args.seed, isotropic=False)
+    signal = Distribution(args.dim, args.rank, args.signal_share, device, args.seed, isotropic=False, decay=args.decay)
+    info["signal"] = {"rank": args.rank, "share": args.signal_share, "decay": args.decay,
+                      "effective_rank": signal.effective_rank}
+    data = generate(args.n, signal, device, args.seed + 1)
     sync(device)
     info["generate_s"] = time.perf_counter() - t0
-    for isotropic in ([False, True] if args.isotropic else [False]):
+    for dist in [signal] + ([Distribution(args.dim, 0, 0.0, device, 0, isotropic=True)] if args.isotropic else []):
         if info["rounds"] and time.perf_counter() - started > args.budget_s:
             info["rounds"].append({"data": "isotropic", "skipped": "time budget spent"})
             break
-        if isotropic:
-            generate(args.n, args.dim, args.rank, args.signal_share, device, args.seed + 7, True, out=data)
+        if dist.isotropic:
+            generate(args.n, dist, device, args.seed + 2, out=data)
         try:
-            info["rounds"].append(run_round(args, device, data, isotropic, started))
+            info["rounds"].append(run_round(args, device, data, dist, started))
         except torch.OutOfMemoryError as exc:  # report what ran rather than nothing
-            info["rounds"].append({"data": "isotropic" if isotropic else "signal", "error": f"out of memory: {exc}"})
+            info["rounds"].append({"data": "isotropic" if dist.isotropic else "signal", "error": f"out of memory: {exc}"})
         write()
     if device.type == "cuda":
         info["max_memory_allocated_GB"] = torch.cuda.max_memory_allocated(device) / 1e9

@@ -255,7 +255,11 @@ class MemmapStore:
         parts = []
         for start in range(0, self.count, step):
             rows = torch.arange(start, min(start + step, self.count))
-            scan = ExactScan(self.gather(rows), ids=rows.numpy())
+            if self.rows is None:  # contiguous rows of the file: one sequential read, no gather
+                block = torch.from_numpy(np.array(self.array[start : start + step])).to(self.device)
+            else:
+                block = self.gather(rows)
+            scan = ExactScan(block, ids=rows.numpy())
             parts.append(scan.range_search64(q.to(self.device), radii, max_k))
         return merge(parts, max_k)
 
@@ -297,8 +301,6 @@ class ProjectedScan:
 
     def recheck(self, q: torch.Tensor, rows: np.ndarray, radii: np.ndarray, max_k: int | None):
         """Exact search of every query against the union ``rows`` of the candidates, in bounded blocks."""
-        if len(rows) > self.count // 2:
-            return self.store.full_scan(q, radii, max_k)
         step = max(1, self.recheck_bytes // (self.dim * 4))
         parts = []
         for start in range(0, len(rows), step):
@@ -310,8 +312,11 @@ class ProjectedScan:
     def range_search64(self, q: torch.Tensor, radii: np.ndarray, max_k: int | None = None):
         p, t = self.filter_radii(q, radii)
         qi, rows = self.filter.candidates(p, t)
-        union = np.unique(rows.cpu().numpy())
-        out = self.recheck(q, union, radii, max_k)
+        union = torch.unique(rows)  # on the filter's device: it can be every row of the index
+        if len(union) > self.count // 2:
+            out = self.store.full_scan(q, radii, max_k)
+        else:
+            out = self.recheck(q, union.cpu().numpy(), radii, max_k)
         self.stats.add(len(q), len(qi), sum(len(i) for i, _ in out))
         return out
 
