@@ -17,7 +17,7 @@ import torch
 
 from .exactness import merge
 from .manifest import IndexFormatError, Manifest
-from .shield import SearchStats, Shield
+from .shield import Shield
 
 
 def shard_groups(num_shards: int, parts: int | None) -> list[list[int]]:
@@ -142,5 +142,3 @@ def open_sharded(index_dir: str, manifest: Manifest, device="cpu", shard_backend
     shields = [open_part(index_dir, manifest, shard_backend, d, group, **options) for d, group in zip(devices, groups)]
     return ShardedShield(index_dir, manifest, shields, groups, device)
 
-
-__all__ = ["IdRouter", "SearchStats", "ShardedShield", "open_sharded", "shard_groups"]
