@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": ("jobs.generate", "sample a diffusers pipeline with the SPELL shield, writing images and audit logs"),
     "audit": ("jobs.audit", "near-duplicate rates, per-step sparsity and a report for a generation run"),
     "index": ("jobs.index", "look after a finished index: calibrate (radius from 1-NN distances), verify (checksums, ids)"),
+    "project-index": ("jobs.project_index", "fit the projected search backend's PCA filter on an index and write its files"),
     "demo": ("jobs.demo", "offline end-to-end demo: corpus, index, memorizer, generate with and without shield, audit"),
 }
 

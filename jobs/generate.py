@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 from indexing.encoders import autoencoder_fingerprint
 from indexing.manifest import manifest_hash, read_manifest, write_json_atomic
+from indexing.search import BACKENDS
 from jobs.runtime import UsageError, progress, ray_cluster
 from jobs.unit_pool import UnitFailed, run_units
 from pipeline.invoke import takes_prompt
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     parser.add_argument("--workers", type=int, default=None, help="generation actors (default: one per GPU, else 1)")
-    parser.add_argument("--search-backend", default="exact", choices=["exact", "faiss"], help="index search backend")
+    parser.add_argument("--search-backend", default="exact", choices=list(BACKENDS),
+                        help="index search backend (README: Search backends)")
     parser.add_argument("--max-unit-attempts", type=int, default=3,
                         help="attempts per work unit before the job fails (a dead worker or an unsearchable shield)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

@@ -16,7 +16,8 @@ import pytest
 from indexing.corpus import decode_image, iter_shard
 from indexing.manifest import file_sha256, read_manifest
 from indexing.parts import PARTS, part_paths
-from indexing.search import _shard_vectors, open_index
+from indexing.search import open_index
+from indexing.store import shard_arrays
 from jobs.build_index import CRASH_AFTER_PARTS, build_index
 from jobs.cli import main
 from jobs.dataflow import EncodeOptions, encoder_pool
@@ -101,8 +102,8 @@ def test_float16_storage(ray_session, digits_corpus, reference, tmp_path):
     inner = faiss.downcast_index(index.index)
     assert isinstance(index, faiss.IndexIDMap2) and isinstance(inner, faiss.IndexScalarQuantizer)
     assert inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16 and inner.metric_type == faiss.METRIC_L2
-    ids, vectors = _shard_vectors(index)
-    assert ids.tolist() == list(range(250)) and vectors.dtype == np.float32
+    ids, vectors = shard_arrays(index, np.float16)
+    assert ids.tolist() == list(range(250)) and vectors.dtype == np.float16
     # the stored truth: the float32 latents rounded to float16, exactly, as FAISS reconstructs them
     samples = [s for path in digits_corpus[:2] for s in iter_shard(path) if hasattr(s, "image")]
     pixels = np.stack([decode_image(s.image, 8) for s in samples[:250]])

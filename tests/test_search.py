@@ -1,112 +1,223 @@
-"""Range search and knn over real FAISS shard files, against numpy brute force in float64."""
+"""Every search backend against numpy brute force in float64, on real FAISS shard files:
+random data and real CIFAR-10 pixel vectors, float32 and float16 storage, several radii, hits
+within float32 and float16 rounding of the radius, knn with ties broken by id."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from indexing.encoders import LatentSpec
 from indexing.search import open_index
-from indexing.writer import IndexWriter
+from tests.conftest import CIFAR_DIR, needs_shared
+from tests.index_helpers import brute_force, cifar_pixels, write_index
 
-BACKENDS = ["exact", "faiss"]
+CONFIGS = {
+    "exact": dict(backend="exact"),
+    "exact-gemm16": dict(backend="exact", compute="float16"),  # the GPU's float16 GEMM path, on the CPU
+    "faiss": dict(backend="faiss"),
+    "faiss-ivf": dict(backend="faiss", index_type="ivf"),
+    "projected": dict(backend="projected", dims=6),  # full vectors memory-mapped from disk
+    "projected-memory": dict(backend="projected", dims=6, full="memory"),
+    "sharded": dict(backend="sharded", parts=2),
+    "sharded-faiss-ivf": dict(backend="sharded", shard_backend="faiss", index_type="ivf", parts=3),
+    "sharded-projected": dict(backend="sharded", shard_backend="projected", parts=2, dims=6),
+}
+CIFAR_CONFIGS = ["exact", "exact-gemm16", "faiss", "faiss-ivf", "projected", "sharded"]  # the rest: random data
+DTYPES = ["float32", "float16"]
+_shields: dict = {}
 
 
-def write_index(path, vectors: np.ndarray, shard_size: int) -> str:
-    n, d = vectors.shape
-    spec = LatentSpec("pixels", "pixels", "pixels", 1, (d, 1, 1), 1.0, 0.0)
-    writer = IndexWriter(str(path), spec, shard_size)
-    writer.add([f"k{i}" for i in range(n)], ["s.tar"] * n, ["0"] * n, vectors)
-    writer.finish({})
-    return str(path)
+def shield_for(path: str, config: str, dtype: str, dims: int | None = None):
+    options = dict(CONFIGS[config])
+    if options.get("compute") == "float16" and dtype != "float16":
+        pytest.skip("the float16 GEMM needs float16 storage")
+    if dims is not None and "dims" in options:
+        options["dims"] = dims
+    key = (path, config, dims)
+    if key not in _shields:
+        _shields[key] = open_index(path, **options)
+    return _shields[key]
 
 
-def brute_force(base: np.ndarray, queries: np.ndarray, radius: float):
-    d = np.sqrt(((queries[:, None, :].astype(np.float64) - base[None, :, :].astype(np.float64)) ** 2).sum(-1))
-    return [np.flatnonzero(row < radius) for row in d], d
+def stored(base: np.ndarray, dtype: str) -> np.ndarray:
+    """What the index holds: float16 storage rounds once, and that rounding is the truth."""
+    return base.astype(np.float16).astype(np.float32) if dtype == "float16" else base
 
 
-@pytest.fixture(scope="module")
-def random_index(tmp_path_factory):
+@pytest.fixture(scope="module", params=DTYPES)
+def random_index(request, tmp_path_factory):
+    """1000 anisotropic vectors (a spectrum for the projection to find) with exact duplicates (ties)."""
     rng = np.random.default_rng(0)
-    base = rng.standard_normal((1000, 24)).astype(np.float32)
-    path = write_index(tmp_path_factory.mktemp("rand") / "index", base, shard_size=300)
-    return path, base
+    scales = 3.0 / (1.0 + np.arange(24)) ** 0.8
+    base = (rng.standard_normal((1000, 24)) * scales).astype(np.float32)
+    base[990:] = base[:10]  # duplicated rows: knn must break their ties by id
+    path = write_index(tmp_path_factory.mktemp(f"rand-{request.param}") / "index", base, 300, request.param)
+    return path, stored(base, request.param), request.param
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("quantile", [0.001, 0.01, 0.05])
-def test_range_search_equals_brute_force(random_index, backend, quantile):
-    path, base = random_index
-    rng = np.random.default_rng(1)
-    queries = np.concatenate([base[:20] + 0.3 * rng.standard_normal((20, 24)), rng.standard_normal((20, 24))]).astype(np.float32)
-    _, d = brute_force(base, queries, 0)
-    radius = float(np.quantile(d, quantile))
-    expected, d = brute_force(base, queries, radius)
-    shield = open_index(path, backend=backend)
-    found = shield.range_search(torch.from_numpy(queries), radius)
-    assert len(found) == len(queries)
-    for i, (ids, dists) in enumerate(found):
-        assert ids.dtype == np.int64 and dists.dtype == np.float32
-        assert sorted(ids.tolist()) == expected[i].tolist()  # recall 1.0 and no extras
-        assert np.all(np.diff(dists) >= 0)  # nearest first
-        np.testing.assert_allclose(dists, d[i, ids], rtol=1e-6)
+@pytest.fixture(scope="module", params=DTYPES)
+def cifar_index(request, tmp_path_factory):
+    if not __import__("os").path.isdir(CIFAR_DIR):
+        pytest.skip("../shared (CIFAR-10 shards) is absent")
+    base = cifar_pixels(CIFAR_DIR, 2000)
+    path = write_index(tmp_path_factory.mktemp(f"cifar-{request.param}") / "index", base, 700, request.param, (3, 32, 32))
+    return path, stored(base, request.param), request.param
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hits_at_the_edge_of_the_radius(tmp_path, backend):
-    # Points placed at r(1 - 1e-7) and r(1 + 1e-7): float32 expanded distances cannot tell them
-    # apart; the float64 re-check must keep exactly the inside ones.
+def random_queries(base: np.ndarray, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    near = base[:20] + 0.2 * rng.standard_normal((20, base.shape[1])) * base.std(0)
+    far = rng.standard_normal((12, base.shape[1])) * base.std(0)
+    return np.concatenate([near, far, base[20:24]]).astype(np.float32)  # and 4 exact corpus points
+
+
+def cifar_queries(base: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(2)
+    held_out = cifar_pixels(CIFAR_DIR, 4, start_shard=5)
+    near = base[:8] + 0.05 * rng.standard_normal((8, base.shape[1]))
+    blends = 0.5 * (base[100:104] + base[200:204])
+    return np.concatenate([near, blends, held_out, base[300:302]]).astype(np.float32)
+
+
+def check_range(shield, base, queries, quantiles):
+    d = brute_force(base, queries)
+    for quantile in quantiles:
+        radius = float(np.quantile(d, quantile))
+        found = shield.range_search(torch.from_numpy(queries), radius)
+        assert len(found) == len(queries)
+        for i, (ids, dists) in enumerate(found):
+            assert ids.dtype == np.int64 and dists.dtype == np.float32
+            expected = np.flatnonzero(d[i] < radius)
+            assert sorted(ids.tolist()) == expected.tolist(), f"query {i} at radius {radius}"  # recall 1, no extras
+            assert np.all(np.diff(dists) >= 0)  # nearest first
+            np.testing.assert_allclose(dists, d[i, ids], rtol=1e-6)
+
+
+def check_knn(shield, base, queries, k):
+    d = brute_force(base, queries)
+    for i, (ids, dists) in enumerate(shield.knn(queries, k)):
+        order = np.lexsort((np.arange(len(base)), d[i]))[:k]  # nearest first, ties by id
+        assert ids.tolist() == order.tolist(), f"query {i}"
+        np.testing.assert_allclose(dists, d[i, order], rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_range_search_equals_brute_force_on_random_data(random_index, config):
+    path, base, dtype = random_index
+    check_range(shield_for(path, config, dtype), base, random_queries(base), [0.001, 0.01, 0.05, 0.3])
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_knn_equals_brute_force_with_ties_by_id(random_index, config):
+    path, base, dtype = random_index
+    shield = shield_for(path, config, dtype)
+    queries = random_queries(base)
+    queries[-1] = base[3]  # base[993] duplicates it: a tie at distance 0
+    for k in (1, 5, 12):
+        check_knn(shield, base, queries, k)
+
+
+@needs_shared
+@pytest.mark.parametrize("config", CIFAR_CONFIGS)
+def test_range_search_and_knn_on_cifar_pixels(cifar_index, config):
+    path, base, dtype = cifar_index
+    shield = shield_for(path, config, dtype, dims=32)
+    queries = cifar_queries(base)
+    check_range(shield, base, queries, [0.0005, 0.005, 0.02])
+    check_knn(shield, base, queries, 3)
+
+
+@needs_shared
+def test_projection_filter_is_selective_on_cifar(cifar_index):
+    path, base, dtype = cifar_index
+    shield = open_index(path, backend="projected", dims=32)
+    queries = cifar_queries(base)
+    radius = float(np.quantile(brute_force(base, queries), 0.002))
+    shield.stats.reset()
+    shield.range_search(queries, radius)
+    assert shield.stats.queries == len(queries)
+    assert shield.stats.hits <= shield.stats.candidates < 0.25 * len(queries) * len(base)
+    assert shield.stats.candidates_per_query == shield.stats.candidates / len(queries)
+
+
+def edge_case(dtype: str, dim: int = 64, count: int = 400, radius: float = 3.0):
+    """A query and stored points whose distances straddle the radius by less than storage rounding."""
     rng = np.random.default_rng(3)
-    dim, radius = 64, 3.0
-    query = rng.standard_normal(dim)
-    dirs = rng.standard_normal((200, dim))
+    query = rng.standard_normal(dim).astype(np.float32)
+    dirs = rng.standard_normal((count, dim))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    scale = np.where(np.arange(200) % 2 == 0, 1 - 1e-6, 1 + 1e-6) * radius
-    base = (query + dirs * scale[:, None]).astype(np.float32)
-    q32 = query.astype(np.float32)
-    expected, _ = brute_force(base, q32[None], radius)
-    shield = open_index(write_index(tmp_path / "edge", base, 64), backend=backend)
-    ids, _ = shield.range_search(torch.from_numpy(q32[None]), radius)[0]
-    assert sorted(ids.tolist()) == expected[0].tolist()
-    assert 60 < len(ids) < 140  # the test really sits on the edge
+    rel = 1e-6 if dtype == "float32" else 2.0**-11
+    scale = radius * (1 + rel * rng.uniform(-1, 1, count))
+    base = stored((query + dirs * scale[:, None]).astype(np.float32), dtype)
+    return query, base, radius, rel
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_max_k_keeps_nearest(random_index, backend):
-    path, base = random_index
-    shield = open_index(path, backend=backend)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_hits_within_rounding_of_the_radius(tmp_path, config, dtype):
+    # float32: points at r (1 +- 1e-6), which float32 expanded distances cannot tell apart;
+    # float16: points within float16 rounding (2^-11 relative) of r, after float16 storage.
+    query, base, radius, rel = edge_case(dtype)
+    d = brute_force(base, query[None])[0]
+    assert (np.abs(d - radius) < rel * radius).sum() > 100 and 0.2 < (d < radius).mean() < 0.8
+    options = dict(CONFIGS[config], **({"dims": 8} if "dims" in CONFIGS[config] else {}))
+    if options.get("compute") == "float16" and dtype != "float16":
+        pytest.skip("the float16 GEMM needs float16 storage")
+    shield = open_index(write_index(tmp_path / "edge", base, 150, dtype), **options)
+    ids, dists = shield.range_search(torch.from_numpy(query[None]), radius)[0]
+    assert sorted(ids.tolist()) == np.flatnonzero(d < radius).tolist()
+    assert np.all(dists < np.float32(radius) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_max_k_keeps_the_nearest(random_index, config):
+    path, base, dtype = random_index
+    shield = shield_for(path, config, dtype)
     q = base[:3] + 0.01
     full = shield.range_search(q, 5.0)
     limited = shield.range_search(q, 5.0, max_k=4)
-    for (a_ids, _), (b_ids, _) in zip(full, limited):
-        assert b_ids.tolist() == a_ids[:4].tolist()
+    for (a_ids, a_d), (b_ids, b_d) in zip(full, limited):
+        assert len(a_ids) > 4
+        assert b_ids.tolist() == a_ids[:4].tolist() and b_d.tolist() == a_d[:4].tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_knn_equals_brute_force(random_index, backend):
-    path, base = random_index
-    rng = np.random.default_rng(5)
-    queries = rng.standard_normal((30, 24)).astype(np.float32)
-    _, d = brute_force(base, queries, 0)
-    shield = open_index(path, backend=backend)
-    for i, (ids, dists) in enumerate(shield.knn(queries, 5)):
-        assert ids.tolist() == np.argsort(d[i], kind="stable")[:5].tolist()
-        np.testing.assert_allclose(dists, np.sort(d[i])[:5], rtol=1e-6)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_vectors_and_keys_round_trip(random_index, config):
+    path, base, dtype = random_index
+    shield = shield_for(path, config, dtype)
+    ids = np.array([999, 0, 299, 300, 601])
+    assert torch.equal(shield.vectors(ids).cpu(), torch.from_numpy(base[ids]))
+    assert shield.keys(ids) == ["k999", "k0", "k299", "k300", "k601"]
+    assert shield.count == len(base) and shield.dim == base.shape[1]
 
 
-def test_vectors_and_keys_round_trip(random_index):
-    path, base = random_index
-    for backend in BACKENDS:
-        shield = open_index(path, backend=backend)
-        ids = np.array([0, 299, 300, 999])
-        assert torch.equal(shield.vectors(ids), torch.from_numpy(base[ids]))
-        assert shield.keys(ids) == ["k0", "k299", "k300", "k999"]
+def test_chunk_boundaries_do_not_matter(random_index):
+    path, base, dtype = random_index
+    queries = random_queries(base)
+    whole = open_index(path)
+    chunked = open_index(path, chunk_rows=37)
+    assert len(chunked.scan._starts) > 20
+    for a, b in zip(whole.range_search(queries, 2.0), chunked.range_search(queries, 2.0)):
+        assert a[0].tolist() == b[0].tolist()
+    for a, b in zip(whole.knn(queries, 7), chunked.knn(queries, 7)):
+        assert a[0].tolist() == b[0].tolist()
 
 
-def test_bad_radius_and_shape(random_index):
-    path, _ = random_index
+def test_bad_input_is_refused(random_index):
+    path, _, _ = random_index
     shield = open_index(path)
     with pytest.raises(ValueError, match="radius"):
         shield.range_search(np.zeros((1, 24), np.float32), 0)
+    with pytest.raises(ValueError, match="radius"):
+        shield.range_search(np.zeros((1, 24), np.float32), math.inf)
     with pytest.raises(ValueError, match="shape"):
         shield.range_search(np.zeros((1, 7), np.float32), 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        shield.range_search(np.full((1, 24), np.nan, np.float32), 1.0)  # fail closed, never "no hit"
+    with pytest.raises(ValueError, match="k must be"):
+        shield.knn(np.zeros((1, 24), np.float32), 0)
+    with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
+        open_index(path, backend="annoy")
+    with pytest.raises(ValueError, match="shard numbers"):
+        open_index(path, shards=[0, 9])

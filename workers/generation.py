@@ -21,6 +21,7 @@ import torch
 from indexing.corpus import encode_png
 from indexing.encoders import Encoder
 from indexing.manifest import file_sha256, read_manifest
+from indexing.faiss_search import gpu_available as faiss_gpu_available
 from indexing.search import open_index
 from pipeline.invoke import sample_images, to_uint8
 from pipeline.loading import load_pipeline
@@ -86,7 +87,9 @@ class GenerationWorker:
                 raise ValueError(f"a shielded run needs a radius > 0, got {settings.radius!r}")
             # Fail closed: a shield that is not the one the manifest describes is no shield.
             verify_index_files(settings.index_dir)
-            backend_device = self.device if settings.search_backend == "exact" else "cpu"
+            backend_device = self.device
+            if settings.search_backend == "faiss" and not faiss_gpu_available():
+                backend_device = "cpu"
             self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
             sources.append(IndexSource(self.shield, settings.radius))

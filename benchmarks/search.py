@@ -1,0 +1,198 @@
+"""range_search latency per query batch, every backend against FAISS IndexFlatL2 on the same data.
+
+    python benchmarks/search.py --dataset cifar --n 50000 --batch 16 --out benchmarks/results/search-cifar.json
+    python benchmarks/search.py --dataset random --n 50000 --dim 3072
+
+Data: ``cifar`` is the CIFAR-10 training set from ../shared in pixel space (3072-d, [-1, 1]);
+``random`` is isotropic Gaussian (the worst case for the projection filter). The index is
+written once with IndexWriter (float32, shards of ``--shard-size``) and converted to float16
+for the float16 rows; both are cached under ``--cache``.
+
+Queries (a batch of ``--batch``): half are corpus vectors plus small noise (each has hits), the
+other half midpoints of two corpus vectors (CIFAR) or fresh Gaussian vectors (random), i.e.
+mostly misses, like the x0 predictions of a sampler. The radius is the index's suggested one:
+half the median 1-NN distance of 200 corpus vectors (self excluded).
+
+Baseline: one ``faiss.IndexFlatL2`` over all vectors, ``range_search`` with the squared radius,
+no re-check: what the skeleton's FAISS path cost before. Every backend row reports the median
+of ``--repeats`` timed batches after one warm-up, the ratio to the baseline, and candidates per
+query from the backend's stats. Torch and FAISS use the same thread count (``--threads``); the
+machine's load average is recorded, since other work on a shared 2-core machine skews timings
+(OpenMP barriers with 2 threads suffer most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
+
+BACKENDS = {
+    "exact": dict(backend="exact"),
+    "faiss (flat)": dict(backend="faiss"),
+    "faiss (ivf, complete probing)": dict(backend="faiss", index_type="ivf"),
+    "projected d=256 (full vectors on disk)": dict(backend="projected", dims=256, full="disk"),
+    "projected d=256 (full vectors in memory)": dict(backend="projected", dims=256, full="memory"),
+    "sharded (exact per shard, threads)": dict(backend="sharded"),
+}
+FLOAT16_BACKENDS = {
+    "exact, float16 storage": dict(backend="exact"),
+    "exact, float16 storage, float16 GEMM": dict(backend="exact", compute="float16"),
+}
+
+
+def load_vectors(dataset: str, n: int, dim: int) -> np.ndarray:
+    if dataset == "random":
+        return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    if not os.path.isdir(CIFAR):
+        raise SystemExit(f"{CIFAR} is absent: use --dataset random")
+    from indexing.corpus import Sample, decode_image, iter_shard
+
+    images = []
+    for shard in range(50):
+        for item in iter_shard(os.path.join(CIFAR, f"train-{shard:06d}.tar")):
+            if isinstance(item, Sample):
+                images.append(decode_image(item.image, 32))
+        if len(images) >= n:
+            break
+    pixels = np.stack(images[:n]).astype(np.float32)
+    return (pixels.transpose(0, 3, 1, 2) / 127.5 - 1.0).reshape(n, -1)  # the pixel encoder's latents
+
+
+def cached_index(cache: str, dataset: str, vectors: np.ndarray, shard_size: int, dtype: str) -> str:
+    from indexing.encoders import PIXELS, LatentSpec
+    from indexing.writer import IndexWriter
+
+    path = os.path.join(cache, f"{dataset}-{len(vectors)}x{vectors.shape[1]}-{shard_size}-{dtype}")
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return path
+    spec = LatentSpec(PIXELS, "pixels", PIXELS, 32, (vectors.shape[1], 1, 1), 1.0, 0.0)
+    writer = IndexWriter(path, spec, shard_size)
+    n = len(vectors)
+    writer.add([f"k{i}" for i in range(n)], ["bench.tar"] * n, ["0"] * n, vectors)
+    writer.finish({"benchmark": dataset})
+    if dtype == "float16":
+        sys.path.insert(0, ROOT)
+        from tests.index_helpers import to_float16
+
+        to_float16(path)
+    return path
+
+
+def make_queries(dataset: str, vectors: np.ndarray, batch: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    half = batch // 2
+    pick = rng.choice(len(vectors), size=batch + half, replace=False)
+    near = vectors[pick[:half]] + 0.02 * vectors.std() * rng.standard_normal((half, vectors.shape[1]))
+    if dataset == "cifar":
+        far = 0.5 * (vectors[pick[half:batch]] + vectors[pick[batch:]])
+    else:
+        far = rng.standard_normal((batch - half, vectors.shape[1]))
+    return np.concatenate([near, far]).astype(np.float32)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=["cifar", "random"], default="cifar")
+    parser.add_argument("--n", type=int, default=50000)
+    parser.add_argument("--dim", type=int, default=3072, help="random data only")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shard-size", type=int, default=12500)
+    parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's)")
+    parser.add_argument("--cache", default="/tmp/spellshield-bench")
+    parser.add_argument("--skip", default="", help="comma-separated row names to leave out")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    import faiss
+
+    from indexing.search import open_index
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    load_before = os.getloadavg()
+    vectors = load_vectors(args.dataset, args.n, args.dim)
+    queries = make_queries(args.dataset, vectors, args.batch)
+    path32 = cached_index(args.cache, args.dataset, vectors, args.shard_size, "float32")
+    exact = open_index(path32)
+    sample = np.random.default_rng(2).choice(len(vectors), 200, replace=False)
+    nn = [d[1] for _, d in exact.knn(vectors[sample], 2)]
+    radius = 0.5 * float(np.median(nn))
+
+    flat = faiss.IndexFlatL2(vectors.shape[1])
+    flat.add(vectors)
+    baseline = timed(lambda: flat.range_search(queries, radius * radius), args.repeats)
+    lims, _, _ = flat.range_search(queries, radius * radius)
+    rows = [{"backend": "FAISS IndexFlatL2 (baseline, no re-check)", "seconds": baseline, "ratio": 1.0,
+             "hits_per_query": float(lims[-1]) / len(queries)}]
+    print(f"{args.dataset}: {len(vectors)} x {vectors.shape[1]}, batch {len(queries)}, radius {radius:.4f}, {threads} threads")
+    print(f"  {rows[0]['backend']:<48} {baseline * 1e3:9.1f} ms")
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    plans = [(name, path32, opts) for name, opts in BACKENDS.items()]
+    if any(name not in skip for name in FLOAT16_BACKENDS):
+        path16 = cached_index(args.cache, args.dataset, vectors, args.shard_size, "float16")
+        plans += [(name, path16, opts) for name, opts in FLOAT16_BACKENDS.items()]
+    for name, path, options in plans:
+        if name in skip:
+            continue
+        started = time.perf_counter()
+        shield = open_index(path, **options)
+        opened = time.perf_counter() - started
+        found = shield.range_search(queries, radius)
+        shield.stats.reset()
+        seconds = timed(lambda: shield.range_search(queries, radius), args.repeats)
+        stats = shield.stats.to_json()
+        if hasattr(shield, "candidates_per_query"):
+            stats["candidates_per_query"] = shield.candidates_per_query()
+        row = {"backend": name, "options": options, "seconds": seconds, "ratio": seconds / baseline,
+               "open_seconds": opened, "hits_per_query": sum(len(i) for i, _ in found) / len(queries),
+               "candidates_per_query": stats["candidates_per_query"]}
+        if getattr(shield, "lists_probed", 0):
+            row["ivf_lists_probed_per_query_and_shard"] = shield.lists_probed / (
+                (args.repeats + 2) * len(queries) * len(shield.parts))
+        rows.append(row)
+        print(f"  {name:<48} {seconds * 1e3:9.1f} ms  ratio {row['ratio']:.3f}  "
+              f"candidates/query {row['candidates_per_query']:.1f}  hits/query {row['hits_per_query']:.2f}  (open {opened:.1f} s)")
+        del shield
+    result = {
+        "benchmark": "range_search latency per batch", "dataset": args.dataset, "n": len(vectors),
+        "dim": int(vectors.shape[1]), "batch": len(queries), "radius": radius, "repeats": args.repeats,
+        "shard_size": args.shard_size, "threads": threads, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "torch": torch.__version__, "faiss": faiss.__version__, "rows": rows,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""An index-shard server: one group of an index's shards, searched by any single backend.
+
+A plain class (``workers.index_client`` runs it as a Ray actor; tests call it directly). It
+answers in float64 and numpy, so that the client merges parts exactly and nothing but arrays
+crosses the wire:
+
+    server = IndexShardServer(index_dir, shards=[0, 1], backend="exact", device="cuda")
+    server.range_search64(queries, radii, max_k) -> [(ids int64, distances float64)]
+    server.knn64(queries, k), server.vectors(ids) -> float32 array, server.keys(ids), server.info()
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from indexing.search import open_part
+from indexing.manifest import read_manifest
+from indexing.shield import as_query_tensor
+
+
+class IndexShardServer:
+    def __init__(self, index_dir: str, shards, backend: str = "exact", device: str = "cpu", **options):
+        self.index_dir = index_dir
+        self.manifest = read_manifest(index_dir)
+        self.shield = open_part(index_dir, self.manifest, backend, device, list(shards), **options)
+
+    def range_search64(self, queries: np.ndarray, radii: np.ndarray, max_k: int | None):
+        q = as_query_tensor(queries, self.shield.dim, self.shield.device)
+        return self.shield.range_search64(q, np.asarray(radii, np.float64), max_k)
+
+    def knn64(self, queries: np.ndarray, k: int):
+        q = as_query_tensor(queries, self.shield.dim, self.shield.device)
+        return self.shield.knn64(q, min(int(k), self.shield.count))
+
+    def vectors(self, ids) -> np.ndarray:
+        return self.shield.vectors(np.asarray(ids, np.int64)).cpu().numpy()
+
+    def keys(self, ids) -> list[str]:
+        return self.shield.keys(np.asarray(ids, np.int64))
+
+    def stats(self) -> dict:
+        return self.shield.stats.to_json()
+
+    def info(self) -> dict:
+        return {
+            "manifest": self.manifest.to_json(),
+            "shards": [s.file for s in self.shield.shard_infos],
+            "count": self.shield.count,
+            "backend": self.shield.backend,
+            "device": str(self.shield.device),
+        }
