@@ -1,6 +1,7 @@
 """Many nodes on one machine: a head and a second node (each with its own custom resource),
 the three jobs submitted with ``ray job submit --working-dir .``, generation units spread over
-both nodes, and a node lost in the middle of a generation job."""
+both nodes, and a node lost in the middle of a generation job. This is also the test of the
+``ray job submit`` path against a head started with ``ray start --head`` on 127.0.0.1."""
 
 import glob
 import json
