@@ -24,12 +24,14 @@ from jobs.runtime import UsageError, progress, ray_cluster
 from pipeline.invoke import takes_prompt
 from pipeline.loading import ModelDirError, describe_model, pipeline_class
 from pipeline.scheduler import SpellConfig
+from workers.breach import POLICIES
 from workers.generation import WorkerSettings
 from workers.unit_writer import unit_done
 from workers.units import PromptRequest, PromptsError, plan_samples, plan_units, read_prompts
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
+DEFAULT_SPELL = SpellConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory to create")
     parser.add_argument("--index", default=None, help="shield index directory; without it the run is unshielded")
     parser.add_argument("--radius", type=float, default=None, help="shield radius (default: the index's suggested radius)")
-    parser.add_argument("--overcompensation", type=float, default=1.6, help="lam in x0' = x0 + lam * delta (default 1.6)")
-    parser.add_argument("--max-neighbours", type=int, default=None, help="at most K hits per query enter the correction")
-    parser.add_argument("--correction-iterations", type=int, default=1, help="re-check and correct up to M times per step")
+    parser.add_argument("--overcompensation", type=float, default=DEFAULT_SPELL.overcompensation,
+                        help=f"lam in x0' = x0 + lam * delta (default {DEFAULT_SPELL.overcompensation}; see README)")
+    parser.add_argument("--max-neighbours", type=int, default=None,
+                        help="at most K hits per source and query enter the correction (SPELL-K; default all)")
+    parser.add_argument("--correction-iterations", type=int, default=DEFAULT_SPELL.correction_iterations,
+                        help=f"re-check x0' and correct again, up to M times per step (default {DEFAULT_SPELL.correction_iterations})")
+    parser.add_argument("--batch-radius", type=float, default=None,
+                        help="also repel the other samples of the same prompt in the batch within this radius (diversity)")
+    parser.add_argument("--history-radius", type=float, default=None,
+                        help="also repel this worker's earlier outputs of the same prompt within this radius")
+    parser.add_argument("--history-size", type=int, default=64, help="earlier outputs kept per prompt (default 64)")
+    parser.add_argument("--on-breach", default="resample", choices=list(POLICIES),
+                        help="a finished sample inside the shield is drawn again with a derived seed (resample, "
+                             "default), not written (drop), or written and flagged (flag)")
+    parser.add_argument("--max-attempts", type=int, default=4,
+                        help="attempts per sample in all with --on-breach resample; then it is dropped (default 4)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale of conditional pipelines (default: the pipeline's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-images", type=int, default=None, help="unconditional: this many images (default 16)")
     group.add_argument("--prompts", default=None, help="JSONL: a string or {\"prompt\", \"num_images\", \"seeds\"} per line")
@@ -65,6 +82,12 @@ class GenerateConfig:
     steps: int
     seed: int
     search_backend: str
+    batch_radius: float | None = None
+    history_radius: float | None = None
+    history_size: int = 64
+    on_breach: str = "resample"
+    max_attempts: int = 4
+    guidance_scale: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -96,8 +119,15 @@ def validate(args) -> GenerateConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--unit-size", args.unit_size, allow_none=True)
     _positive("--workers", args.workers, allow_none=True)
-    if args.radius is not None and not args.radius > 0:
-        raise UsageError(f"--radius must be > 0, got {args.radius}")
+    for name in ("radius", "batch_radius", "history_radius"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    _positive("--history-size", getattr(args, "history_size", 64))
+    _positive("--max-attempts", getattr(args, "max_attempts", 4))
+    on_breach = getattr(args, "on_breach", "resample")
+    if on_breach not in POLICIES:
+        raise UsageError(f"--on-breach must be one of {', '.join(POLICIES)}, got {on_breach!r}")
     try:
         spell = SpellConfig(args.overcompensation, args.max_neighbours, args.correction_iterations)
     except ValueError as exc:
@@ -129,6 +159,9 @@ def validate(args) -> GenerateConfig:
             raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
     else:
         requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
+    guidance_scale = getattr(args, "guidance_scale", None)
+    if guidance_scale is not None and not conditional:
+        raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     check_run_dir(args.out)
     return GenerateConfig(
         model=os.path.abspath(args.model),
@@ -142,6 +175,12 @@ def validate(args) -> GenerateConfig:
         steps=args.steps,
         seed=args.seed,
         search_backend=args.search_backend,
+        batch_radius=getattr(args, "batch_radius", None),
+        history_radius=getattr(args, "history_radius", None),
+        history_size=getattr(args, "history_size", 64),
+        on_breach=on_breach,
+        max_attempts=getattr(args, "max_attempts", 4),
+        guidance_scale=guidance_scale,
     )
 
 
@@ -191,6 +230,8 @@ def worker_settings(config: GenerateConfig, torch_threads: int | None) -> Worker
     return WorkerSettings(
         model_dir=config.model, run_dir=config.out, index_dir=config.index, radius=config.radius, spell=config.spell,
         steps=config.steps, batch_size=config.batch_size, search_backend=config.search_backend, torch_threads=torch_threads,
+        batch_radius=config.batch_radius, history_radius=config.history_radius, history_size=config.history_size,
+        on_breach=config.on_breach, max_attempts=config.max_attempts, guidance_scale=config.guidance_scale,
     )
 
 
@@ -226,7 +267,7 @@ def generate(config: GenerateConfig, workers: int | None = None) -> dict:
         ref = done[0]
         actor = pending.pop(ref)
         summary = ray.get(ref)
-        images += summary["samples"]
+        images += summary["written"]
         hits += summary["hits"]
         info["units_done"] += 1
         elapsed = max(time.time() - started, 1e-9)
