@@ -77,10 +77,23 @@ def pipeline_class(spec: ModelSpec):
     return cls
 
 
+def absent_components(model_dir: str) -> list[str]:
+    """Components saved as ``[null, null]`` in model_index.json: the pipeline was saved without them.
+
+    diffusers writes a component that was None this way but, unless the class lists it as
+    optional, refuses to load the directory without being told again (e.g. SD3 without its T5
+    text encoder, which StableDiffusion3Pipeline supports by feeding zeros).
+    """
+    index = _read_json(os.path.join(model_dir, "model_index.json"))
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None])
+
+
 def load_pipeline(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load the pipeline saved at ``model_dir`` onto ``device``."""
     cls = pipeline_class(describe_model(model_dir))
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {name: None for name in absent_components(model_dir)}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     pipe = cls.from_pretrained(model_dir, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

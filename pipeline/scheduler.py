@@ -101,12 +101,19 @@ class ShieldedScheduler:
         object.__setattr__(self, "log", StepLog())
         object.__setattr__(self, "rows", None)
         object.__setattr__(self, "_step_index", 0)
-        # Keep set_timesteps' signature visible: pipelines inspect it (retrieve_timesteps).
+        # Keep the wrapped signatures visible: pipelines inspect them (retrieve_timesteps looks
+        # for "sigmas" in set_timesteps; prepare_extra_step_kwargs passes "generator" and "eta"
+        # to step only where its signature names them).
         def set_timesteps(*args, **kwargs):
             return self._set_timesteps(*args, **kwargs)
 
+        def step(*args, **kwargs):
+            return self._step(*args, **kwargs)
+
         functools.update_wrapper(set_timesteps, scheduler.set_timesteps)
+        functools.update_wrapper(step, scheduler.step)
         object.__setattr__(self, "set_timesteps", set_timesteps)
+        object.__setattr__(self, "step", step)
 
     # -- forwarding -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -139,7 +146,7 @@ class ShieldedScheduler:
                 source.bind(self.rows)
 
     # -- the correction ---------------------------------------------------------------------
-    def step(self, model_output, timestep, sample, *args, **kwargs):
+    def _step(self, model_output, timestep, sample, *args, **kwargs):
         step_index = self._step_index
         self._step_index += 1
         self.log.steps = self._step_index
