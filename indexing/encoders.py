@@ -5,7 +5,8 @@ Two kinds of encoder behind one interface:
 - ``pixels``: the image itself, scaled from uint8 to [-1, 1], channels first. For pixel-space
   models (DDPM on CIFAR, the memorizer on small images).
 - any diffusers autoencoder (AutoencoderKL, AutoencoderTiny, ...) loaded with
-  ``from_pretrained`` from a local directory or a hub id. Raw latents are what the VAE returns
+  ``from_pretrained`` from a local directory or a hub id, or the released TAEF2 weights
+  (a directory with ``taef2_encoder.pth``/``taef2_decoder.pth``; see ``indexing.taef2``). Raw latents are what the VAE returns
   (the mean of its posterior for KL models); scaled latents, the ones a denoiser sees and the
   ones we index, are ``(raw - shift_factor) * scaling_factor`` as in diffusers' pipelines.
 
@@ -32,7 +33,7 @@ class LatentSpec:
 
     encoder: str  # "pixels" or the autoencoder's path / hub id as given
     encoder_class: str
-    fingerprint: str  # sha256 of the autoencoder's config and weights; "pixels" for pixels
+    fingerprint: str  # sha256 of the autoencoder's weights (autoencoder_fingerprint); "pixels" for pixels
     resolution: int
     shape: tuple[int, int, int]  # C, H, W
     scaling_factor: float
@@ -126,15 +127,31 @@ class Encoder:
 
 
 def load_autoencoder(spec: str):
-    """A diffusers autoencoder from a local directory or a hub id, class read from its config."""
-    import diffusers
+    """A diffusers autoencoder from a local directory or a hub id, class read from its config.
 
+    A directory holding the released TAEF2 state dicts (``taef2_encoder.pth`` and
+    ``taef2_decoder.pth``) loads as ``indexing.taef2.TAEF2``, strictly; a directory saved with
+    ``save_pretrained`` names its class in ``config.json``: diffusers' own, or this package's.
+    """
+    from .taef2 import TAEF2, is_released_weights_dir
+
+    if os.path.isdir(spec) and is_released_weights_dir(spec):
+        return TAEF2.from_pth(spec)
     config = _read_config(spec)
     class_name = config.get("_class_name")
-    cls = getattr(diffusers, class_name, None) if class_name else None
+    cls = _autoencoder_class(class_name) if class_name else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"encoder {spec}: config names no diffusers autoencoder class (got {class_name!r})")
     return cls.from_pretrained(spec)
+
+
+def _autoencoder_class(name: str):
+    import diffusers
+
+    from .taef2 import TAEF2
+
+    ours = {"TAEF2": TAEF2}
+    return ours.get(name) or getattr(diffusers, name, None)
 
 
 def _read_config(spec: str) -> dict:
@@ -154,21 +171,42 @@ def _read_config(spec: str) -> dict:
 
 
 def autoencoder_fingerprint(spec: str) -> str:
-    """sha256 of an autoencoder's tensors (names, dtypes, shapes, values): equal iff same weights.
+    """sha256 of an autoencoder's tensors (names, shapes, values as float32): equal iff same weights.
 
     Hashing tensors rather than files makes a VAE re-saved inside a pipeline directory match the
-    directory the index was built from, whatever the file metadata.
+    directory the index was built from, whatever the file format (.pth, .safetensors, .bin) and
+    whatever lossless dtype it was saved in: the released fp16 TAEF2 weights and the same model
+    saved in float32 by ``save_pretrained`` have one fingerprint.
     """
     if spec == PIXELS:
         return PIXELS
     if not os.path.isdir(spec):
         return f"hub:{spec}"
+    digest = hashlib.sha256()
+    tensors = _autoencoder_tensors(spec)
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point():
+            t = t.to(torch.float32)  # exact for fp16/bf16 weights: one dtype, one hash
+        t = t.contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _autoencoder_tensors(spec: str) -> dict:
+    """Every tensor of the autoencoder in ``spec``, under the model's parameter names."""
     from safetensors import safe_open
 
-    digest = hashlib.sha256()
+    from .taef2 import is_released_weights_dir, released_state_dict
+
+    if is_released_weights_dir(spec):
+        return released_state_dict(spec)
     files = sorted(n for n in os.listdir(spec) if n.endswith(".safetensors"))
     if not files:
         files = sorted(n for n in os.listdir(spec) if n.endswith(".bin"))
+    if not files:
+        raise ValueError(f"encoder directory {spec} holds no weights (.safetensors, .bin or TAEF2 .pth)")
     tensors = {}
     for name in files:
         path = os.path.join(spec, name)
@@ -178,8 +216,4 @@ def autoencoder_fingerprint(spec: str) -> str:
                     tensors[key] = f.get_tensor(key)
         else:
             tensors.update(torch.load(path, map_location="cpu", weights_only=True))
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return tensors
