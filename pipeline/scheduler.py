@@ -37,9 +37,12 @@ from .sources import SampleRow, ShieldSource
 class SpellConfig:
     """How hard and how often to push. Validated here, at the edge of the library."""
 
-    overcompensation: float = 1.6  # lam in x0_hat' = x0_hat + lam * delta (paper: 1.6)
+    # lam in x0_hat' = x0_hat + lam * delta. The paper uses 1.6 for models that generalise; on a
+    # memorizing model (benchmarks/RESULTS.md, "Memorization") lam = 10 with 5 iterations is what
+    # keeps samples out of protected balls *and* lets them land on other, unprotected images.
+    overcompensation: float = 10.0
     max_neighbours: int | None = None  # SPELL-K: only the K nearest hits per source enter delta
-    correction_iterations: int = 1  # re-check x0_hat' and correct again, up to this many times
+    correction_iterations: int = 5  # re-check x0_hat' and correct again, up to this many times
 
     def __post_init__(self):
         if not self.overcompensation > 0:

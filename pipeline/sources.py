@@ -216,7 +216,7 @@ class HistorySource:
                 continue
             points = torch.stack([self.entries[i][1] for i in ids]).to(queries.device)
             (idx, dist), = _exact_inside(queries[row : row + 1], points, self.radius)
-            id_tensor = torch.tensor(ids, dtype=torch.int64)[idx]
+            id_tensor = torch.tensor(ids, dtype=torch.int64)[idx.cpu()]
             out.append(Neighbours(ids=id_tensor, vectors=points[idx].to(queries.dtype), distances=dist.to(queries.dtype)))
         return out
 

@@ -124,7 +124,7 @@ def test_cfg_correction_acts_on_guided_output(models):
     def sample(sources):
         calls.clear()
         pipe.scheduler = ShieldedScheduler(pipe.scheduler.inner if isinstance(pipe.scheduler, ShieldedScheduler) else pipe.scheduler,
-                                           sources, SpellConfig(overcompensation=lam))
+                                           sources, SpellConfig(overcompensation=lam, correction_iterations=1))
         sample_images(pipe, ["a red cat"], [5], STEPS, guidance_scale=scale)
         return pipe.scheduler.reset_log(), list(calls)
 

@@ -48,7 +48,7 @@ def test_batch_source_groups_by_prompt_and_names_siblings():
 def test_batch_repellency_hand_worked():
     # two rows 0.5 apart, r = 1: each is pushed away from the other by lam * (1/0.5 - 1) * diff
     x0 = torch.tensor([[0.0, 0.0], [0.5, 0.0]])
-    out, hits = corrected_x0([BatchSource(1.0)], x0, SpellConfig(overcompensation=1.0),
+    out, hits = corrected_x0([BatchSource(1.0)], x0, SpellConfig(overcompensation=1.0, correction_iterations=1),
                              [SampleRow("a", None), SampleRow("b", None)])
     assert torch.allclose(out, torch.tensor([[-0.5, 0.0], [1.0, 0.0]]), atol=1e-6)
     assert sorted((h.row, h.neighbour_key) for h in hits) == [(0, "b"), (1, "a")]
@@ -89,7 +89,7 @@ def test_max_neighbours_uses_the_nearest_and_logs_the_rest():
     # three protected points inside r = 2 at distances 0.5, 1 and 1.5 (nearest first)
     z = torch.tensor([[0.5, 0.0], [0.0, 1.0], [-1.5, 0.0]])
     x0 = torch.zeros(1, 2)
-    out, hits = corrected_x0([StaticSource(z, 2.0)], x0, SpellConfig(overcompensation=1.0, max_neighbours=1))
+    out, hits = corrected_x0([StaticSource(z, 2.0)], x0, SpellConfig(overcompensation=1.0, max_neighbours=1, correction_iterations=1))
     # SPELL-1: only the nearest enters delta: (2/0.5 - 1) * (0 - 0.5, 0) = (-1.5, 0)
     assert torch.allclose(out[0], torch.tensor([-1.5, 0.0]), atol=1e-6)
     rows = sorted(hits, key=lambda h: h.distance)
@@ -98,7 +98,7 @@ def test_max_neighbours_uses_the_nearest_and_logs_the_rest():
     assert [h.weight for h in rows] == [3.0, 0.0, 0.0]
     assert [round(h.distance, 6) for h in rows] == [0.5, 1.0, 1.5]
     # SPELL-10 (all three): the sum of the three terms
-    out_all, _ = corrected_x0([StaticSource(z, 2.0)], x0, SpellConfig(overcompensation=1.0, max_neighbours=10))
+    out_all, _ = corrected_x0([StaticSource(z, 2.0)], x0, SpellConfig(overcompensation=1.0, max_neighbours=10, correction_iterations=1))
     assert torch.allclose(out_all[0].double(), repel(x0[0], z, 2.0).delta, atol=1e-6)
 
 
@@ -133,7 +133,7 @@ def test_degenerate_direction_is_the_noise_direction():
     # x_t - x0_hat, which differs per sample, so that two collapsing samples are pushed apart.
     z = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     x_t = torch.tensor([[1.0, 5.0, 7.0, 4.0], [2.0, 2.0, 3.0, 4.0]])
-    shielded = ShieldedScheduler(sample_scheduler(), [StaticSource(z, 0.5)], SpellConfig(overcompensation=1.0))
+    shielded = ShieldedScheduler(sample_scheduler(), [StaticSource(z, 0.5)], SpellConfig(overcompensation=1.0, correction_iterations=1))
     m = z.expand(2, 4).reshape(2, 1, 1, 4)
     out = shielded.step(m, shielded.timesteps[3], x_t.reshape(2, 1, 1, 4)).pred_original_sample.reshape(2, 4)
     hits = shielded.reset_log().hits

@@ -100,7 +100,9 @@ def corrected_share_per_step(samples: pd.DataFrame, hits: pd.DataFrame) -> pd.Se
 
 def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: float | None, inside: pd.Series | None) -> dict:
     written = samples[samples["image"].notna()]
-    share = corrected_share_per_step(written, hits)
+    # only the attempts that were written: a resampled attempt's hits are not those of any image
+    written_hits = hits.merge(written[["sample", "attempt"]], on=["sample", "attempt"]) if len(hits) else hits
+    share = corrected_share_per_step(written, written_hits)
     total_steps = float(written["steps"].sum())
     summary = {
         "run": os.path.basename(os.path.normpath(run.get("config", {}).get("out", ""))) or None,
