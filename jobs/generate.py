@@ -131,7 +131,10 @@ def validate(args) -> GenerateConfig:
     try:
         spell = SpellConfig(args.overcompensation, args.max_neighbours, args.correction_iterations)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("overcompensation", "--overcompensation")) from None
+        message = str(exc)
+        for name in ("overcompensation", "max_neighbours", "correction_iterations"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(message) from None
     radius = None
     if args.index is not None:
         manifest = read_manifest(args.index)

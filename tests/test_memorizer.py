@@ -92,3 +92,24 @@ def test_fractional_timestep_matches_the_sigma_schedulers():
     for t, sigma in zip(sched.timesteps, sched.sigmas):
         abar = float(unet.alpha_bar(t, 1, "cpu")[0])
         assert abs(((1 - abar) / abar) ** 0.5 - float(sigma)) < 1e-4 * float(sigma)
+
+
+def test_memorizer_with_a_taef2_vae_loads_in_a_fresh_process(tmp_path):
+    # model_index.json names ["indexing.taef2", "TAEF2"]: load_pipeline imports it (and only this
+    # project's modules) before diffusers looks the class up, in a process that never imported it.
+    import subprocess
+    import sys
+
+    from indexing.taef2 import TAEF2
+    from pipeline.memorizer import MemorizerPipeline
+    from tests.conftest import ROOT
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    unet = MemorizerUNet.from_latents(torch.zeros(2, 32, 1, 1), scheduler.alphas_cumprod, encoder="taef2")
+    torch.manual_seed(0)
+    MemorizerPipeline(unet=unet, scheduler=scheduler, vae=TAEF2()).save_pretrained(str(tmp_path / "model"))
+    code = ("from pipeline.loading import load_pipeline; import sys; "
+            f"pipe = load_pipeline({str(tmp_path / 'model')!r}); print(type(pipe.vae).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "TAEF2"
