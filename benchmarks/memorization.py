@@ -140,8 +140,9 @@ def write_decoded_corpus(index_dir: str, path: str) -> str:
 
 # -- one configuration ------------------------------------------------------------------------
 def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: int, spell: SpellConfig | None,
-                 policy: str, batch_radius: float | None = None) -> float:
-    """Sample seeds 0..seeds-1 into ``run_dir`` with the generation worker; returns the seconds."""
+                 policy: str, batch_radius: float | None = None, base_seed: int = 0) -> float:
+    """Sample seeds base_seed .. base_seed + seeds - 1 into ``run_dir`` with the generation worker;
+    returns the seconds."""
     shutil.rmtree(run_dir, ignore_errors=True)
     settings = WorkerSettings(
         model_dir=setup["model"], run_dir=run_dir, index_dir=setup["protected-index"] if spell else None,
@@ -150,7 +151,7 @@ def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: 
     )
     worker = GenerationWorker(settings)
     started = time.time()
-    for unit in plan_units(plan_samples([PromptRequest(None, seeds)], base_seed=0), unit_size=seeds):
+    for unit in plan_units(plan_samples([PromptRequest(None, seeds)], base_seed=base_seed), unit_size=seeds):
         worker.run_unit(unit)
     return time.time() - started
 
@@ -252,20 +253,33 @@ def vendi_score(images: np.ndarray, centred: bool = False) -> float:
     return float(np.exp(-(eigenvalues * np.log(eigenvalues)).sum()))
 
 
-def diversity(setup: dict, out: str, batch: int, steps: int, radii: list[float]) -> dict:
-    result = {"batch": batch, "runs": []}
+def diversity(setup: dict, out: str, batch: int, lists: int, steps: int, radii: list[float]) -> dict:
+    """Vendi score of ``lists`` batches of ``batch`` samples (seed list k: seeds batch*k ..), each
+    without and with intra-batch repellency at every radius; paired by seed list."""
+    result = {"batch": batch, "lists": lists, "runs": []}
+    baseline = None
     for radius in [None] + radii:
-        run_dir = os.path.join(out, "runs", f"diversity-{radius}")
-        generate_run(setup, run_dir, batch, steps, batch, None, "flag", batch_radius=radius)
-        keys, images = read_unit_images(os.path.join(run_dir, "images", "unit-00000.tar"))
-        hits = pd.read_parquet(os.path.join(run_dir, "audit", "hits"))
-        copies = sum(recheck(run_dir, setup[index], 0.1 * setup["radius"])["audit_inside"].to_numpy()
-                     for index in ("protected-written-index", "unprotected-written-index"))
+        vendi, centred, copies, hits, distinct = [], [], [], 0, []
+        for k in range(lists):
+            run_dir = os.path.join(out, "runs", f"diversity-{radius}-{k}")
+            generate_run(setup, run_dir, batch, steps, batch, None, "flag", batch_radius=radius, base_seed=batch * k)
+            keys, images = read_unit_images(os.path.join(run_dir, "images", "unit-00000.tar"))
+            hits += len(pd.read_parquet(os.path.join(run_dir, "audit", "hits")))
+            copied = sum(recheck(run_dir, setup[index], 0.1 * setup["radius"])["audit_inside"].to_numpy()
+                         for index in ("protected-written-index", "unprotected-written-index"))
+            vendi.append(vendi_score(images))
+            centred.append(vendi_score(images, centred=True))
+            copies.append(float(np.mean(copied > 0)))
+            distinct.append(len({img.tobytes() for img in images}))
+        if radius is None:
+            baseline = vendi
+        gain = np.array(vendi) - np.array(baseline)
         result["runs"].append({
             "batch_radius": radius, "batch_radius_in_r": None if radius is None else radius / setup["radius"],
-            "vendi": vendi_score(images), "vendi_centred": vendi_score(images, centred=True),
-            "distinct_images": len({img.tobytes() for img in images}), "batch_hits": int(len(hits)),
-            "copies_of_training_images": float(np.mean(copies > 0)),
+            "vendi": vendi, "vendi_mean": float(np.mean(vendi)), "vendi_std": float(np.std(vendi)),
+            "vendi_gain_mean": float(gain.mean()), "lists_with_higher_vendi": int((gain > 0).sum()),
+            "vendi_centred_mean": float(np.mean(centred)), "distinct_images_mean": float(np.mean(distinct)),
+            "copies_of_training_images": float(np.mean(copies)), "batch_hits": int(hits),
         })
     return result
 
@@ -283,7 +297,7 @@ def plot(results: dict, path: str) -> None:
             ax.plot(r["corrected_share_per_step"], label=r["config"], lw=1.2)
     ax.set_xlabel("denoising step (0 = pure noise, t falls to the right)")
     ax.set_ylabel("share of trajectories corrected")
-    ax.set_title(f"SPELL on a memorizer ({results['setup']['encoder']}): corrections per step")
+    ax.set_title(f"SPELL on a memorizer ({os.path.basename(results['setup']['encoder'])} space): corrections per step")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
@@ -335,15 +349,19 @@ def markdown(results: dict) -> str:
                   f"{t['median']['spell-default']:.4f} s/image ({t['overhead']:+.0%})."]
     if results.get("diversity"):
         d = results["diversity"]
-        lines += ["", f"Diversity mode: {d['batch']} samples from one seed list (seeds 0..{d['batch'] - 1}), no index, "
-                  "Vendi score (1 = all identical, "
-                  f"{d['batch']} = all orthogonal):", "",
-                  "| intra-batch radius | Vendi score (pixels, cosine) | Vendi, per-image centred | distinct images "
-                  "| copies of a training image (within 0.1 r) | batch hits |", "|---|---|---|---|---|---|"]
+        lines += ["", f"Diversity mode: {d['lists']} seed lists of {d['batch']} samples (list k: seeds {d['batch']}k .. "
+                  f"{d['batch']}k + {d['batch'] - 1}), no index, SPELL at the defaults; Vendi score of each batch "
+                  f"(1 = all identical, {d['batch']} = all orthogonal), mean over the lists, and the change against "
+                  "the same seed list without repellency:", "",
+                  "| intra-batch radius | Vendi (pixels, cosine): mean +- sd | change vs none (lists up) "
+                  "| Vendi, per-image centred | copies of a training image (within 0.1 r) | batch hits |",
+                  "|---|---|---|---|---|---|"]
         for run in d["runs"]:
             label = "none" if run["batch_radius"] is None else f"{run['batch_radius_in_r']:g} r = {run['batch_radius']:.4g}"
-            lines.append(f"| {label} | {run['vendi']:.3f} | {run['vendi_centred']:.3f} | {run['distinct_images']} "
-                         f"| {run['copies_of_training_images']:.0%} | {run['batch_hits']} |")
+            change = "-" if run["batch_radius"] is None else \
+                f"{run['vendi_gain_mean']:+.3f} ({run['lists_with_higher_vendi']}/{d['lists']})"
+            lines.append(f"| {label} | {run['vendi_mean']:.3f} +- {run['vendi_std']:.3f} | {change} "
+                         f"| {run['vendi_centred_mean']:.3f} | {run['copies_of_training_images']:.0%} | {run['batch_hits']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +378,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lams", default="1.0,1.6,3.0,10.0,30.0")
     parser.add_argument("--iterations", default="1,5")
     parser.add_argument("--diversity-batch", type=int, default=16)
+    parser.add_argument("--diversity-lists", type=int, default=8, help="seed lists for the diversity mode (default 8)")
     parser.add_argument("--diversity-radii", default="1,2,4", help="intra-batch radii as multiples of r (default 1,2,4)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="re-time unshielded and SPELL at the default settings this many times (median)")
@@ -395,8 +414,20 @@ def main(argv=None) -> int:
         print("timing:", results["timing"], flush=True)
     if args.diversity_batch:
         radii = [float(v) * setup["radius"] for v in args.diversity_radii.split(",")]
-        results["diversity"] = diversity(setup, args.out, args.diversity_batch, args.steps, radii)
+        results["diversity"] = diversity(setup, args.out, args.diversity_batch, args.diversity_lists, args.steps, radii)
         print("diversity:", results["diversity"], flush=True)
+    if args.figures and args.only and os.path.isfile(os.path.join(HERE, "results", f"{args.figures}.json")):
+        # a partial rerun updates the recorded results: what it measured replaces, the rest stays
+        with open(os.path.join(HERE, "results", f"{args.figures}.json")) as f:
+            recorded = json.load(f)
+        rerun = {c["config"] for c in results["configs"]}
+        results["configs"] = [results["configs"][[c["config"] for c in results["configs"]].index(c["config"])]
+                              if c["config"] in rerun else c for c in recorded["configs"]]
+        for key in ("timing", "diversity"):
+            if key not in results and key in recorded:
+                results[key] = recorded[key]
+        results["command"] = recorded["command"] + "; then " + results["command"]
+        results["samples"], results["steps"] = recorded["samples"], recorded["steps"]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if args.figures:
