@@ -16,6 +16,8 @@ from workers.breach import decide, derive_seed
 from workers.generation import GenerationWorker, WorkerSettings
 from workers.units import PromptRequest, plan_samples, plan_units
 
+pytestmark = pytest.mark.slow
+
 NUM = 16
 
 

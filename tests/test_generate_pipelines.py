@@ -16,6 +16,8 @@ from jobs.runtime import UsageError
 from tests import tiny_pipelines
 from tests.test_generate import gen_args, tar_images
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     {"prompt": "a red cat", "num_images": 3},
     "a dog",
