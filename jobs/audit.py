@@ -18,7 +18,17 @@ import pandas as pd
 
 from indexing.manifest import read_manifest, write_json_atomic
 from jobs.runtime import UsageError, progress, ray_cluster
-from workers.audit import RunError, corpus_image, correction_ratios, load_run, read_tar_images, recheck_unit, resolve_image_ref, summarize
+from workers.audit import (
+    RunError,
+    corpus_image,
+    correction_ratios,
+    load_run,
+    read_tar_images,
+    recheck_unit,
+    resolve_image_ref,
+    summarize,
+    written_attempt_hits,
+)
 from workers.report import plot_correction_ratios, plot_corrected_share, save_pair, write_comparison, write_report
 
 
@@ -61,7 +71,7 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
     plot_corrected_share({summary["run"] or "run": summary["corrected_share_per_step"]},
                          os.path.join(audit_dir, "corrected_per_step.png"),
                          f"{summary['num_samples']} samples, radius {radius if radius is None else round(radius, 4)}")
-    plot_correction_ratios(correction_ratios(hits[hits["sample"].isin(samples["sample"])]), os.path.join(audit_dir, "correction_ratio.png"))
+    plot_correction_ratios(correction_ratios(written_attempt_hits(samples, hits)), os.path.join(audit_dir, "correction_ratio.png"))
     offenders = _offenders(run_dir, samples, index, top, audit_dir) if index is not None else []
     summary["top_offenders"] = [{k: v for k, v in o.items() if k != "thumbnail"} for o in offenders]
     summary["report"] = write_report(audit_dir, summary, offenders)

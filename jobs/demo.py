@@ -9,7 +9,9 @@
    training images (the worst case a shield must handle);
 4. generates the same seeds without and with the shield -> DIR/run-unshielded, DIR/run-shielded;
 5. audits both against the protected index and writes DIR/summary.json with the two
-   near-duplicate rates (share of samples within the radius of a protected image).
+   near-duplicate rates (share of written samples within the radius of a protected image), and
+   for the shielded run how many samples SPELL alone left inside before the final check
+   resampled them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import os
 import time
 from types import SimpleNamespace
 
+import pandas as pd
+
 from indexing.digits import write_digits_corpus
 from indexing.manifest import write_json_atomic
 from jobs.audit import audit
 from jobs.build_index import build_index, check_output_dir
 from jobs.dataflow import EncodeOptions
-from jobs.generate import generate, validate
+from jobs.generate import DEFAULT_SPELL, generate, validate
 from jobs.memorizer import build_memorizer
 from jobs.runtime import UsageError, progress, ray_cluster
 
@@ -35,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for everything the demo writes")
     parser.add_argument("--num-images", type=int, default=128, help="samples per run (default 128)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--overcompensation", type=float, default=1.6, help="lam of the shielded run (default 1.6)")
+    parser.add_argument("--overcompensation", type=float, default=DEFAULT_SPELL.overcompensation,
+                        help=f"lam of the shielded run (default {DEFAULT_SPELL.overcompensation:g})")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
-def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = 1.6) -> dict:
+def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = DEFAULT_SPELL.overcompensation) -> dict:
     """Python API of the demo (Ray must be up)."""
     started = time.time()
     corpus_dir = os.path.join(out, "corpus")
@@ -55,17 +60,25 @@ def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: flo
         run_dir = os.path.join(out, f"run-{name}")
         args = SimpleNamespace(
             model=model_dir, out=run_dir, index=index, radius=None, overcompensation=overcompensation,
-            max_neighbours=None, correction_iterations=1, num_images=num_images, prompts=None, batch_size=32,
-            unit_size=None, steps=steps, seed=0, workers=None, search_backend="exact",
+            max_neighbours=None, correction_iterations=DEFAULT_SPELL.correction_iterations, num_images=num_images,
+            prompts=None, batch_size=32, unit_size=None, steps=steps, seed=0, workers=None, search_backend="exact",
+            batch_radius=None, history_radius=None, history_size=64, on_breach="resample", max_attempts=4,
+            guidance_scale=None,
         )
         generate(validate(args))
         summary = audit(run_dir, index=index_dir)
+        rows = pd.read_parquet(os.path.join(run_dir, "audit", "samples"))
+        first = rows[rows["attempt"] == 1]
+        summary["inside_before_final_check"] = float(first["inside_shield"].mean()) if index else None
+        summary["actions"] = {str(k): int(v) for k, v in rows["action"].value_counts().items()}
         rates[name] = summary
         progress(f"demo: {name}: near-duplicate rate {summary['near_duplicate_rate']:.1%} "
                  f"({summary['near_duplicates']}/{summary['num_samples']})")
     result = {
         "near_duplicate_rate_unshielded": rates["unshielded"]["near_duplicate_rate"],
         "near_duplicate_rate_shielded": rates["shielded"]["near_duplicate_rate"],
+        "inside_before_final_check_shielded": rates["shielded"]["inside_before_final_check"],
+        "actions_shielded": rates["shielded"]["actions"],
         "radius": rates["shielded"]["radius"],
         "num_images": num_images,
         "steps": steps,
@@ -89,7 +102,9 @@ def run(args) -> int:
     with ray_cluster(args.address):
         result = demo(args.out, args.num_images, args.steps, args.overcompensation)
     print(f"near-duplicate rate of protected images, unshielded: {result['near_duplicate_rate_unshielded']:.1%}")
-    print(f"near-duplicate rate of protected images, shielded:   {result['near_duplicate_rate_shielded']:.1%}")
+    print(f"near-duplicate rate of protected images, shielded:   {result['near_duplicate_rate_shielded']:.1%} "
+          f"(SPELL alone left {result['inside_before_final_check_shielded']:.1%} inside; the final check: "
+          f"{result['actions_shielded'].get('resampled', 0)} resampled, {result['actions_shielded'].get('dropped', 0)} dropped)")
     print(f"reports: {result['reports']['unshielded']}")
     print(f"         {result['reports']['shielded']}")
     print(f"summary: {os.path.join(args.out, 'summary.json')} ({result['seconds']} s)")

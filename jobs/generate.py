@@ -28,12 +28,14 @@ from jobs.unit_pool import UnitFailed, run_units
 from pipeline.invoke import takes_prompt
 from pipeline.loading import ModelDirError, describe_model, pipeline_class
 from pipeline.scheduler import SpellConfig
+from workers.breach import POLICIES
 from workers.generation import WorkerSettings
 from workers.unit_writer import unit_done
 from workers.units import PromptRequest, PromptsError, plan_samples, plan_units, read_prompts
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
+DEFAULT_SPELL = SpellConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finish an interrupted run: skips finished units; other options, if given, must match the run's")
     parser.add_argument("--index", default=None, help="shield index directory; without it the run is unshielded")
     parser.add_argument("--radius", type=float, default=None, help="shield radius (default: the index's suggested radius)")
-    parser.add_argument("--overcompensation", type=float, default=1.6, help="lam in x0' = x0 + lam * delta (default 1.6)")
-    parser.add_argument("--max-neighbours", type=int, default=None, help="at most K hits per query enter the correction")
-    parser.add_argument("--correction-iterations", type=int, default=1, help="re-check and correct up to M times per step")
+    parser.add_argument("--overcompensation", type=float, default=DEFAULT_SPELL.overcompensation,
+                        help=f"lam in x0' = x0 + lam * delta (default {DEFAULT_SPELL.overcompensation}; see README)")
+    parser.add_argument("--max-neighbours", type=int, default=None,
+                        help="at most K hits per source and query enter the correction (SPELL-K; default all)")
+    parser.add_argument("--correction-iterations", type=int, default=DEFAULT_SPELL.correction_iterations,
+                        help=f"re-check x0' and correct again, up to M times per step (default {DEFAULT_SPELL.correction_iterations})")
+    parser.add_argument("--batch-radius", type=float, default=None,
+                        help="also repel the other samples of the same prompt in the batch within this radius (diversity)")
+    parser.add_argument("--history-radius", type=float, default=None,
+                        help="also repel this worker's earlier outputs of the same prompt within this radius")
+    parser.add_argument("--history-size", type=int, default=64, help="earlier outputs kept per prompt (default 64)")
+    parser.add_argument("--on-breach", default="resample", choices=list(POLICIES),
+                        help="a finished sample inside the shield is drawn again with a derived seed (resample, "
+                             "default), not written (drop), or written and flagged (flag)")
+    parser.add_argument("--max-attempts", type=int, default=4,
+                        help="attempts per sample in all with --on-breach resample; then it is dropped (default 4)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale of conditional pipelines (default: the pipeline's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-images", type=int, default=None, help="unconditional: this many images (default 16)")
     group.add_argument("--prompts", default=None, help="JSONL: a string or {\"prompt\", \"num_images\", \"seeds\"} per line")
@@ -74,6 +91,12 @@ class GenerateConfig:
     steps: int
     seed: int
     search_backend: str
+    batch_radius: float | None = None
+    history_radius: float | None = None
+    history_size: int = 64
+    on_breach: str = "resample"
+    max_attempts: int = 4
+    guidance_scale: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -93,6 +116,7 @@ def _positive(name: str, value, allow_none: bool = False):
 
 
 ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbours", "correction_iterations",
+             "batch_radius", "history_radius", "history_size", "on_breach", "max_attempts", "guidance_scale",
              "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
 
 
@@ -111,12 +135,22 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--unit-size", args.unit_size, allow_none=True)
     _positive("--workers", getattr(args, "workers", None), allow_none=True)
-    if args.radius is not None and not args.radius > 0:
-        raise UsageError(f"--radius must be > 0, got {args.radius}")
+    for name in ("radius", "batch_radius", "history_radius"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    _positive("--history-size", getattr(args, "history_size", 64))
+    _positive("--max-attempts", getattr(args, "max_attempts", 4))
+    on_breach = getattr(args, "on_breach", "resample")
+    if on_breach not in POLICIES:
+        raise UsageError(f"--on-breach must be one of {', '.join(POLICIES)}, got {on_breach!r}")
     try:
         spell = SpellConfig(args.overcompensation, args.max_neighbours, args.correction_iterations)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("overcompensation", "--overcompensation")) from None
+        message = str(exc)
+        for name in ("overcompensation", "max_neighbours", "correction_iterations"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(message) from None
     radius = None
     if args.index is not None:
         manifest = read_manifest(args.index)
@@ -144,6 +178,9 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
             raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
     else:
         requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
+    guidance_scale = getattr(args, "guidance_scale", None)
+    if guidance_scale is not None and not conditional:
+        raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     if check_out:
         check_run_dir(args.out)
     return GenerateConfig(
@@ -158,6 +195,12 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
         steps=args.steps,
         seed=args.seed,
         search_backend=args.search_backend,
+        batch_radius=getattr(args, "batch_radius", None),
+        history_radius=getattr(args, "history_radius", None),
+        history_size=getattr(args, "history_size", 64),
+        on_breach=on_breach,
+        max_attempts=getattr(args, "max_attempts", 4),
+        guidance_scale=guidance_scale,
     )
 
 
@@ -253,6 +296,8 @@ def worker_settings(config: GenerateConfig, torch_threads: int | None) -> Worker
     return WorkerSettings(
         model_dir=config.model, run_dir=config.out, index_dir=config.index, radius=config.radius, spell=config.spell,
         steps=config.steps, batch_size=config.batch_size, search_backend=config.search_backend, torch_threads=torch_threads,
+        batch_radius=config.batch_radius, history_radius=config.history_radius, history_size=config.history_size,
+        on_breach=config.on_breach, max_attempts=config.max_attempts, guidance_scale=config.guidance_scale,
     )
 
 
@@ -268,15 +313,17 @@ class Progress:
 
     def unit_done(self, unit, summary: dict) -> None:
         info = self.info
-        self.images += summary["samples"]
+        self.images += summary["written"]
         self.hits += summary["hits"]
         info["units_done"] += 1
         info["samples_done"] = info.get("samples_done", 0) + summary["samples"]
+        info["images_written"] = info.get("images_written", 0) + summary["written"]
         elapsed = max(time.time() - self.started, 1e-9)
         info.update(images_per_second=round(self.images / elapsed, 3), hits_per_second=round(self.hits / elapsed, 3),
                     elapsed_seconds=round(elapsed, 3))
         info.setdefault("units", {})[unit.name] = {
-            k: summary[k] for k in ("node", "pid", "seconds", "samples", "hits", "sample_seconds", "check_seconds", "write_seconds")
+            k: summary[k] for k in ("node", "pid", "seconds", "samples", "written", "attempts", "hits", "sample_seconds",
+                                    "check_seconds", "write_seconds")
         }
         t0 = time.time()
         write_run_json(self.config, "running", info, self.args)

@@ -9,16 +9,18 @@ exported here so that diffusers can find them when it loads the directory.
 from .memorizer import MemorizerPipeline, MemorizerUNet
 from .repellency import Neighbours, Repulsion, repel
 from .scheduler import HitRecord, ShieldedScheduler, SpellConfig
-from .sources import BatchSource, IndexSource, StaticSource
+from .sources import BatchSource, HistorySource, IndexSource, SampleRow, StaticSource
 
 __all__ = [
     "BatchSource",
+    "HistorySource",
     "HitRecord",
     "IndexSource",
     "MemorizerPipeline",
     "MemorizerUNet",
     "Neighbours",
     "Repulsion",
+    "SampleRow",
     "ShieldedScheduler",
     "SpellConfig",
     "StaticSource",

@@ -77,10 +77,42 @@ def pipeline_class(spec: ModelSpec):
     return cls
 
 
+def absent_components(model_dir: str) -> list[str]:
+    """Components saved as ``[null, null]`` in model_index.json: the pipeline was saved without them.
+
+    diffusers writes a component that was None this way but, unless the class lists it as
+    optional, refuses to load the directory without being told again (e.g. SD3 without its T5
+    text encoder, which StableDiffusion3Pipeline supports by feeding zeros).
+    """
+    index = _read_json(os.path.join(model_dir, "model_index.json"))
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None])
+
+
+# Components of this project's own packages that a saved pipeline may name in model_index.json
+# (the memorizer's UNet, the TAEF2 autoencoder). diffusers loads a component only from a module
+# already imported; we import these, and only these, by name.
+OWN_PACKAGES = ("pipeline", "indexing")
+
+
+def import_own_components(model_dir: str) -> list[str]:
+    """Import the modules of this project that ``model_index.json`` names; returns their names."""
+    import importlib
+
+    index = _read_json(os.path.join(model_dir, "model_index.json"))
+    modules = sorted({v[0] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                      and isinstance(v[0], str) and v[0].split(".")[0] in OWN_PACKAGES})
+    for name in modules:
+        importlib.import_module(name)
+    return modules
+
+
 def load_pipeline(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load the pipeline saved at ``model_dir`` onto ``device``."""
     cls = pipeline_class(describe_model(model_dir))
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    import_own_components(model_dir)
+    kwargs = {name: None for name in absent_components(model_dir)}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     pipe = cls.from_pretrained(model_dir, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -14,6 +14,20 @@ shield, and a model whose every output can be checked by hand.
 ``save_pretrained`` and loaded with ``from_pretrained``) with the interface pipelines expect of a
 UNet: ``config.in_channels``, ``config.sample_size`` and ``forward(sample, timestep).sample``.
 ``MemorizerPipeline`` samples it with any scheduler and decodes through an optional VAE.
+
+Schedulers it works with (tested: it returns its training points under each):
+
+- ``prediction_type="epsilon"`` (default): the variance-preserving forward process of its
+  ``alphas_cumprod``. DDPM, DDIM, DPMSolverMultistep, Euler, EulerAncestral and Heun. The sigma
+  schedulers (Euler, Heun, ...) scale the input by ``scale_model_input`` to ``a x0 + s eps`` and
+  pass fractional timesteps; abar at a fractional t is read the way they build their sigmas:
+  sigma = sqrt((1 - abar) / abar) linearly interpolated in t (their default
+  ``interpolation_type="linear"``), so that the model and the scheduler agree on the noise
+  level. (Karras sigmas are rounded to integer timesteps by the schedulers themselves: there the
+  agreement is only approximate, as for any model.)
+- ``prediction_type="flow"``: rectified flow ``x_t = (1 - sig) x0 + sig eps`` with
+  ``sig = t / num_train_timesteps`` and the velocity output ``eps - x0`` (SD3/Flux convention),
+  for FlowMatchEulerDiscrete.
 """
 
 from __future__ import annotations
@@ -44,33 +58,57 @@ class MemorizerUNet(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
     ):
         super().__init__()
+        if prediction_type not in ("epsilon", "flow"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'flow', got {prediction_type!r}")
         self.register_buffer("latents", torch.zeros(num_latents, in_channels, sample_size, sample_size))
         # Cumulative alphas of the training schedule, so that timestep t means the same here as
         # in the scheduler (the pipeline saves both from one config).
         self.register_buffer("alphas_cumprod", torch.ones(num_train_timesteps))
 
     @classmethod
-    def from_latents(cls, latents: torch.Tensor, alphas_cumprod: torch.Tensor, encoder: str = "pixels"):
+    def from_latents(cls, latents: torch.Tensor, alphas_cumprod: torch.Tensor, encoder: str = "pixels",
+                     prediction_type: str = "epsilon"):
         if latents.ndim != 4 or latents.shape[2] != latents.shape[3]:
             raise ValueError(f"latents must be (N, C, S, S), got {tuple(latents.shape)}")
         n, c, s, _ = latents.shape
-        model = cls(num_latents=n, in_channels=c, sample_size=s, num_train_timesteps=len(alphas_cumprod), encoder=encoder)
+        model = cls(num_latents=n, in_channels=c, sample_size=s, num_train_timesteps=len(alphas_cumprod), encoder=encoder,
+                    prediction_type=prediction_type)
         model.latents.copy_(latents)
         model.alphas_cumprod.copy_(alphas_cumprod)
         return model
 
     def alpha_bar(self, timestep, batch: int, device) -> torch.Tensor:
-        """abar_t for each row, float64 (B,); ``timestep`` is a scalar or one per row."""
-        t = torch.as_tensor(timestep, device=device).reshape(-1).long()
-        abar = self.alphas_cumprod.to(device=device, dtype=torch.float64)[t.clamp(0, len(self.alphas_cumprod) - 1)]
+        """abar_t for each row, float64 (B,); ``timestep`` is a scalar or one per row.
+
+        Integer t: ``alphas_cumprod[t]``. Fractional t: sigma interpolated linearly between the
+        neighbouring integer timesteps, as the sigma schedulers do, and abar = 1 / (1 + sigma^2).
+        """
+        last = len(self.alphas_cumprod) - 1
+        t = torch.as_tensor(timestep, device=device).reshape(-1).to(torch.float64).clamp(0, last)
+        table = self.alphas_cumprod.to(device=device, dtype=torch.float64)
+        low = t.floor().long()
+        high = t.ceil().long()
+        frac = t - low
+        sigmas = ((1.0 - table) / table).sqrt()
+        sigma = sigmas[low] * (1 - frac) + sigmas[high] * frac
+        abar = torch.where(frac == 0, table[low], 1.0 / (1.0 + sigma * sigma))
         return abar.expand(batch) if abar.numel() == 1 else abar
+
+    def signal_noise(self, timestep, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, s) per row with x_t = a y + s eps, float64 (B,)."""
+        if self.config.prediction_type == "flow":
+            sigma = torch.as_tensor(timestep, device=device).reshape(-1).to(torch.float64) / self.config.num_train_timesteps
+            sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
+            return 1.0 - sigma, sigma
+        abar = self.alpha_bar(timestep, batch, device)
+        return abar.sqrt(), (1.0 - abar).sqrt()
 
     def posterior_mean(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """E[y | x_t] for each row of ``sample`` (B, C, H, W), computed in float64."""
         batch = sample.shape[0]
-        abar = self.alpha_bar(timestep, batch, sample.device)
-        a = abar.sqrt().unsqueeze(1)
-        s2 = (1.0 - abar).unsqueeze(1)
+        a, s = self.signal_noise(timestep, batch, sample.device)
+        a = a.unsqueeze(1)
+        s2 = (s * s).unsqueeze(1)
         x = sample.to(torch.float64).reshape(batch, -1)
         y = self.latents.to(torch.float64).reshape(self.latents.shape[0], -1)
         # ||x - a y||^2 = ||x||^2 - 2 a x.y + a^2 ||y||^2, in float64: at late steps s^2 is tiny
@@ -80,13 +118,17 @@ class MemorizerUNet(ModelMixin, ConfigMixin):
         return (weights @ y).reshape(sample.shape)
 
     def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True, **_unused):
-        abar = self.alpha_bar(timestep, sample.shape[0], sample.device).reshape(-1, 1, 1, 1)
+        a, s = (v.reshape(-1, 1, 1, 1) for v in self.signal_noise(timestep, sample.shape[0], sample.device))
         mean = self.posterior_mean(sample, timestep)
-        eps = (sample.to(torch.float64) - abar.sqrt() * mean) / (1.0 - abar).sqrt()
-        eps = eps.to(sample.dtype)
+        x = sample.to(torch.float64)
+        if self.config.prediction_type == "flow":
+            out = (x - mean) / s  # eps - y, with eps = (x - (1 - sig) y) / sig
+        else:
+            out = (x - a * mean) / s  # eps
+        out = out.to(sample.dtype)
         if not return_dict:
-            return (eps,)
-        return UNet2DOutput(sample=eps)
+            return (out,)
+        return UNet2DOutput(sample=out)
 
 
 class MemorizerPipeline(DiffusionPipeline):
@@ -123,12 +165,13 @@ class MemorizerPipeline(DiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for a batch of {batch_size}")
         latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda x, t: x)  # flow matching has none
         # Per-sample generators reach the scheduler too (DDPM's variance noise), where it takes them.
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             scheduler_kwargs = {"generator": generator, **scheduler_kwargs}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = scale_input(latents, t)
             eps = self.unet(model_input, t).sample
             latents = self.scheduler.step(eps, t, latents, **scheduler_kwargs).prev_sample
             if callback_on_step_end is not None:

@@ -1,22 +1,46 @@
 """What a scheduler's model output means, as an affine map between output and x0_hat.
 
 Every parametrisation in DESIGN.md's table is affine in the model output ``m`` for a fixed
-noisy sample ``x_t``:
+noisy sample ``x_t`` (the ``sample`` handed to ``scheduler.step``):
 
     x0_hat = A * x_t + B * m          and therefore          m = (x0_hat - A * x_t) / B
 
-| parametrisation                          | A               | B                      |
-|------------------------------------------|-----------------|------------------------|
-| epsilon, x_t = a x0 + s eps              | 1 / a           | -s / a                 |
-| v-prediction (VP, a^2 + s^2 = 1)         | a               | -s                     |
-| sample                                   | 0               | 1                      |
-| flow matching, x_t=(1-sig)x0+sig eps     | 1               | -sig                   |
-| sigma (Karras/Euler) x = x0 + sig eps    | 1               | -sig                   |
-| sigma, v-prediction                      | 1/(sig^2+1)     | -sig / sqrt(sig^2+1)   |
+| parametrisation                                  | A               | B                      |
+|--------------------------------------------------|-----------------|------------------------|
+| epsilon, x_t = a x0 + s eps                      | 1 / a           | -s / a                 |
+| v-prediction (VP, a^2 + s^2 = 1)                 | a               | -s                     |
+| sample                                           | 0               | 1                      |
+| flow matching, x_t = (1-sig) x0 + sig eps        | 1               | -sig                   |
+| sigma (Karras/Euler) x = x0 + sig eps, epsilon   | 1               | -sig                   |
+| sigma, v-prediction                              | 1/(sig^2+1)     | -sig / sqrt(sig^2+1)   |
 
 So rewriting the output to imply a corrected ``x0_hat'`` while keeping ``x_t`` is one line,
-and no extra network call is needed. This module only reads the scheduler's state; it never
-changes it.
+and no extra network call is needed.
+
+``affine_for`` reads the wrapped scheduler's own state (its ``alphas_cumprod`` or its
+``sigmas`` at the step index it is about to use) so that the map is exactly the one inside its
+``step``. It never changes that state. Supported families, each tested against the scheduler's
+own ``pred_original_sample`` (or its own conversion where ``step`` returns none):
+
+- DDPM, DDIM: ``alphas_cumprod[t]``; epsilon, v_prediction, sample.
+- DPMSolverMultistep: ``alpha_t, sigma_t`` of ``sigmas[step_index]`` (also with Karras or flow
+  sigmas); epsilon, v_prediction, sample, flow_prediction; dpmsolver++ and dpmsolver.
+- Euler, EulerAncestral, Heun: ``sigmas[step_index]`` on the unscaled sample ``x = x0 + sig
+  eps``; epsilon, v_prediction, sample (not EulerAncestral, which has no sample mode).
+  Heun's ``step`` is called twice per denoising step (a predictor and a corrector model
+  call, timesteps interleaved in ``scheduler.timesteps``); both calls use
+  ``sigmas[step_index]`` on the sample they are handed, so both are corrected independently.
+- FlowMatchEulerDiscrete (SD3, Flux): ``x0_hat = x_t - sig * m`` with ``sig = sigmas[step_index]``.
+
+Refused with ``UnsupportedScheduler`` (the exact map cannot be known before ``step`` runs):
+Euler with ``s_churn > 0`` at this sigma (it adds fresh noise to ``x_t`` inside ``step``),
+flow matching with ``per_token_timesteps``, learned-variance outputs (2C channels), and any
+other scheduler class.
+
+Clipping (``clip_sample``, ``thresholding``) is applied by the wrapped scheduler *after* the
+correction. In pixel space the box [-1, 1]^D contains every protected point and clipping is a
+projection onto it, which can only move ``x0_hat'`` closer to them: with clipping on, the final
+exact check (not the correction) is what keeps copies out of what is written.
 """
 
 from __future__ import annotations
@@ -33,7 +57,7 @@ class UnsupportedScheduler(TypeError):
 
 @dataclass(frozen=True)
 class AffineOutput:
-    """x0_hat = a_coef * x_t + b_coef * m, with scalar coefficients for one timestep."""
+    """x0_hat = a_coef * x_t + b_coef * m, with scalar coefficients for one step call."""
 
     a_coef: float
     b_coef: float
@@ -48,31 +72,127 @@ class AffineOutput:
         return (x0_hat - self.a_coef * sample) / self.b_coef
 
 
-def vp_affine(alpha_bar: float, prediction_type: str) -> AffineOutput:
-    """Variance-preserving schedules (DDPM, DDIM, PNDM): x_t = sqrt(abar) x0 + sqrt(1-abar) eps."""
-    a = math.sqrt(alpha_bar)
-    s = math.sqrt(1.0 - alpha_bar)
+def alpha_sigma_affine(alpha: float, sigma: float, prediction_type: str) -> AffineOutput:
+    """x_t = alpha x0 + sigma eps (VP: alpha^2 + sigma^2 = 1; flow: alpha = 1 - sigma)."""
     if prediction_type == "epsilon":
-        return AffineOutput(1.0 / a, -s / a, prediction_type)
+        return AffineOutput(1.0 / alpha, -sigma / alpha, prediction_type)
     if prediction_type == "v_prediction":
-        return AffineOutput(a, -s, prediction_type)
-    if prediction_type == "sample":
+        return AffineOutput(alpha, -sigma, prediction_type)
+    if prediction_type in ("sample", "original_sample"):
         return AffineOutput(0.0, 1.0, prediction_type)
+    if prediction_type == "flow_prediction":
+        return flow_affine(sigma)
     raise UnsupportedScheduler(f"unknown prediction_type {prediction_type!r}")
 
 
-def affine_for(scheduler, timestep, sample: torch.Tensor) -> AffineOutput:
-    """The affine map that ``scheduler.step(m, timestep, sample)`` will use for this call.
+def vp_affine(alpha_bar: float, prediction_type: str) -> AffineOutput:
+    """Variance-preserving schedules (DDPM, DDIM): x_t = sqrt(abar) x0 + sqrt(1-abar) eps."""
+    if prediction_type == "flow_prediction":
+        raise UnsupportedScheduler("flow_prediction needs a flow schedule, not alphas_cumprod")
+    return alpha_sigma_affine(math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar), prediction_type)
+
+
+def karras_affine(sigma: float, prediction_type: str) -> AffineOutput:
+    """Variance-exploding form x = x0 + sigma eps (Euler, Heun; k-diffusion's c_skip/c_out)."""
+    if prediction_type == "epsilon":
+        return AffineOutput(1.0, -sigma, prediction_type)
+    if prediction_type == "v_prediction":
+        return AffineOutput(1.0 / (sigma**2 + 1.0), -sigma / math.sqrt(sigma**2 + 1.0), prediction_type)
+    if prediction_type in ("sample", "original_sample"):
+        return AffineOutput(0.0, 1.0, prediction_type)
+    raise UnsupportedScheduler(f"unknown prediction_type {prediction_type!r} for a sigma scheduler")
+
+
+def flow_affine(sigma: float) -> AffineOutput:
+    """Rectified flow x_t = (1 - sigma) x0 + sigma eps with velocity output m = eps - x0."""
+    return AffineOutput(1.0, -sigma, "flow")
+
+
+def step_index_for(scheduler, timestep) -> int:
+    """The index into ``scheduler.sigmas`` that its next ``step`` call will use.
+
+    Mirrors the schedulers' own ``_init_step_index`` without calling it: before the first step
+    ``step_index`` is None and ``step`` derives it from ``begin_index`` or the timestep.
+    """
+    index = scheduler.step_index
+    if index is not None:
+        return int(index)
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is not None:
+        return int(begin)
+    if torch.is_tensor(timestep):
+        timestep = timestep.to(scheduler.timesteps.device)
+    return int(scheduler.index_for_timestep(timestep))
+
+
+def _scalar(value) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _check_channels(scheduler, model_output, sample) -> None:
+    variance = getattr(scheduler.config, "variance_type", None)
+    if model_output.shape != sample.shape or variance in ("learned", "learned_range"):
+        raise UnsupportedScheduler(
+            f"{type(scheduler).__name__}: model output {tuple(model_output.shape)} with variance_type "
+            f"{variance!r} for a sample {tuple(sample.shape)}: learned-variance outputs are not supported"
+        )
+
+
+def affine_for(scheduler, timestep, sample: torch.Tensor, model_output: torch.Tensor | None = None,
+               step_kwargs: dict | None = None) -> AffineOutput:
+    """The affine map that ``scheduler.step(m, timestep, sample, **step_kwargs)`` will use.
 
     Reads the scheduler's own state so that the map is exactly the one inside its ``step``.
     """
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+    )
+
+    step_kwargs = step_kwargs or {}
     config = scheduler.config
     prediction_type = getattr(config, "prediction_type", "epsilon")
-    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-    if alphas_cumprod is not None and not hasattr(scheduler, "sigmas"):
-        t = int(timestep.item() if torch.is_tensor(timestep) else timestep)
-        return vp_affine(float(alphas_cumprod[t]), prediction_type)
+    name = type(scheduler).__name__
+    if model_output is not None:
+        _check_channels(scheduler, model_output, sample)
+
+    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        t = int(_scalar(timestep))
+        return vp_affine(_scalar(scheduler.alphas_cumprod[t]), prediction_type)
+
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        sigma = scheduler.sigmas[step_index_for(scheduler, timestep)]
+        if prediction_type == "flow_prediction":
+            return flow_affine(_scalar(sigma))
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
+        return alpha_sigma_affine(_scalar(alpha_t), _scalar(sigma_t), prediction_type)
+
+    if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)):
+        sigma = _scalar(scheduler.sigmas[step_index_for(scheduler, timestep)])
+        if isinstance(scheduler, EulerDiscreteScheduler):
+            churn = float(step_kwargs.get("s_churn", 0.0))
+            tmin = float(step_kwargs.get("s_tmin", 0.0))
+            tmax = float(step_kwargs.get("s_tmax", float("inf")))
+            if churn > 0 and tmin <= sigma <= tmax:
+                raise UnsupportedScheduler(
+                    f"{name} with s_churn={churn} adds noise to x_t inside step(): the x0_hat it uses cannot "
+                    "be known beforehand; use s_churn=0"
+                )
+        if isinstance(scheduler, EulerAncestralDiscreteScheduler) and prediction_type == "sample":
+            raise UnsupportedScheduler(f"{name} does not implement prediction_type 'sample'")
+        return karras_affine(sigma, prediction_type)
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if step_kwargs.get("per_token_timesteps") is not None:
+            raise UnsupportedScheduler(f"{name} with per_token_timesteps is not supported")
+        return flow_affine(_scalar(scheduler.sigmas[step_index_for(scheduler, timestep)]))
+
     raise UnsupportedScheduler(
-        f"{type(scheduler).__name__} is not supported by ShieldedScheduler yet "
-        "(supported: schedulers indexed by alphas_cumprod, such as DDPM and DDIM)"
+        f"{name} is not supported by ShieldedScheduler (supported: DDPM, DDIM, DPMSolverMultistep, Euler, "
+        "EulerAncestral, Heun, FlowMatchEulerDiscrete)"
     )

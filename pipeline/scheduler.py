@@ -11,6 +11,14 @@ already combined the conditional and unconditional outputs.
 Rows with no hit are passed through untouched: the step is bit-for-bit the wrapped
 scheduler's. Every hit is recorded (``records``) for the audit log; the wrapper never writes
 files.
+
+Step counting: a hit's ``step`` is the 0-based number of the ``step`` call since
+``set_timesteps``, i.e. the pipeline's loop index over ``scheduler.timesteps`` (what
+``callback_on_step_end`` receives as ``i``). For one-call-per-step schedulers that is the
+denoising step. Heun calls the model twice per denoising step (its ``timesteps`` interleave a
+predictor and a corrector call); each call is a ``step`` call and is corrected on its own
+``x0_hat``, so a K-step Heun run has 2K - 1 step indices and the ``timestep`` column tells the
+two calls of one denoising step apart.
 """
 
 from __future__ import annotations
@@ -22,16 +30,19 @@ import torch
 
 from .parametrisation import affine_for
 from .repellency import repel
-from .sources import ShieldSource
+from .sources import SampleRow, ShieldSource
 
 
 @dataclass(frozen=True)
 class SpellConfig:
     """How hard and how often to push. Validated here, at the edge of the library."""
 
-    overcompensation: float = 1.6  # lam in x0_hat' = x0_hat + lam * delta (paper: 1.6)
+    # lam in x0_hat' = x0_hat + lam * delta. The paper uses 1.6 for models that generalise; on a
+    # memorizing model (benchmarks/RESULTS.md, "Memorization") lam = 10 with 5 iterations is what
+    # keeps samples out of protected balls *and* lets them land on other, unprotected images.
+    overcompensation: float = 10.0
     max_neighbours: int | None = None  # SPELL-K: only the K nearest hits per source enter delta
-    correction_iterations: int = 1  # re-check x0_hat' and correct again, up to this many times
+    correction_iterations: int = 5  # re-check x0_hat' and correct again, up to this many times
 
     def __post_init__(self):
         if not self.overcompensation > 0:
@@ -47,13 +58,14 @@ class HitRecord:
     """One shielded point inside its ball at one step: a row of audit/hits."""
 
     row: int  # position in the batch handed to step()
-    step: int  # 0-based denoising step
+    step: int  # 0-based count of step() calls in this sampling call
     timestep: float
     source: str  # index | batch | history
     neighbour_id: int
+    neighbour_key: str | None  # the source's name for it: corpus key, sibling's or earlier sample key
     distance: float  # ||x0_hat - z|| before this iteration's correction
     radius: float
-    weight: float  # relu(r / d - 1)
+    weight: float  # relu(r / d - 1); 1 for a degenerate hit; 0 when not used
     degenerate: bool  # x0_hat coincided with z: the documented fallback direction was used
     used: bool  # entered delta (False when beyond max_neighbours)
     iteration: int  # correction iteration, 0-based
@@ -68,6 +80,7 @@ class StepLog:
 
     hits: list[HitRecord] = field(default_factory=list)
     steps: int = 0
+    final_sample: torch.Tensor | None = None  # prev_sample of the last step call: the finished latents
 
 
 class ShieldedScheduler:
@@ -75,23 +88,35 @@ class ShieldedScheduler:
 
     Everything but ``step`` and ``set_timesteps`` is forwarded to the wrapped scheduler, so a
     pipeline can use it wherever it uses a scheduler: ``pipe.scheduler = ShieldedScheduler(
-    pipe.scheduler, sources)``.
+    pipe.scheduler, sources)``. ``bind_batch(rows)`` before a sampling call tells the sources
+    that need it (batch, history) which sample and prompt each batch row is.
     """
 
-    _own = ("inner", "sources", "spell", "log", "_step_index")
+    _own = ("inner", "sources", "spell", "log", "rows", "_step_index")
 
     def __init__(self, scheduler, sources: list[ShieldSource], spell: SpellConfig | None = None):
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"shield source names must be unique, got {names}")
         object.__setattr__(self, "inner", scheduler)
         object.__setattr__(self, "sources", list(sources))
         object.__setattr__(self, "spell", spell or SpellConfig())
         object.__setattr__(self, "log", StepLog())
+        object.__setattr__(self, "rows", None)
         object.__setattr__(self, "_step_index", 0)
-        # Keep set_timesteps' signature visible: pipelines inspect it (retrieve_timesteps).
+        # Keep the wrapped signatures visible: pipelines inspect them (retrieve_timesteps looks
+        # for "sigmas" in set_timesteps; prepare_extra_step_kwargs passes "generator" and "eta"
+        # to step only where its signature names them).
         def set_timesteps(*args, **kwargs):
             return self._set_timesteps(*args, **kwargs)
 
+        def step(*args, **kwargs):
+            return self._step(*args, **kwargs)
+
         functools.update_wrapper(set_timesteps, scheduler.set_timesteps)
+        functools.update_wrapper(step, scheduler.step)
         object.__setattr__(self, "set_timesteps", set_timesteps)
+        object.__setattr__(self, "step", step)
 
     # -- forwarding -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -116,18 +141,33 @@ class ShieldedScheduler:
         log, self.log = self.log, StepLog()
         return log
 
+    def bind_batch(self, rows: list[SampleRow] | None) -> None:
+        """Who the rows of the next sampling call are (None: anonymous rows, one group)."""
+        self.rows = list(rows) if rows is not None else None
+        for source in self.sources:
+            if hasattr(source, "bind"):
+                source.bind(self.rows)
+
     # -- the correction ---------------------------------------------------------------------
-    def step(self, model_output, timestep, sample, *args, **kwargs):
+    def _step(self, model_output, timestep, sample, *args, **kwargs):
         step_index = self._step_index
         self._step_index += 1
         self.log.steps = self._step_index
         if self.sources:
-            model_output = self.correct(model_output, timestep, sample, step_index)
-        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+            model_output = self.correct(model_output, timestep, sample, step_index, kwargs)
+        result = self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        self.log.final_sample = result.prev_sample if hasattr(result, "prev_sample") else result[0]
+        return result
 
-    def correct(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, step_index: int):
-        """The output that implies x0_hat + lam * delta, rows without a hit unchanged."""
-        affine = affine_for(self.inner, timestep, sample)
+    def correct(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, step_index: int,
+                step_kwargs: dict | None = None):
+        """The output that implies x0_hat + lam * delta, rows without a hit unchanged.
+
+        Iteration i searches every source around the current x0_hat, adds lam * delta and, if
+        anything was inside, searches again (overlapping balls can cancel each other's push:
+        the paper's stated limitation), up to ``correction_iterations`` times.
+        """
+        affine = affine_for(self.inner, timestep, sample, model_output, step_kwargs)
         batch = model_output.shape[0]
         m = model_output.to(torch.float32).reshape(batch, -1)
         x_t = sample.to(torch.float32).reshape(batch, -1)
@@ -138,6 +178,7 @@ class ShieldedScheduler:
         pending: list[dict] = []
         corrected = torch.zeros(batch, dtype=torch.bool, device=x0.device)
         lam = self.spell.overcompensation
+        limit = self.spell.max_neighbours
         t_value = float(timestep.item() if torch.is_tensor(timestep) else timestep)
         for iteration in range(self.spell.correction_iterations):
             delta = torch.zeros_like(x0)
@@ -145,28 +186,24 @@ class ShieldedScheduler:
             queries = x0.to(torch.float32)
             for source in self.sources:
                 for row, found in enumerate(source.find(queries)):
-                    if found.ids.numel() == 0:
+                    k = found.ids.numel()
+                    if k == 0:
                         continue
                     any_hit = True
-                    k = found.ids.numel()
-                    used = k if self.spell.max_neighbours is None else min(k, self.spell.max_neighbours)
+                    used = k if limit is None else min(k, limit)
                     rep = repel(x0[row], found.vectors[:used], source.radius, noise_direction[row])
                     delta[row] += rep.delta
                     corrected[row] = True
                     for j in range(k):
-                        pending.append(
-                            dict(
-                                row=row,
-                                source=source.name,
-                                neighbour_id=int(found.ids[j]),
-                                distance=float(rep.distances[j]) if j < used else float(found.distances[j]),
-                                radius=source.radius,
-                                weight=float(rep.weights[j]) if j < used else 0.0,
-                                degenerate=bool(rep.degenerate[j]) if j < used else False,
-                                used=j < used,
-                                iteration=iteration,
-                            )
-                        )
+                        inside = j < used
+                        pending.append(dict(
+                            row=row, source=source, neighbour_id=int(found.ids[j]),
+                            distance=float(rep.distances[j]) if inside else float(found.distances[j]),
+                            radius=source.radius,
+                            weight=float(rep.weights[j]) if inside else 0.0,
+                            degenerate=bool(rep.degenerate[j]) if inside else False,
+                            used=inside, iteration=iteration,
+                        ))
             if not any_hit:
                 break
             x0 = x0 + lam * delta
@@ -176,19 +213,29 @@ class ShieldedScheduler:
         correction_norm = torch.linalg.vector_norm(new_m - m, dim=1)
         output_norm = torch.linalg.vector_norm(m, dim=1)
         delta_norm = torch.linalg.vector_norm(x0 - x0_start, dim=1)
+        keys = self._neighbour_keys(pending)
         for hit in pending:
-            r = hit["row"]
-            self.log.hits.append(
-                HitRecord(
-                    step=step_index,
-                    timestep=t_value,
-                    correction_norm=float(correction_norm[r]),
-                    model_output_norm=float(output_norm[r]),
-                    delta_norm=float(delta_norm[r]),
-                    **hit,
-                )
-            )
+            r, source = hit["row"], hit.pop("source")
+            self.log.hits.append(HitRecord(
+                step=step_index, timestep=t_value, source=source.name,
+                neighbour_key=keys[(source.name, hit["neighbour_id"])],
+                correction_norm=float(correction_norm[r]), model_output_norm=float(output_norm[r]),
+                delta_norm=float(delta_norm[r]), **hit,
+            ))
         # Only corrected rows change; the others keep the exact original tensor values.
         out = model_output.clone()
         out[corrected] = new_m[corrected].reshape(-1, *model_output.shape[1:]).to(model_output.dtype)
         return out
+
+    @staticmethod
+    def _neighbour_keys(pending: list[dict]) -> dict:
+        by_source: dict[str, tuple] = {}
+        for hit in pending:
+            source = hit["source"]
+            by_source.setdefault(source.name, (source, set()))[1].add(hit["neighbour_id"])
+        keys = {}
+        for name, (source, ids) in by_source.items():
+            ordered = sorted(ids)
+            names = source.keys(ordered) if hasattr(source, "keys") else [None] * len(ordered)
+            keys.update({(name, i): k for i, k in zip(ordered, names)})
+        return keys

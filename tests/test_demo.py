@@ -14,6 +14,10 @@ def test_demo_shield_beats_no_shield(ray_session, tmp_path):
     assert summary == result
     assert summary["near_duplicate_rate_unshielded"] > 0.2
     assert summary["near_duplicate_rate_shielded"] < summary["near_duplicate_rate_unshielded"]
+    # written images never lie inside (resample); SPELL alone, at the defaults, leaves at most a few
+    assert summary["near_duplicate_rate_shielded"] == 0.0
+    assert summary["inside_before_final_check_shielded"] <= 0.05
+    assert sum(summary["actions_shielded"].get(a, 0) for a in ("kept", "dropped")) == 48
     for report in summary["reports"].values():
         assert os.path.isfile(report)
         assert os.path.isfile(os.path.join(os.path.dirname(report), "corrected_per_step.png"))

@@ -20,7 +20,8 @@ from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 def gen_args(model, out, index=None, **overrides):
     args = dict(model=model, out=str(out), index=index, radius=None, overcompensation=1.6, max_neighbours=None,
                 correction_iterations=1, num_images=10, prompts=None, batch_size=4, unit_size=None, steps=20, seed=100,
-                workers=None, search_backend="exact")
+                workers=None, search_backend="exact", batch_radius=None, history_radius=None, history_size=64,
+                on_breach="resample", max_attempts=4, guidance_scale=None)
     args.update(overrides)
     return SimpleNamespace(**args)
 
@@ -45,9 +46,15 @@ def shielded_run(ray_session, memorizer_model, protected_index, tmp_path_factory
 def test_unit_files_and_row_counts(shielded_run):
     out, config, info = shielded_run
     assert info["units_total"] == 3 and info["units_done"] == 3
-    samples = pd.concat([pq.read_table(f).to_pandas() for f in sorted(glob.glob(f"{out}/audit/samples/*.parquet"))])
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in sorted(glob.glob(f"{out}/audit/samples/*.parquet"))])
+    # one row per attempt; every requested sample ends in exactly one final row
+    assert not rows.duplicated(["sample", "attempt"]).any()
+    samples = rows[rows["action"] != "resampled"]
     assert len(samples) == 22  # exactly what was requested
-    assert samples["sample"].is_unique and sorted(samples["seed"]) == list(range(100, 122))
+    assert samples["sample"].is_unique
+    first = rows[rows["attempt"] == 1]
+    assert len(first) == 22 and sorted(first["seed"]) == list(range(100, 122))
+    samples = samples[samples["image"].notna()]
     assert pq.read_schema(glob.glob(f"{out}/audit/samples/*.parquet")[0]).equals(SAMPLE_SCHEMA, check_metadata=False)
     assert pq.read_schema(glob.glob(f"{out}/audit/hits/*.parquet")[0]).equals(HIT_SCHEMA, check_metadata=False)
     images = {}
@@ -72,9 +79,12 @@ def test_hits_are_consistent(shielded_run):
     # x0_hat on a protected point (the memorizer snaps onto its data): the documented fallback
     assert (hits.loc[hits["degenerate"], "distance"] <= 1e-6 * hits.loc[hits["degenerate"], "radius"]).all()
     assert (hits["radius"] == config.radius).all()
-    active = hits.groupby("sample")["step"].nunique()
-    merged = samples.set_index("sample")["active_steps"]
+    active = hits.groupby(["sample", "attempt"])["step"].nunique()
+    merged = samples.set_index(["sample", "attempt"])["active_steps"]
     assert (merged.loc[active.index] == active).all()
+    # hits of an attempt carry that attempt's seed
+    seeds = samples.set_index(["sample", "attempt"])["seed"]
+    assert (hits.set_index(["sample", "attempt"])["seed"] == seeds.loc[hits.set_index(["sample", "attempt"]).index]).all()
     assert (samples["steps"] == 20).all()
 
 
@@ -82,8 +92,11 @@ def test_sample_rows_agree_with_the_final_check(shielded_run):
     out, config, info = shielded_run
     samples = pd.read_parquet(f"{out}/audit/samples")
     assert (samples["inside_shield"] == (samples["nearest_distance"] < config.radius)).all()
-    # SPELL alone (no final-check policy yet) leaves at most a few of 22 memorized copies
-    assert samples["inside_shield"].sum() <= 3
+    # SPELL alone (first attempts, before the final-check policy) leaves at most a few of 22 copies
+    assert samples.loc[samples["attempt"] == 1, "inside_shield"].sum() <= 3
+    # resample: breaching attempts are not written, and the written ones are all outside
+    assert (samples.loc[samples["inside_shield"], "action"].isin(["resampled", "dropped"])).all()
+    assert (samples.loc[samples["image"].notna(), "action"] == "kept").all()
 
 
 def test_noise_depends_only_on_seed(ray_session, memorizer_model, tmp_path):

@@ -59,7 +59,7 @@ def test_output_implies_corrected_x0(kind, lam):
         flat[1] + 1.2 * torch.nn.functional.normalize(torch.randn(flat.shape[1], generator=g), dim=0),
     ])
     source = StaticSource(z, radius)
-    shielded = ShieldedScheduler(copy.deepcopy(sched), [source], SpellConfig(overcompensation=lam))
+    shielded = ShieldedScheduler(copy.deepcopy(sched), [source], SpellConfig(overcompensation=lam, correction_iterations=1))
     out = shielded.step(m, t, x_t, generator=torch.Generator().manual_seed(1))
     expected = flat.double().clone()
     for row in range(3):
@@ -78,7 +78,7 @@ def test_lam_one_single_ball_lands_on_sphere(kind):
     sched, t, x_t, m, x0, g = _setup(kind, batch=1)
     flat = x0.reshape(1, -1)
     z = flat + 0.25 * torch.nn.functional.normalize(torch.randn_like(flat), dim=1)
-    shielded = ShieldedScheduler(sched, [StaticSource(z, 1.0)], SpellConfig(overcompensation=1.0))
+    shielded = ShieldedScheduler(sched, [StaticSource(z, 1.0)], SpellConfig(overcompensation=1.0, correction_iterations=1))
     out = shielded.step(m, t, x_t, generator=torch.Generator().manual_seed(1))
     distance = (out.pred_original_sample.reshape(1, -1) - z).norm()
     assert abs(float(distance) - 1.0) < 1e-4
@@ -114,7 +114,7 @@ def test_batch_source_never_repels_a_row_from_itself():
 def test_degenerate_hit_is_finite_and_logged():
     sched, t, x_t, m, x0, g = _setup("ddim", batch=1)
     z = x0.reshape(1, -1).clone()  # x0_hat == z exactly: 0/0 direction
-    shielded = ShieldedScheduler(sched, [StaticSource(z, 1.0)], SpellConfig(overcompensation=1.0))
+    shielded = ShieldedScheduler(sched, [StaticSource(z, 1.0)], SpellConfig(overcompensation=1.0, correction_iterations=1))
     out = shielded.step(m, t, x_t)
     assert torch.isfinite(out.prev_sample).all()
     assert shielded.log.hits[0].degenerate

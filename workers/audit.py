@@ -165,11 +165,19 @@ def per_prompt_rates(samples: pd.DataFrame, inside: pd.Series) -> list[dict]:
     return out
 
 
+def written_attempt_hits(samples: pd.DataFrame, hits: pd.DataFrame) -> pd.DataFrame:
+    """Hit rows of the attempts that were written: a resampled attempt's hits belong to no image."""
+    if not len(hits):
+        return hits
+    return hits.merge(samples.loc[samples["image"].notna(), ["sample", "attempt"]], on=["sample", "attempt"])
+
+
 def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: float | None, inside: pd.Series | None) -> dict:
-    """The numbers of summary.json for the written samples of a run."""
+    """The numbers of summary.json for the written samples of a run (one row per written image)."""
+    hits = written_attempt_hits(samples, hits)
     share = corrected_share_per_step(samples, hits)
     total_steps = float(samples["steps"].sum())
-    ratios = correction_ratios(hits[hits["sample"].isin(samples["sample"])]) if len(hits) else np.zeros(0)
+    ratios = correction_ratios(hits)
     config = run.get("config", {})
     summary = {
         "run": os.path.basename(os.path.normpath(config.get("out", ""))) or None,

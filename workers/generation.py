@@ -7,6 +7,12 @@ A plain class (Ray wraps it as an actor in ``jobs.generate``; tests call it dire
 
 Fail closed: if the index cannot be opened or searched, the constructor or ``run_unit`` raises
 before anything of the unit is written.
+
+Shield sources, each with its own radius and all optional: the protected index (``index_dir``,
+``radius``), the batch siblings of the same prompt (``batch_radius``) and a bounded bank of this
+worker's earlier outputs per prompt (``history_radius``, ``history_size``). Every finished
+sample is checked exactly against the index and the breach policy (workers.breach) decides
+whether it is written, dropped or drawn again with a derived seed.
 """
 
 from __future__ import annotations
@@ -20,16 +26,17 @@ import torch
 
 from indexing.corpus import encode_png
 from indexing.encoders import Encoder
-from indexing.manifest import file_sha256, read_manifest
 from indexing.faiss_search import gpu_available as faiss_gpu_available
+from indexing.manifest import file_sha256, read_manifest
 from indexing.search import open_index
 from pipeline.invoke import sample_images, to_uint8
 from pipeline.loading import load_pipeline
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import IndexSource
-from workers.final_check import check_images
+from pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
+from pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
+from workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
+from workers.final_check import FinalCheck, check_images
 from workers.unit_writer import IMAGES_DIR, write_unit
-from workers.units import Unit
+from workers.units import SampleSpec, Unit
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,12 @@ class WorkerSettings:
     search_backend: str = "exact"
     device: str | None = None  # None: cuda when available, else cpu
     torch_threads: int | None = None
+    batch_radius: float | None = None  # repel siblings of the same prompt within this radius
+    history_radius: float | None = None  # repel earlier outputs of the same prompt within this radius
+    history_size: int = 64  # earlier outputs kept per prompt
+    on_breach: str = "resample"  # resample | drop | flag (workers.breach)
+    max_attempts: int = 4  # attempts per sample in all, with on_breach=resample
+    guidance_scale: float | None = None  # passed to conditional pipelines; None: the pipeline's default
 
     @property
     def run_name(self) -> str:
@@ -72,6 +85,24 @@ def verify_index_files(index_dir: str) -> None:
                 raise ShieldUnavailable(f"index file {path} does not match its sha256 in the manifest")
 
 
+@dataclass(frozen=True)
+class Attempt:
+    spec: SampleSpec
+    attempt: int  # 1-based
+    seed: int  # derive_seed(spec.seed, attempt)
+
+
+@dataclass
+class BatchResult:
+    attempts: list[Attempt]
+    pixels: np.ndarray  # uint8 (B, H, W, 3)
+    log: StepLog
+    check: FinalCheck | None
+    seconds: float  # per sample
+    sample_seconds: float  # the whole batch: sampling
+    check_seconds: float  # the whole batch: the exact final check
+
+
 class GenerationWorker:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
@@ -81,6 +112,7 @@ class GenerationWorker:
         self.pipe = load_pipeline(settings.model_dir, device=self.device)
         self.shield = None
         self.encoder = None
+        self.history = None
         sources = []
         if settings.index_dir is not None:
             if settings.radius is None or not settings.radius > 0:
@@ -93,8 +125,27 @@ class GenerationWorker:
             self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
             sources.append(IndexSource(self.shield, settings.radius))
+        if settings.batch_radius is not None:
+            sources.append(BatchSource(settings.batch_radius))
+        if settings.history_radius is not None:
+            self.history = HistorySource(settings.history_radius, settings.history_size)
+            sources.append(self.history)
         self.scheduler = ShieldedScheduler(self.pipe.scheduler, sources, settings.spell)
         self.pipe.scheduler = self.scheduler
+
+    def sample_batch(self, attempts: list[Attempt]) -> BatchResult:
+        """Sample one batch of attempts and check every finished image exactly."""
+        settings = self.settings
+        started = time.time()
+        self.scheduler.bind_batch([SampleRow(a.spec.key, a.spec.prompt) for a in attempts])
+        extra = {} if settings.guidance_scale is None else {"guidance_scale": settings.guidance_scale}
+        images = sample_images(self.pipe, [a.spec.prompt for a in attempts], [a.seed for a in attempts], settings.steps, **extra)
+        pixels = to_uint8(images)
+        log = self.scheduler.reset_log()
+        sampled = time.time()
+        check = check_images(pixels, self.encoder, self.shield, settings.radius) if self.shield is not None else None
+        done = time.time()
+        return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, done - sampled)
 
     def run_unit(self, unit: Unit) -> dict:
         settings = self.settings
@@ -103,64 +154,62 @@ class GenerationWorker:
         timings = {"sample_seconds": 0.0, "check_seconds": 0.0, "write_seconds": 0.0}
         specs = list(unit.samples)
         for start in range(0, len(specs), settings.batch_size):
-            batch = specs[start : start + settings.batch_size]
-            t0 = time.time()
-            pixels = to_uint8(sample_images(self.pipe, [s.prompt for s in batch], [s.seed for s in batch], settings.steps))
-            t1 = time.time()
-            timings["sample_seconds"] += t1 - t0
-            log = self.scheduler.reset_log()
-            check = None
-            if self.shield is not None:
-                check = check_images(pixels, self.encoder, self.shield, settings.radius)
-            timings["check_seconds"] += time.time() - t1
-            seconds = (time.time() - t0) / len(batch)
-            neighbour_keys = self._neighbour_keys(log.hits, batch)
-            for row, spec in enumerate(batch):
-                row_hits = [h for h in log.hits if h.row == row]
-                for h in row_hits:
-                    hits.append(
-                        {
-                            "run": settings.run_name, "unit": unit.index, "sample": spec.key,
-                            "prompt_index": spec.prompt_index, "prompt": spec.prompt, "seed": spec.seed, "attempt": 1,
-                            "step": h.step, "timestep": h.timestep, "source": h.source,
-                            "neighbour_id": h.neighbour_id, "neighbour_key": neighbour_keys[(h.source, h.neighbour_id)],
-                            "distance": h.distance, "radius": h.radius, "weight": h.weight, "degenerate": h.degenerate,
-                            "used": h.used, "iteration": h.iteration, "correction_norm": h.correction_norm,
-                            "model_output_norm": h.model_output_norm, "delta_norm": h.delta_norm,
-                        }
-                    )
-                ratios = [h.correction_norm / h.model_output_norm for h in row_hits if h.model_output_norm > 0]
-                image_ref = f"{IMAGES_DIR}/{unit.name}.tar#{spec.key}.png"
-                sample = {
-                    "run": settings.run_name, "unit": unit.index, "sample": spec.key,
-                    "prompt_index": spec.prompt_index, "prompt": spec.prompt, "seed": spec.seed, "attempt": 1,
-                    "nearest_id": None, "nearest_key": None, "nearest_distance": None,
-                    "radius": settings.radius if self.shield is not None else None, "inside_shield": None,
-                    "active_steps": len({h.step for h in row_hits}), "steps": log.steps,
-                    "max_correction_ratio": max(ratios, default=0.0), "action": "kept",
-                    "image": image_ref, "seconds": seconds,
-                }
-                if check is not None:
-                    sample.update(nearest_id=int(check.ids[row]), nearest_key=check.keys[row],
-                                  nearest_distance=float(check.distances[row]), inside_shield=bool(check.inside[row]))
-                samples.append(sample)
-                meta = {k: sample[k] for k in ("sample", "prompt", "seed", "unit", "nearest_key", "nearest_distance", "inside_shield")}
-                images.append((spec.key, encode_png(pixels[row]), meta))
+            queue = [Attempt(spec, 1, spec.seed) for spec in specs[start : start + settings.batch_size]]
+            while queue:
+                result = self.sample_batch(queue)
+                timings["sample_seconds"] += result.sample_seconds
+                timings["check_seconds"] += result.check_seconds
+                queue = []
+                for row, attempt in enumerate(result.attempts):
+                    sample, row_hits = self._rows(unit, result, row)
+                    hits += row_hits
+                    samples.append(sample)
+                    if sample["action"] == RESAMPLED:
+                        queue.append(Attempt(attempt.spec, attempt.attempt + 1, derive_seed(attempt.spec.seed, attempt.attempt + 1)))
+                    if sample["action"] in WRITTEN_ACTIONS:
+                        meta = {k: sample[k] for k in ("sample", "prompt", "seed", "attempt", "unit", "nearest_key",
+                                                       "nearest_distance", "inside_shield", "action")}
+                        images.append((attempt.spec.key, encode_png(result.pixels[row]), meta))
+                        if self.history is not None and result.log.final_sample is not None:
+                            self.history.add(attempt.spec.prompt, attempt.spec.key, result.log.final_sample[row])
         t_write = time.time()
         write_unit(settings.run_dir, unit.name, images, hits, samples)
         timings["write_seconds"] = time.time() - t_write
-        return {"unit": unit.index, "samples": len(samples), "hits": len(hits), "seconds": round(time.time() - started, 4),
-                "node": _node_id(), "pid": os.getpid(), **{k: round(v, 4) for k, v in timings.items()}}
+        return {"unit": unit.index, "samples": len(specs), "written": len(images), "attempts": len(samples),
+                "hits": len(hits), "seconds": round(time.time() - started, 4), "node": _node_id(), "pid": os.getpid(),
+                **{k: round(v, 4) for k, v in timings.items()}}
 
-    def _neighbour_keys(self, hits, batch) -> dict:
-        keys = {}
-        index_ids = sorted({h.neighbour_id for h in hits if h.source == "index"})
-        if index_ids:
-            keys.update({("index", i): k for i, k in zip(index_ids, self.shield.keys(index_ids))})
-        for h in hits:
-            if h.source == "batch":
-                keys[("batch", h.neighbour_id)] = batch[h.neighbour_id].key
-        return keys
+    def _rows(self, unit: Unit, result: BatchResult, row: int) -> tuple[dict, list[dict]]:
+        """The sample row of one attempt (action decided here) and its hit rows."""
+        settings = self.settings
+        attempt = result.attempts[row]
+        spec = attempt.spec
+        ident = {"run": settings.run_name, "unit": unit.index, "sample": spec.key, "prompt_index": spec.prompt_index,
+                 "prompt": spec.prompt, "seed": attempt.seed, "attempt": attempt.attempt}
+        row_hits = [h for h in result.log.hits if h.row == row]
+        hits = [
+            {**ident, "step": h.step, "timestep": h.timestep, "source": h.source, "neighbour_id": h.neighbour_id,
+             "neighbour_key": h.neighbour_key, "distance": h.distance, "radius": h.radius, "weight": h.weight,
+             "degenerate": h.degenerate, "used": h.used, "iteration": h.iteration, "correction_norm": h.correction_norm,
+             "model_output_norm": h.model_output_norm, "delta_norm": h.delta_norm}
+            for h in row_hits
+        ]
+        ratios = [h.correction_norm / h.model_output_norm for h in row_hits if h.model_output_norm > 0]
+        check = result.check
+        inside = bool(check.inside[row]) if check is not None else None
+        action = decide(settings.on_breach, inside, attempt.attempt, settings.max_attempts)
+        sample = {
+            **ident, "nearest_id": None, "nearest_key": None, "nearest_distance": None,
+            "radius": settings.radius if self.shield is not None else None, "inside_shield": inside,
+            "active_steps": len({h.step for h in row_hits if h.used}), "steps": result.log.steps,
+            "max_correction_ratio": max(ratios, default=0.0), "action": action,
+            "image": f"{IMAGES_DIR}/{unit.name}.tar#{spec.key}.png" if action in WRITTEN_ACTIONS else None,
+            "seconds": result.seconds,
+        }
+        if check is not None:
+            sample.update(nearest_id=int(check.ids[row]), nearest_key=check.keys[row],
+                          nearest_distance=float(check.distances[row]))
+        return sample, hits
 
 
 def _node_id() -> str | None:

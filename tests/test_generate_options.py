@@ -1,0 +1,52 @@
+"""The SPELL and final-check options of ``generate`` on the command line: bad values are one line
+on stderr with exit code 2 and nothing written; good ones reach the run (run.json, sample rows)."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from jobs.cli import main
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-radius", "0", "--batch-radius must be > 0"),
+    ("--history-radius", "-1", "--history-radius must be > 0"),
+    ("--history-size", "0", "--history-size must be >= 1"),
+    ("--max-attempts", "0", "--max-attempts must be >= 1"),
+    ("--correction-iterations", "0", "--correction-iterations must be >= 1"),
+    ("--max-neighbours", "0", "--max-neighbours must be >= 1"),
+    ("--overcompensation", "0", "--overcompensation must be > 0"),
+])
+def test_bad_option_values(capsys, memorizer_model, tmp_path, flag, value, message):
+    code = main(["generate", "--model", memorizer_model, "--out", str(tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_policy_is_refused(capsys, memorizer_model, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", memorizer_model, "--out", str(tmp_path / "run"), "--on-breach", "ignore"])
+    assert exit_info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_reach_the_run(capsys, ray_session, memorizer_model, protected_index, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["generate", "--model", memorizer_model, "--index", protected_index, "--out", str(run_dir),
+                 "--num-images", "6", "--steps", "8", "--overcompensation", "1e-9", "--correction-iterations", "2",
+                 "--max-neighbours", "3", "--batch-radius", "100", "--on-breach", "drop"])
+    assert code == 0
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    assert config["spell"] == {"overcompensation": 1e-9, "max_neighbours": 3, "correction_iterations": 2}
+    assert (config["on_breach"], config["batch_radius"], config["max_attempts"]) == ("drop", 100.0, 4)
+    rows = pd.read_parquet(run_dir / "audit" / "samples")
+    hits = pd.read_parquet(run_dir / "audit" / "hits")
+    assert len(rows) == 6 and (rows["attempt"] == 1).all()  # drop: one attempt each
+    assert (rows["action"] == rows["inside_shield"].map({True: "dropped", False: "kept"})).all()
+    assert set(hits["source"]) == {"index", "batch"}
+    # at most 3 neighbours per source, step and iteration entered the sum; the rest are logged unused
+    used = hits[hits["used"]].groupby(["sample", "step", "iteration", "source"]).size()
+    assert used.max() <= 3
+    assert (~hits["used"]).any() and (hits.loc[~hits["used"], "weight"] == 0).all()

@@ -1,0 +1,82 @@
+"""generate --model on real conditional pipelines (tiny, saved to disk): a StableDiffusionPipeline
+with classifier-free guidance and a StableDiffusion3Pipeline (flow matching), each shielded by an
+index built in its own VAE's latent space, with prompts from a JSONL file and the batch and
+history sources on. Runs the real jobs on the session's Ray cluster."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from jobs.build_index import build_index
+from jobs.dataflow import EncodeOptions
+from jobs.generate import generate, validate
+from jobs.runtime import UsageError
+from tests import tiny_pipelines
+from tests.test_generate import gen_args, tar_images
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    {"prompt": "a red cat", "num_images": 3},
+    "a dog",
+    {"prompt": "a bird", "seeds": [7, 8]},
+]
+
+
+@pytest.fixture(scope="module")
+def conditional_runs(ray_session, digits_corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("conditional")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    runs = {}
+    for name, save, resolution in (("sd", tiny_pipelines.save_stable_diffusion, 16), ("sd3", tiny_pipelines.save_sd3, 8)):
+        model = save(str(tmp / name))
+        index = str(tmp / f"{name}-index")
+        build_index(digits_corpus[0], index, EncodeOptions(encoder=os.path.join(model, "vae"), resolution=resolution,
+                                                           batch_size=128))
+        out = tmp / f"{name}-run"
+        config = validate(gen_args(model, out, index, num_images=None, prompts=str(prompts), batch_size=2, steps=6,
+                                   batch_radius=1e3, history_radius=1e3, history_size=2, guidance_scale=3.0))
+        generate(config)
+        runs[name] = (str(out), config, resolution)
+    return runs
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_prompts_run_shielded(conditional_runs, name):
+    out, config, resolution = conditional_runs[name]
+    rows = pd.read_parquet(os.path.join(out, "audit", "samples"))
+    final = rows[rows["action"] != "resampled"]
+    assert len(final) == 6 and final["sample"].is_unique
+    assert final.groupby("prompt").size().to_dict() == {"a red cat": 3, "a dog": 1, "a bird": 2}
+    assert sorted(final.loc[(final["prompt"] == "a bird") & (final["attempt"] == 1), "seed"]) == [7, 8]
+    assert final["nearest_key"].notna().all() and final["radius"].notna().all()
+    images = tar_images(os.path.join(out, "images", "unit-00000.tar"))
+    assert set(images) == set(final.loc[final["image"].notna(), "sample"])
+    assert all(im.shape == (resolution, resolution, 3) for im in images.values())
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_batch_and_history_hits_stay_within_a_prompt(conditional_runs, name):
+    out, config, _ = conditional_runs[name]
+    rows = pd.read_parquet(os.path.join(out, "audit", "samples"))
+    hits = pd.read_parquet(os.path.join(out, "audit", "hits"))
+    prompt_of = dict(zip(rows["sample"], rows["prompt"]))
+    batch = hits[hits["source"] == "batch"]
+    history = hits[hits["source"] == "history"]
+    assert len(batch) > 0 and len(history) > 0
+    # a sibling of the same prompt, never the sample itself, never another prompt
+    assert (batch["neighbour_key"] != batch["sample"]).all()
+    assert (batch["neighbour_key"].map(prompt_of) == batch["prompt"]).all()
+    # batches of 2: [cat, cat], [cat, dog], [bird, bird]; the third cat is pushed from the first
+    # two (earlier outputs of its prompt), nobody else has an earlier output of their prompt
+    assert (history["neighbour_key"].map(prompt_of) == history["prompt"]).all()
+    assert set(history["prompt"]) == {"a red cat"} and set(history["neighbour_key"]) <= {"s000000", "s000001"}
+    assert (history["radius"] == 1e3).all() and (batch["radius"] == 1e3).all()
+
+
+def test_guidance_scale_needs_a_conditional_model(ray_session, memorizer_model, tmp_path):
+    with pytest.raises(UsageError, match="unconditional"):
+        validate(gen_args(memorizer_model, tmp_path / "run", guidance_scale=2.0))
