@@ -55,8 +55,8 @@ def run_policy(model, index, run_dir, policy, max_attempts=3):
     for unit in units:
         worker.run_unit(unit)
     rows = pd.read_parquet(os.path.join(run_dir, "audit", "samples"))
-    rechecked = pd.DataFrame([r for tar in sorted(glob.glob(f"{run_dir}/images/*.tar"))
-                              for r in recheck_unit(tar, index, radius)])
+    written = rows[rows["image"].notna()]
+    rechecked = pd.DataFrame(recheck_unit(run_dir, list(zip(written["sample"], written["image"])), index, radius))
     return rows, rechecked, radius
 
 

@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 
 from jobs.cli import main
-from jobs.generate import generate, validate
 from tests.conftest import ROOT
-from tests.test_generate import gen_args, tar_images
+from tests.test_generate import tar_images
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +30,16 @@ def cli_args(model, index, out):
 
 @pytest.fixture(scope="module")
 def clean_run(ray_session, memorizer_model, protected_index, tmp_path_factory):
+    """The same options, run once without interruption (through the same CLI as the drivers)."""
     out = tmp_path_factory.mktemp("clean") / "run"
-    generate(validate(gen_args(memorizer_model, out, protected_index, **RUN_ARGS)))
+    assert main(["generate"] + cli_args(memorizer_model, protected_index, out)) == 0
     return str(out)
 
 
 def run_contents(run_dir):
-    samples = pd.read_parquet(os.path.join(run_dir, "audit", "samples")).sort_values("sample").reset_index(drop=True)
+    samples = pd.read_parquet(os.path.join(run_dir, "audit", "samples")).sort_values(["sample", "attempt"]).reset_index(drop=True)
     hits = pd.read_parquet(os.path.join(run_dir, "audit", "hits"))
-    hits = hits.drop(columns=["run"]).sort_values(["sample", "step", "iteration", "neighbour_id"]).reset_index(drop=True)
+    hits = hits.drop(columns=["run"]).sort_values(["sample", "attempt", "step", "iteration", "source", "neighbour_id"]).reset_index(drop=True)
     images = {}
     for tar in glob.glob(os.path.join(run_dir, "images", "*.tar")):
         for key, image in tar_images(tar).items():
@@ -51,13 +51,16 @@ def run_contents(run_dir):
 def assert_same_as_clean(run_dir, clean_dir):
     samples, hits, images = run_contents(run_dir)
     clean_samples, clean_hits, clean_images = run_contents(clean_dir)
-    assert len(samples) == RUN_ARGS["num_images"] and samples["sample"].is_unique
-    assert sorted(images) == sorted(samples["sample"]) == sorted(clean_images)
+    # one row per attempt (a breach is resampled); every requested sample once among the written
+    written = samples[samples["image"].notna()]
+    assert set(samples["sample"]) == set(written["sample"]) and len(set(samples["sample"])) == RUN_ARGS["num_images"]
+    assert written["sample"].is_unique
+    assert sorted(images) == sorted(written["sample"]) == sorted(clean_images)
     for key in images:
         assert (images[key] == clean_images[key]).all()
     # hit rows of aborted attempts are not counted: exactly the clean run's rows
     pd.testing.assert_frame_equal(hits, clean_hits)
-    cols = ["sample", "seed", "nearest_id", "nearest_distance", "inside_shield", "active_steps"]
+    cols = ["sample", "attempt", "seed", "nearest_id", "nearest_distance", "inside_shield", "active_steps", "action"]
     pd.testing.assert_frame_equal(samples[cols], clean_samples[cols])
     assert not glob.glob(os.path.join(run_dir, "**", "*.tmp-*"), recursive=True)
 
