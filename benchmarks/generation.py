@@ -74,7 +74,7 @@ def main() -> None:
 
     from jobs.build_index import build_index
     from jobs.dataflow import EncodeOptions
-    from jobs.generate import generate, validate
+    from jobs.generate import Placement, generate, validate
     from jobs.memorizer import build_memorizer
     from tests.test_generate import gen_args
 
@@ -94,7 +94,7 @@ def main() -> None:
         config = validate(gen_args(model, run_dir, shield, num_images=args.images, steps=args.steps,
                                    batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers))
         started = time.time()
-        generate(config, workers=args.workers)
+        generate(config, Placement(workers=args.workers))
         results["runs"][name] = {"wall_seconds": round(time.time() - started, 3), **unit_breakdown(run_dir)}
         print(name, json.dumps(results["runs"][name]), flush=True)
     plain, shielded = results["runs"]["unshielded"], results["runs"]["shielded"]

@@ -53,13 +53,22 @@ def verify_index(index_dir: str) -> dict:
     return {"count": manifest.count, "shards": len(manifest.shards), "rejects": manifest.rejects, "dtype": manifest.dtype}
 
 
+def verify_checksums(index_dir: str, manifest, shards=None) -> None:
+    """Every shard file and id table (of ``shards``, default all) present with the manifest's sha256.
+
+    This is the check a searcher runs before it trusts its shards (fail closed); verify_index
+    runs it too, then the deeper checks."""
+    for shard in manifest.shards if shards is None else [manifest.shards[n] for n in shards]:
+        for name, expected in ((shard.file, shard.sha256), (shard.ids_file, shard.ids_sha256)):
+            path = os.path.join(index_dir, name)
+            if not os.path.isfile(path):
+                raise IndexFormatError(f"index file {path} is missing")
+            if file_sha256(path) != expected:
+                raise IndexFormatError(f"index file {path} does not match its sha256 in the manifest (corrupted or replaced)")
+
+
 def _verify_shard(index_dir: str, manifest, shard) -> None:
-    for name, expected in ((shard.file, shard.sha256), (shard.ids_file, shard.ids_sha256)):
-        path = os.path.join(index_dir, name)
-        if not os.path.isfile(path):
-            raise IndexFormatError(f"{name} is missing")
-        if file_sha256(path) != expected:
-            raise IndexFormatError(f"{name}: sha256 differs from the manifest's (corrupted or replaced)")
+    verify_checksums(index_dir, manifest, [manifest.shards.index(shard)])
     try:
         index = faiss.read_index(os.path.join(index_dir, shard.file))
     except RuntimeError as exc:

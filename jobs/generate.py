@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 from indexing.encoders import autoencoder_fingerprint
@@ -29,7 +29,7 @@ from pipeline.invoke import takes_prompt
 from pipeline.loading import ModelDirError, describe_model, pipeline_class
 from pipeline.scheduler import SpellConfig
 from workers.breach import POLICIES
-from workers.generation import WorkerSettings
+from workers.generation import ShieldUnavailable, WorkerSettings
 from workers.unit_writer import unit_done
 from workers.units import PromptRequest, PromptsError, plan_samples, plan_units, read_prompts
 
@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="generation actors (default: one per GPU, else 1)")
     parser.add_argument("--search-backend", default="exact", choices=list(BACKENDS),
                         help="index search backend (README: Search backends)")
+    parser.add_argument("--worker-resources", default=None, metavar="JSON",
+                        help="Ray custom resources each generation actor asks for, e.g. '{\"node_b\": 0.01}'")
+    parser.add_argument("--index-servers", type=int, default=0,
+                        help="serve the index from this many index-shard actors instead of loading it in every worker")
+    parser.add_argument("--index-resources", default=None, metavar="JSON",
+                        help="Ray custom resources each index-shard actor asks for (placement on a node)")
     parser.add_argument("--max-unit-attempts", type=int, default=3,
                         help="attempts per work unit before the job fails (a dead worker or an unsearchable shield)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
@@ -339,15 +345,54 @@ class Progress:
             progress(line)
 
 
-def generate(config: GenerateConfig, workers: int | None = None, args: dict | None = None, max_attempts: int = 3) -> dict:
+@dataclass(frozen=True)
+class Placement:
+    """Where the job's actors run and how hard it retries; none of it changes a sample."""
+
+    workers: int | None = None  # generation actors (default: one per GPU, else 1)
+    worker_resources: dict | None = None  # Ray custom resources each generation actor asks for
+    index_servers: int = 0  # shield served by this many index-shard actors (0: each worker loads it)
+    index_resources: dict | None = None  # Ray custom resources each index-shard actor asks for
+    max_unit_attempts: int = 3
+
+
+def parse_resources(flag: str, text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} is not JSON: {exc.msg}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise UsageError(f"{flag} must be a JSON object of positive amounts, e.g. '{{\"node_b\": 0.01}}'")
+    return value
+
+
+def start_shield_servers(config: GenerateConfig, placement: Placement, gpus: int):
+    """Index-shard actors serving the run's index (fail closed: each checks its shards' sha256)."""
+    from workers.generation import verify_index_files
+    from workers.index_client import start_index_servers
+
+    verify_index_files(config.index)
+    options = {"num_cpus": 0.25, "max_restarts": -1}  # a lost server comes back; its callers' units are retried
+    if placement.index_resources:
+        options["resources"] = placement.index_resources
+    backend = config.search_backend if config.search_backend in ("exact", "faiss", "projected") else "exact"
+    return start_index_servers(config.index, parts=placement.index_servers, backend=backend, device="cpu",
+                               actor_options=options)
+
+
+def generate(config: GenerateConfig, placement: Placement | None = None, args: dict | None = None) -> dict:
     """Python API: run the planned units on Ray actors (Ray must be up); skips finished units.
 
-    Raises UnitFailed when a unit fails ``max_attempts`` times (run.json then says "failed").
+    Raises UnitFailed when a unit fails ``placement.max_unit_attempts`` times (run.json then
+    says "failed"), and ShieldUnavailable when index servers cannot start on a sound index.
     """
     import ray
 
     from workers.generation import GenerationWorker
 
+    placement = placement or Placement()
     args = args if args is not None else {}
     units = plan_units(plan_samples(list(config.requests), config.seed), config.unit_size)
     os.makedirs(config.out, exist_ok=True)
@@ -358,19 +403,29 @@ def generate(config: GenerateConfig, workers: int | None = None, args: dict | No
     write_run_json(config, "running", info, args)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = workers or (gpus if gpus else 1)
+    count = placement.workers or (gpus if gpus else 1)
     # A fraction of a CPU per actor: a whole one each starves Ray on small machines. SPREAD puts
     # the actors on different nodes when there are several.
     options = {"num_gpus": 1, "num_cpus": 0.25} if gpus else {"num_cpus": 0.5}
+    if placement.worker_resources:
+        options["resources"] = placement.worker_resources
     threads = None if gpus else max(1, cpus // max(count, 1))
     actor_cls = ray.remote(GenerationWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **options)
-    settings = worker_settings(config, threads)
+    servers = None
+    if config.index and placement.index_servers:
+        servers = start_shield_servers(config, placement, gpus)
+        info["index_servers"] = [{"node": i["node"], "pid": i["pid"], "shards": i["shards"]} for i in servers.server_info()]
+    settings = replace(worker_settings(config, threads), remote_shield=servers)
     tracker = Progress(config, args, info)
     try:
-        stats = run_units(todo, lambda: actor_cls.remote(settings), count, tracker.unit_done, max_attempts=max_attempts)
+        stats = run_units(todo, lambda: actor_cls.remote(settings), count, tracker.unit_done,
+                          max_attempts=placement.max_unit_attempts)
     except UnitFailed as exc:
         write_run_json(config, "failed", info, args, error=str(exc))
         raise
+    finally:
+        if servers is not None:
+            servers.close()
     info.update(attempts=stats.attempts, retries=stats.retries, actors_replaced=stats.actors_replaced,
                 seconds=round(time.time() - tracker.started, 3))
     write_run_json(config, "finished", info, args)
@@ -380,6 +435,12 @@ def generate(config: GenerateConfig, workers: int | None = None, args: dict | No
 def run(args) -> int:
     if args.max_unit_attempts < 1:
         raise UsageError(f"--max-unit-attempts must be >= 1, got {args.max_unit_attempts}")
+    if args.index_servers < 0:
+        raise UsageError(f"--index-servers must be >= 0, got {args.index_servers}")
+    placement = Placement(workers=args.workers, worker_resources=parse_resources("--worker-resources", args.worker_resources),
+                          index_servers=args.index_servers,
+                          index_resources=parse_resources("--index-resources", args.index_resources),
+                          max_unit_attempts=args.max_unit_attempts)
     if args.resume is not None:
         config, saved_args = resume_config(args)
         if read_run_json(args.resume).get("status") == "finished":
@@ -391,10 +452,12 @@ def run(args) -> int:
         for key in ("model", "out", "index", "prompts"):  # so that --resume works from any directory
             if saved_args[key] is not None:
                 saved_args[key] = os.path.abspath(saved_args[key])
+    if placement.index_servers and not config.index:
+        raise UsageError("--index-servers needs --index")
     with ray_cluster(args.address):
         try:
-            generate(config, args.workers, saved_args, args.max_unit_attempts)
-        except UnitFailed as exc:
+            generate(config, placement, saved_args)
+        except (UnitFailed, ShieldUnavailable) as exc:
             print(f"spellshield generate: failed: {exc} (finished units are kept; "
                   f"rerun with --resume {config.out})", file=sys.stderr)
             return 1

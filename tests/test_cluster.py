@@ -37,6 +37,18 @@ def test_two_node_cluster(digits_corpus, memorizer_model, tmp_path):
         nodes = {u["node"] for u in run["progress"]["units"].values()}
         assert len(nodes) == 2, nodes  # units ran on both nodes
 
+        # The shield served by an index-shard actor on the head, the generation workers on node b.
+        run_c = str(tmp_path / "run-c")
+        placed = head.submit(["python", "-m", "jobs.generate", "--model", memorizer_model, "--index", index, "--out", run_c,
+                              "--num-images", "8", "--unit-size", "4", "--batch-size", "4", "--steps", "30",
+                              "--workers", "1", "--worker-resources", '{"node_b": 0.01}',
+                              "--index-servers", "1", "--index-resources", '{"head_node": 0.01}'], cwd=ROOT)
+        assert placed.returncode == 0, placed.stdout[-3000:] + placed.stderr[-3000:]
+        run = json.load(open(os.path.join(run_c, "run.json")))
+        server_nodes = {s["node"] for s in run["progress"]["index_servers"]}
+        worker_nodes = {u["node"] for u in run["progress"]["units"].values()}
+        assert len(server_nodes) == 1 and len(worker_nodes) == 1 and server_nodes != worker_nodes
+
         audited = head.submit(["python", "-m", "jobs.audit", run_a, "--index", index], cwd=ROOT)
         assert audited.returncode == 0, audited.stdout[-3000:] + audited.stderr[-3000:]
         assert json.load(open(os.path.join(run_a, "audit", "summary.json")))["num_samples"] == 32

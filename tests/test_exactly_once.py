@@ -164,3 +164,53 @@ def test_unsearchable_shield_fails_closed(ray_session, memorizer_model, protecte
     assert not glob.glob(str(out / "images" / "*")) and not glob.glob(str(out / "audit" / "*" / "*"))
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "failed" and expected in run["error"]
+
+
+def test_index_server_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
+    # The shield served by an index-shard actor: killing it fails the units that were searching
+    # (nothing of them is written), Ray brings the server back, the units are retried.
+    out = tmp_path / "run"
+    proc = driver(cli_args(memorizer_model, protected_index, out) + ["--index-servers", "1"],
+                  ray_session.get_runtime_context().gcs_address)
+    try:
+        wait_for(lambda: done_units(out) >= 1, what="a first unit")
+        servers = processes_with(b"ray::IndexShardServer")
+        assert servers
+        for pid in servers:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["progress"]["index_servers"]
+    assert_same_as_clean(str(out), clean_run)
+
+
+def test_index_server_that_cannot_come_back_fails_the_job(ray_session, memorizer_model, protected_index, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(protected_index, index)
+    out = tmp_path / "run"
+    proc = driver(cli_args(memorizer_model, str(index), out) + ["--index-servers", "1", "--max-unit-attempts", "2"],
+                  ray_session.get_runtime_context().gcs_address)
+    try:
+        wait_for(lambda: done_units(out) >= 1, what="a first unit")
+        shard = index / "shards" / "shard-00000.faiss"
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))  # the restarted server will refuse this shard
+        for pid in processes_with(b"ray::IndexShardServer"):
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("spellshield generate: failed: unit") and "--resume" in last
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed"
+    # units finished before the failure stay whole; nothing else was written
+    finished = done_units(out)
+    assert finished >= 1 and len(glob.glob(str(out / "images" / "*.tar"))) == finished

@@ -58,13 +58,16 @@ def test_corrupted_shard_bytes(copy, capsys):
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     code, err = verify(capsys, copy)
-    assert code == 2 and err == ["spellshield index: error: shards/shard-00001.faiss: sha256 differs from the manifest's (corrupted or replaced)"]
+    path = os.path.join(copy, "shards", "shard-00001.faiss")
+    assert code == 2 and err == [f"spellshield index: error: index file {path} does not match its sha256 in the manifest "
+                                 "(corrupted or replaced)"]
 
 
 def test_missing_ids_file(copy, capsys):
     os.remove(os.path.join(copy, "shards", "ids-00002.parquet"))
     code, err = verify(capsys, copy)
-    assert code == 2 and err == ["spellshield index: error: shards/ids-00002.parquet is missing"]
+    path = os.path.join(copy, "shards", "ids-00002.parquet")
+    assert code == 2 and err == [f"spellshield index: error: index file {path} is missing"]
 
 
 def test_duplicated_id(copy, capsys):

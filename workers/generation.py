@@ -27,7 +27,8 @@ import torch
 from indexing.corpus import encode_png
 from indexing.encoders import Encoder
 from indexing.faiss_search import gpu_available as faiss_gpu_available
-from indexing.manifest import file_sha256, read_manifest
+from indexing.manifest import IndexFormatError, read_manifest
+from indexing.verify import verify_checksums
 from indexing.search import open_index
 from pipeline.invoke import sample_images, to_uint8
 from pipeline.loading import load_pipeline
@@ -37,6 +38,7 @@ from workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
 from workers.final_check import FinalCheck, check_images
 from workers.unit_writer import IMAGES_DIR, write_unit
 from workers.units import SampleSpec, Unit
+from workers.placement import node_id
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class WorkerSettings:
     on_breach: str = "resample"  # resample | drop | flag (workers.breach)
     max_attempts: int = 4  # attempts per sample in all, with on_breach=resample
     guidance_scale: float | None = None  # passed to conditional pipelines; None: the pipeline's default
+    remote_shield: object | None = None  # index served by shard actors (workers.index_client); None: load it here
 
     @property
     def run_name(self) -> str:
@@ -75,14 +78,10 @@ class ShieldUnavailable(RuntimeError):
 
 def verify_index_files(index_dir: str) -> None:
     """Every shard file and id table present with the sha256 the manifest records."""
-    manifest = read_manifest(index_dir)
-    for shard in manifest.shards:
-        for name, expected in ((shard.file, shard.sha256), (shard.ids_file, shard.ids_sha256)):
-            path = os.path.join(index_dir, name)
-            if not os.path.isfile(path):
-                raise ShieldUnavailable(f"index file {path} is missing")
-            if file_sha256(path) != expected:
-                raise ShieldUnavailable(f"index file {path} does not match its sha256 in the manifest")
+    try:
+        verify_checksums(index_dir, read_manifest(index_dir))
+    except IndexFormatError as exc:
+        raise ShieldUnavailable(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,15 @@ class GenerationWorker:
         if settings.index_dir is not None:
             if settings.radius is None or not settings.radius > 0:
                 raise ValueError(f"a shielded run needs a radius > 0, got {settings.radius!r}")
-            # Fail closed: a shield that is not the one the manifest describes is no shield.
-            verify_index_files(settings.index_dir)
-            backend_device = self.device
-            if settings.search_backend == "faiss" and not faiss_gpu_available():
-                backend_device = "cpu"
-            self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
+            if settings.remote_shield is not None:
+                self.shield = settings.remote_shield  # its servers checked their shards' sha256 when they started
+            else:
+                # Fail closed: a shield that is not the one the manifest describes is no shield.
+                verify_index_files(settings.index_dir)
+                backend_device = self.device
+                if settings.search_backend == "faiss" and not faiss_gpu_available():
+                    backend_device = "cpu"
+                self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
             sources.append(IndexSource(self.shield, settings.radius))
         if settings.batch_radius is not None:
@@ -176,7 +178,7 @@ class GenerationWorker:
         write_unit(settings.run_dir, unit.name, images, hits, samples)
         timings["write_seconds"] = time.time() - t_write
         return {"unit": unit.index, "samples": len(specs), "written": len(images), "attempts": len(samples),
-                "hits": len(hits), "seconds": round(time.time() - started, 4), "node": _node_id(), "pid": os.getpid(),
+                "hits": len(hits), "seconds": round(time.time() - started, 4), "node": node_id(), "pid": os.getpid(),
                 **{k: round(v, 4) for k, v in timings.items()}}
 
     def _rows(self, unit: Unit, result: BatchResult, row: int) -> tuple[dict, list[dict]]:
@@ -210,13 +212,3 @@ class GenerationWorker:
             sample.update(nearest_id=int(check.ids[row]), nearest_key=check.keys[row],
                           nearest_distance=float(check.distances[row]))
         return sample, hits
-
-
-def _node_id() -> str | None:
-    """The Ray node this worker runs on (None outside Ray): recorded per unit in run.json."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:
-        return None

@@ -32,6 +32,10 @@ class RemoteShardedShield(ShardedShield):
     def _map_one(self, part: int, method: str, *args):
         return ray.get(getattr(self.parts[part], method).remote(*args))
 
+    def server_info(self) -> list[dict]:
+        """Each server's shards, node and process (without the manifest)."""
+        return [{k: v for k, v in info.items() if k != "manifest"} for info in ray.get([a.info.remote() for a in self.parts])]
+
     def part_stats(self) -> list[dict]:
         return ray.get([actor.stats.remote() for actor in self.parts])
 

@@ -11,17 +11,23 @@ crosses the wire:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from indexing.search import open_part
 from indexing.manifest import read_manifest
+from indexing.verify import verify_checksums
 from indexing.shield import as_query_tensor
+from workers.placement import node_id
 
 
 class IndexShardServer:
     def __init__(self, index_dir: str, shards, backend: str = "exact", device: str = "cpu", **options):
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
+        # Fail closed: a server (or a restarted one) serves only shards that match the manifest.
+        verify_checksums(index_dir, self.manifest, list(shards))
         self.shield = open_part(index_dir, self.manifest, backend, device, list(shards), **options)
 
     def range_search64(self, queries: np.ndarray, radii: np.ndarray, max_k: int | None):
@@ -48,4 +54,6 @@ class IndexShardServer:
             "count": self.shield.count,
             "backend": self.shield.backend,
             "device": str(self.shield.device),
+            "node": node_id(),
+            "pid": os.getpid(),
         }
