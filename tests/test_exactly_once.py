@@ -97,20 +97,36 @@ def done_units(run_dir):
     return len(glob.glob(os.path.join(run_dir, "audit", "samples", "unit-*.parquet")))
 
 
-def test_worker_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
-    out = tmp_path / "run"
-    proc = driver(cli_args(memorizer_model, protected_index, out), ray_session.get_runtime_context().gcs_address)
+def interrupted_run(ray_session, args, out, interrupt) -> tuple[int, str]:
+    """Run a generate driver in its own process, call ``interrupt()`` once a first unit is done,
+    and let the driver finish: (exit status, output)."""
+    proc = driver(args, ray_session.get_runtime_context().gcs_address)
     try:
         wait_for(lambda: done_units(out) >= 1, what="a first unit")
-        wait_for(lambda: processes_with(b"ray::GenerationWorker.run_unit"), what="a unit in progress")
-        victims = processes_with(b"ray::GenerationWorker.run_unit")
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+        interrupt()
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
+    return proc.returncode, output
+
+
+def kill_all(title: bytes) -> None:
+    victims = processes_with(title)
+    assert victims, f"no {title!r} process"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
+    out = tmp_path / "run"
+
+    def kill_worker_mid_unit():
+        wait_for(lambda: processes_with(b"ray::GenerationWorker.run_unit"), what="a unit in progress")
+        kill_all(b"ray::GenerationWorker.run_unit")
+
+    code, output = interrupted_run(ray_session, cli_args(memorizer_model, protected_index, out), out, kill_worker_mid_unit)
+    assert code == 0, output[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished"
     assert run["progress"]["retries"] >= 1 and run["progress"]["actors_replaced"] >= 1
@@ -170,19 +186,9 @@ def test_index_server_killed_mid_unit(ray_session, memorizer_model, protected_in
     # The shield served by an index-shard actor: killing it fails the units that were searching
     # (nothing of them is written), Ray brings the server back, the units are retried.
     out = tmp_path / "run"
-    proc = driver(cli_args(memorizer_model, protected_index, out) + ["--index-servers", "1"],
-                  ray_session.get_runtime_context().gcs_address)
-    try:
-        wait_for(lambda: done_units(out) >= 1, what="a first unit")
-        servers = processes_with(b"ray::IndexShardServer")
-        assert servers
-        for pid in servers:
-            os.kill(pid, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
+    args = cli_args(memorizer_model, protected_index, out) + ["--index-servers", "1"]
+    code, output = interrupted_run(ray_session, args, out, lambda: kill_all(b"ray::IndexShardServer"))
+    assert code == 0, output[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["progress"]["index_servers"]
     assert_same_as_clean(str(out), clean_run)
@@ -192,21 +198,17 @@ def test_index_server_that_cannot_come_back_fails_the_job(ray_session, memorizer
     index = tmp_path / "index"
     shutil.copytree(protected_index, index)
     out = tmp_path / "run"
-    proc = driver(cli_args(memorizer_model, str(index), out) + ["--index-servers", "1", "--max-unit-attempts", "2"],
-                  ray_session.get_runtime_context().gcs_address)
-    try:
-        wait_for(lambda: done_units(out) >= 1, what="a first unit")
+
+    def corrupt_then_kill_server():
         shard = index / "shards" / "shard-00000.faiss"
         data = bytearray(shard.read_bytes())
         data[-5] ^= 0xFF
         shard.write_bytes(bytes(data))  # the restarted server will refuse this shard
-        for pid in processes_with(b"ray::IndexShardServer"):
-            os.kill(pid, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, output[-3000:]
+        kill_all(b"ray::IndexShardServer")
+
+    args = cli_args(memorizer_model, str(index), out) + ["--index-servers", "1", "--max-unit-attempts", "2"]
+    code, output = interrupted_run(ray_session, args, out, corrupt_then_kill_server)
+    assert code == 1, output[-3000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith("spellshield generate: failed: unit") and "--resume" in last
     run = json.loads((out / "run.json").read_text())
