@@ -74,7 +74,7 @@ def main() -> None:
 
     from jobs.build_index import build_index
     from jobs.dataflow import EncodeOptions
-    from jobs.generate import Placement, generate, validate
+    from jobs.generate import DEFAULT_SPELL, Placement, generate, validate
     from jobs.memorizer import build_memorizer
     from tests.test_generate import gen_args
 
@@ -92,7 +92,10 @@ def main() -> None:
     for name, shield in (("unshielded", None), ("shielded", index)):
         run_dir = os.path.join(args.out, name)
         config = validate(gen_args(model, run_dir, shield, num_images=args.images, steps=args.steps,
-                                   batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers))
+                                   batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers,
+                                   # the CLI's defaults (lam 10, M 5, resample), not the tests'
+                                   overcompensation=DEFAULT_SPELL.overcompensation,
+                                   correction_iterations=DEFAULT_SPELL.correction_iterations))
         started = time.time()
         generate(config, Placement(workers=args.workers))
         results["runs"][name] = {"wall_seconds": round(time.time() - started, 3), **unit_breakdown(run_dir)}
