@@ -7,11 +7,11 @@ with torch and numpy alone (the GPU benchmark runs where FAISS, PIL and pyarrow 
 from importlib import import_module
 
 _EXPORTS = {
-    "PIXELS": ".encoders",
+    "PIXELS": ".latent",
     "CorpusError": ".corpus",
     "Encoder": ".encoders",
     "IndexFormatError": ".manifest",
-    "LatentSpec": ".encoders",
+    "LatentSpec": ".latent",
     "Manifest": ".manifest",
     "Reject": ".corpus",
     "Sample": ".corpus",

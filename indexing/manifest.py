@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .encoders import LatentSpec
+from .latent import LatentSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .corpus import CorpusError
-from .encoders import LatentSpec
+from .latent import LatentSpec
 from .manifest import MANIFEST, REJECTS, Manifest, ShardInfo, file_sha256, write_json_atomic
 
 DTYPES = ("float32", "float16")

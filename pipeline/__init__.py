@@ -3,26 +3,33 @@ shield sources, the memorizer model and the audit record schema. No Ray, no file
 diffusers' own save/load.
 
 Classes that a saved pipeline names in its ``model_index.json`` (library ``pipeline``) are
-exported here so that diffusers can find them when it loads the directory.
+exported here so that diffusers can find them when it loads the directory. Names are imported on
+first use (PEP 562), so that ``import pipeline.records`` or the CLI's ``--help`` do not pay for
+diffusers.
 """
 
-from .memorizer import MemorizerPipeline, MemorizerUNet
-from .repellency import Neighbours, Repulsion, repel
-from .scheduler import HitRecord, ShieldedScheduler, SpellConfig
-from .sources import BatchSource, HistorySource, IndexSource, SampleRow, StaticSource
+from importlib import import_module
 
-__all__ = [
-    "BatchSource",
-    "HistorySource",
-    "HitRecord",
-    "IndexSource",
-    "MemorizerPipeline",
-    "MemorizerUNet",
-    "Neighbours",
-    "Repulsion",
-    "SampleRow",
-    "ShieldedScheduler",
-    "SpellConfig",
-    "StaticSource",
-    "repel",
-]
+_EXPORTS = {
+    "BatchSource": ".sources",
+    "HistorySource": ".sources",
+    "HitRecord": ".scheduler",
+    "IndexSource": ".sources",
+    "MemorizerPipeline": ".memorizer",
+    "MemorizerUNet": ".memorizer",
+    "Neighbours": ".repellency",
+    "Repulsion": ".repellency",
+    "SampleRow": ".sources",
+    "ShieldedScheduler": ".scheduler",
+    "SpellConfig": ".scheduler",
+    "StaticSource": ".sources",
+    "repel": ".repellency",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
