@@ -18,9 +18,10 @@ from tests.test_generate import gen_args, tar_images
 
 pytestmark = pytest.mark.slow
 
+DOG = "../../a/dog\\..\\x"  # a prompt shaped like a path: it must never become one
 PROMPTS = [
     {"prompt": "a red cat", "num_images": 3},
-    "a dog",
+    DOG,
     {"prompt": "a bird", "seeds": [7, 8]},
 ]
 
@@ -50,12 +51,17 @@ def test_prompts_run_shielded(conditional_runs, name):
     rows = pd.read_parquet(os.path.join(out, "audit", "samples"))
     final = rows[rows["action"] != "resampled"]
     assert len(final) == 6 and final["sample"].is_unique
-    assert final.groupby("prompt").size().to_dict() == {"a red cat": 3, "a dog": 1, "a bird": 2}
+    assert final.groupby("prompt").size().to_dict() == {"a red cat": 3, DOG: 1, "a bird": 2}
     assert sorted(final.loc[(final["prompt"] == "a bird") & (final["attempt"] == 1), "seed"]) == [7, 8]
     assert final["nearest_key"].notna().all() and final["radius"].notna().all()
     images = tar_images(os.path.join(out, "images", "unit-00000.tar"))
     assert set(images) == set(final.loc[final["image"].notna(), "sample"])
     assert all(im.shape == (resolution, resolution, 3) for im in images.values())
+    # files are named by the run, never by a prompt: nothing outside the run directory, no "dog"
+    written = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files]
+    assert all(os.path.realpath(w).startswith(os.path.realpath(out) + os.sep) for w in written)
+    assert not any("dog" in w for w in written)
+    assert not os.path.exists(os.path.join(os.path.dirname(out), "a"))
 
 
 @pytest.mark.parametrize("name", ["sd", "sd3"])
