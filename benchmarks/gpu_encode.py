@@ -59,10 +59,10 @@ def pipeline_throughput(tars: list[str], spec: str, resolution: int, batch_size:
 
 
 def bare_throughput(tars: list[str], spec: str, resolution: int, batch_size: int, device: str, limit: int) -> float:
+    """The bare encoder on the first ``limit`` images, decoded beforehand by the same chunk reader."""
     import numpy as np
-    import torch
 
-    from indexing.encoders import Encoder
+    from benchmarks.build_index import bare_encoder_throughput  # stdlib + numpy at import: fine here
 
     pixels = []
     for i, path in enumerate(tars):
@@ -71,16 +71,7 @@ def bare_throughput(tars: list[str], spec: str, resolution: int, batch_size: int
             pixels.append(np.frombuffer(row["pixels"], np.uint8).reshape(n, resolution, resolution, 3))
         if sum(len(p) for p in pixels) >= limit:
             break
-    pixels = np.concatenate(pixels)[:limit].copy()
-    encoder = Encoder(spec, device=device).init()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    encoder.encode(pixels[:batch_size]).cpu()
-    sync()
-    started = time.perf_counter()
-    for start in range(0, len(pixels), batch_size):
-        encoder.encode(pixels[start : start + batch_size]).cpu()
-    sync()
-    return len(pixels) / (time.perf_counter() - started)
+    return bare_encoder_throughput(spec, np.concatenate(pixels)[:limit].copy(), batch_size, device)
 
 
 def main() -> None:

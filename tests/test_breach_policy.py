@@ -4,7 +4,6 @@ Tested on the memorizer (it copies its data, half of which is protected) with SP
 powerless (lam = 1e-9), so that breaches are common and the policy, not the correction, has to
 keep every copy out. What is written is re-checked from the PNG files, as the audit does."""
 
-import glob
 import os
 
 import pandas as pd

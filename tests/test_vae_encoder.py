@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from indexing.encoders import Encoder, autoencoder_fingerprint
+from indexing.encoders import autoencoder_fingerprint
 from indexing.manifest import read_manifest
 from jobs.build_index import build_index
 from jobs.dataflow import EncodeOptions
