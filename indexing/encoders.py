@@ -104,17 +104,21 @@ def load_autoencoder(spec: str):
     A directory holding the released TAEF2 state dicts (``taef2_encoder.pth`` and
     ``taef2_decoder.pth``) loads as ``indexing.taef2.TAEF2``, strictly; a directory saved with
     ``save_pretrained`` names its class in ``config.json``: diffusers' own, or this package's.
+    A hub id is first resolved to its cached snapshot (``autoencoder_dir``).
     """
     from .taef2 import TAEF2, is_released_weights_dir
 
-    if os.path.isdir(spec) and is_released_weights_dir(spec):
-        return TAEF2.from_pth(spec)
-    config = _read_config(spec)
+    directory = autoencoder_dir(spec)
+    if is_released_weights_dir(directory):
+        return TAEF2.from_pth(directory)
+    config = _read_config(directory)
     class_name = config.get("_class_name")
     cls = _autoencoder_class(class_name) if class_name else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"encoder {spec}: config names no diffusers autoencoder class (got {class_name!r})")
-    return cls.from_pretrained(spec)
+    if not _weight_files(directory):
+        raise ValueError(f"encoder directory {directory} holds no weights (.safetensors, .bin or TAEF2 .pth)")
+    return cls.from_pretrained(directory)
 
 
 def _autoencoder_class(name: str):
@@ -126,20 +130,69 @@ def _autoencoder_class(name: str):
     return ours.get(name) or getattr(diffusers, name, None)
 
 
-def _read_config(spec: str) -> dict:
-    path = os.path.join(spec, "config.json")
-    if os.path.isdir(spec):
-        if not os.path.isfile(path):
-            raise ValueError(f"encoder directory {spec} has no config.json")
-        with open(path) as f:
-            return json.load(f)
-    try:
-        from huggingface_hub import hf_hub_download
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"encoder directory {directory} has no config.json")
+    with open(path) as f:
+        return json.load(f)
 
-        with open(hf_hub_download(spec, "config.json")) as f:
-            return json.load(f)
-    except Exception as exc:  # network, missing repo: one clear message
-        raise ValueError(f"encoder {spec!r} is neither a local directory nor a reachable hub id ({exc.__class__.__name__})") from None
+
+# What a hub snapshot needs for loading and fingerprinting: the config and one copy of the
+# weights. Repositories often hold several (.safetensors, .bin, fp16 variants); fetching all of
+# them would multiply the download for nothing.
+_HUB_WEIGHTS = (["*.safetensors", "*.safetensors.index.json"], ["*.bin", "*.bin.index.json"])
+
+
+def autoencoder_dir(spec: str) -> str:
+    """The local directory behind an encoder spec: the directory itself, or a hub id's snapshot.
+
+    A hub id is ``owner/name``, or ``owner/name/subfolder`` for the autoencoder inside a pipeline
+    repository (``.../vae``). Its config and weights are fetched into the Hugging Face cache once;
+    with ``HF_HUB_OFFLINE=1`` the cache alone answers. Everything downstream (the class in
+    config.json, ``from_pretrained``, the fingerprint) then reads local files, so an index built
+    from a hub id and a pipeline directory holding the same VAE agree.
+    """
+    if os.path.isdir(spec):
+        return spec
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or any(p in (".", "..") for p in parts):
+        raise ValueError(f"encoder {spec!r} is neither a local directory nor a hub id (owner/name or owner/name/subfolder)")
+    repo, prefix = "/".join(parts[:2]), "".join(f"{p}/" for p in parts[2:])
+    try:
+        from huggingface_hub import snapshot_download
+
+        for weights in _HUB_WEIGHTS:
+            root = snapshot_download(repo, allow_patterns=[prefix + "config.json"] + [prefix + w for w in weights],
+                                     ignore_patterns=["*.fp16.*"])
+            directory = os.path.join(root, *parts[2:])
+            if _weight_files(directory):
+                break
+    except Exception as exc:  # no network, unknown repo, not in the offline cache: one clear line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"encoder {spec!r} is neither a local directory nor a reachable hub id "
+                         f"({exc.__class__.__name__}{': ' + reason[:160] if reason else ''})") from None
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"encoder {spec!r}: the hub repository has no {prefix}config.json")
+    if not _weight_files(directory):
+        raise ValueError(f"encoder {spec!r}: the hub repository has no {prefix}*.safetensors or *.bin weights")
+    return directory
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The weight files ``from_pretrained`` loads from a directory: .safetensors, else .bin.
+
+    Variants (``diffusion_pytorch_model.fp16.safetensors``) are left out: without ``variant=``
+    diffusers loads the plain files, so the fingerprint must hash those alone.
+    """
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(os.listdir(directory))
+
+    def plain(ext):
+        return [n for n in names if n.endswith(ext) and "." not in n[: -len(ext)]]
+
+    return plain(".safetensors") or plain(".bin")
 
 
 def autoencoder_fingerprint(spec: str) -> str:
@@ -152,10 +205,8 @@ def autoencoder_fingerprint(spec: str) -> str:
     """
     if spec == PIXELS:
         return PIXELS
-    if not os.path.isdir(spec):
-        return f"hub:{spec}"
     digest = hashlib.sha256()
-    tensors = _autoencoder_tensors(spec)
+    tensors = _autoencoder_tensors(autoencoder_dir(spec))
     for key in sorted(tensors):
         t = tensors[key]
         if t.is_floating_point():
@@ -174,9 +225,7 @@ def _autoencoder_tensors(spec: str) -> dict:
 
     if is_released_weights_dir(spec):
         return released_state_dict(spec)
-    files = sorted(n for n in os.listdir(spec) if n.endswith(".safetensors"))
-    if not files:
-        files = sorted(n for n in os.listdir(spec) if n.endswith(".bin"))
+    files = _weight_files(spec)
     if not files:
         raise ValueError(f"encoder directory {spec} holds no weights (.safetensors, .bin or TAEF2 .pth)")
     tensors = {}

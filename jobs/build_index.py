@@ -83,6 +83,14 @@ def encode_options(args) -> EncodeOptions:
                          num_encoders=args.num_encoders, dtype=getattr(args, "dtype", "float32"))
 
 
+def encoder_latent_spec(options: EncodeOptions) -> LatentSpec:
+    """The latent spec of ``--encoder`` at ``--resolution``; an encoder that cannot load is a usage error."""
+    try:
+        return Encoder(options.encoder).latent_spec(options.resolution)
+    except ValueError as exc:
+        raise UsageError(f"--encoder: {exc}") from None
+
+
 def _check(options: EncodeOptions, shard_size: int) -> None:
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
@@ -104,7 +112,7 @@ def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -
     _check(options, shard_size)
     shards = expand_shards(corpus)
     check_output_dir(out, MANIFEST, "index")
-    latent = Encoder(options.encoder).latent_spec(options.resolution)
+    latent = encoder_latent_spec(options)
     config = BuildConfig(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
                          resolution=options.resolution, min_size=options.min_size, dtype=options.dtype)
     partial = os.path.abspath(out) + ".partial"

@@ -19,10 +19,10 @@ import torch
 import pyarrow as pa
 
 from indexing.corpus import CorpusError, expand_shards
-from indexing.encoders import Encoder, load_autoencoder
+from indexing.encoders import load_autoencoder
 from indexing.manifest import REJECTS
 from indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
-from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options
+from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options, encoder_latent_spec
 from jobs.dataflow import EncodeOptions, encode_chunks
 from jobs.runtime import progress, ray_cluster
 from workers.encode import OK, chunk_latents
@@ -69,7 +69,7 @@ def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rej
 def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, list[dict]]:
     """Latents (N, C, H, W) of every decodable corpus image, and a row per rejected sample."""
     shards = expand_shards(corpus)
-    shape = Encoder(options.encoder).latent_spec(options.resolution).shape
+    shape = encoder_latent_spec(options).shape
     chunks, rejects = [], []
     for row in encode_chunks(list(enumerate(shards)), options):
         rejects += [{"key": str(k), "shard": row["shard"], "reason": str(r)} for k, r in zip(row["keys"], row["reasons"]) if r != OK]
@@ -94,6 +94,7 @@ def run(args) -> int:
     options = encode_options(args)
     expand_shards(args.corpus)
     check_output_dir(args.out, MODEL_MARKER, "model")
+    encoder_latent_spec(options)  # an encoder that cannot load: fail before starting Ray
     with ray_cluster(args.address):
         build_memorizer(args.corpus, args.out, options)
     return 0

@@ -49,6 +49,19 @@ def test_corpus_without_images(capsys, ray_session, tmp_path):
     assert not (tmp_path / "i").exists() and not (tmp_path / "i.partial").exists()
 
 
+@pytest.mark.parametrize("command", ["build-index", "memorizer"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_encoder_that_cannot_load(capsys, digits_corpus, tmp_path, command, weights):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    if weights:  # a config, but no weights beside it
+        (vae / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    code, err = run_cli(capsys, [command, "--corpus", digits_corpus[0], "--encoder", str(vae), "--out", str(tmp_path / "o")])
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"spellshield {command}: error: --encoder: ")
+    assert ("holds no weights" if weights else "has no config.json") in err[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
 def test_index_shape_differs_from_model(capsys, ray_session, memorizer_model, digits_corpus, tmp_path):
     from jobs.build_index import build_index
     from jobs.dataflow import EncodeOptions
