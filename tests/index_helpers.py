@@ -1,6 +1,6 @@
 """Small real index directories for search tests: float32 through IndexWriter, float16 in the
 layout the build writes for ``--dtype float16`` (IndexIDMap2(IndexScalarQuantizer(QT_fp16))),
-and real CIFAR-10 pixel vectors from ../shared."""
+and real CIFAR-10 vectors from ../shared (pixels, or latents of a real VAE)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,13 @@ def to_float16(index_dir: str) -> None:
     write_json_atomic(manifest_path, manifest)
 
 
-def cifar_pixels(shared_cifar_dir: str, count: int, start_shard: int = 0) -> np.ndarray:
-    """The first ``count`` CIFAR-10 training images as pixel latents (N, 3072) in [-1, 1]."""
+def cifar_latents(shared_cifar_dir: str, count: int, start_shard: int = 0, encoder: str = PIXELS,
+                  resolution: int = 32) -> np.ndarray:
+    """The first ``count`` CIFAR-10 training images of ``start_shard`` on, encoded (N, D) float32.
+
+    ``encoder`` is any encoder spec (``pixels``: the image in [-1, 1]; a VAE directory, e.g. the
+    TAEF2 weights: its scaled latents), fed the images resized to ``resolution``.
+    """
     from indexing.corpus import Sample, decode_image, iter_shard
     from indexing.encoders import Encoder
 
@@ -61,11 +66,18 @@ def cifar_pixels(shared_cifar_dir: str, count: int, start_shard: int = 0) -> np.
     while len(images) < count:
         for item in iter_shard(os.path.join(shared_cifar_dir, f"train-{shard:06d}.tar")):
             if isinstance(item, Sample):
-                images.append(decode_image(item.image, 32))
+                images.append(decode_image(item.image, resolution))
                 if len(images) == count:
                     break
         shard += 1
-    return Encoder(PIXELS).encode(np.stack(images)).reshape(count, -1).numpy()
+    model = Encoder(encoder).init()
+    batches = [model.encode(np.stack(images[i:i + 100])) for i in range(0, count, 100)]
+    return np.concatenate([b.reshape(len(b), -1).numpy() for b in batches])
+
+
+def cifar_pixels(shared_cifar_dir: str, count: int, start_shard: int = 0) -> np.ndarray:
+    """The first ``count`` CIFAR-10 training images as pixel latents (N, 3072) in [-1, 1]."""
+    return cifar_latents(shared_cifar_dir, count, start_shard)
 
 
 def brute_force(base: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -1,16 +1,21 @@
 """Every search backend against numpy brute force in float64, on real FAISS shard files:
-random data and real CIFAR-10 pixel vectors, float32 and float16 storage, several radii, hits
-within float32 and float16 rounding of the radius, knn with ties broken by id."""
+random data and real CIFAR-10 vectors (pixels, and latents of the real pretrained TAEF2), float32
+and float16 storage, several radii, hits within float32 and float16 rounding of the radius, knn
+with ties broken by id."""
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from indexing.search import open_index
-from tests.conftest import CIFAR_DIR, needs_shared
-from tests.index_helpers import brute_force, cifar_pixels, write_index
+from indexing.encoders import PIXELS
+from tests.conftest import CIFAR_DIR, SHARED, needs_shared
+from tests.index_helpers import brute_force, cifar_latents, write_index
+
+TAEF2_DIR = os.path.join(SHARED, "models", "taef2")
 
 CONFIGS = {
     "exact": dict(backend="exact"),
@@ -56,13 +61,35 @@ def random_index(request, tmp_path_factory):
     return path, stored(base, request.param), request.param
 
 
-@pytest.fixture(scope="module", params=DTYPES)
+CIFAR_SPACES = {
+    # space: (encoder spec, image resolution, latent shape, corpus size, shard size, projection
+    # dims that make the filter selective: 32 PCA directions hold 82% of the pixels' variance but
+    # only 33% of TAEF2's latents', whose spectrum is flatter; 256 hold 77% of it)
+    "pixels": (PIXELS, 32, (3, 32, 32), 2000, 700, 32),
+    "taef2": (TAEF2_DIR, 64, (32, 8, 8), 700, 250, 256),  # the real pretrained TAEF2 of ../shared
+}
+_encoded: dict = {}
+
+
+def cifar_space(space: str) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus, 4 held-out images) of a space, encoded once per test module."""
+    if space not in _encoded:
+        encoder, resolution, _, count, _, _ = CIFAR_SPACES[space]
+        _encoded[space] = (cifar_latents(CIFAR_DIR, count, encoder=encoder, resolution=resolution),
+                           cifar_latents(CIFAR_DIR, 4, start_shard=5, encoder=encoder, resolution=resolution))
+    return _encoded[space]
+
+
+@pytest.fixture(scope="module", params=[(space, dtype) for space in CIFAR_SPACES for dtype in DTYPES],
+                ids=lambda p: "-".join(p))
 def cifar_index(request, tmp_path_factory):
-    if not __import__("os").path.isdir(CIFAR_DIR):
-        pytest.skip("../shared (CIFAR-10 shards) is absent")
-    base = cifar_pixels(CIFAR_DIR, 2000)
-    path = write_index(tmp_path_factory.mktemp(f"cifar-{request.param}") / "index", base, 700, request.param, (3, 32, 32))
-    return path, stored(base, request.param), request.param
+    space, dtype = request.param
+    encoder, _, shape, _, shard_size, filter_dims = CIFAR_SPACES[space]
+    if not os.path.isdir(CIFAR_DIR) or not os.path.isdir(encoder if encoder != PIXELS else CIFAR_DIR):
+        pytest.skip("../shared (CIFAR-10 shards, TAEF2 weights) is absent")
+    base, held_out = cifar_space(space)
+    path = write_index(tmp_path_factory.mktemp(f"cifar-{space}-{dtype}") / "index", base, shard_size, dtype, shape)
+    return path, stored(base, dtype), dtype, held_out, filter_dims
 
 
 def random_queries(base: np.ndarray, seed: int = 1) -> np.ndarray:
@@ -72,10 +99,10 @@ def random_queries(base: np.ndarray, seed: int = 1) -> np.ndarray:
     return np.concatenate([near, far, base[20:24]]).astype(np.float32)  # and 4 exact corpus points
 
 
-def cifar_queries(base: np.ndarray) -> np.ndarray:
+def cifar_queries(base: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    """Near-copies of corpus images, blends of two, held-out images and exact corpus points."""
     rng = np.random.default_rng(2)
-    held_out = cifar_pixels(CIFAR_DIR, 4, start_shard=5)
-    near = base[:8] + 0.05 * rng.standard_normal((8, base.shape[1]))
+    near = base[:8] + 0.1 * base.std() * rng.standard_normal((8, base.shape[1]))
     blends = 0.5 * (base[100:104] + base[200:204])
     return np.concatenate([near, blends, held_out, base[300:302]]).astype(np.float32)
 
@@ -120,19 +147,19 @@ def test_knn_equals_brute_force_with_ties_by_id(random_index, config):
 
 @needs_shared
 @pytest.mark.parametrize("config", CIFAR_CONFIGS)
-def test_range_search_and_knn_on_cifar_pixels(cifar_index, config):
-    path, base, dtype = cifar_index
+def test_range_search_and_knn_on_cifar(cifar_index, config):
+    path, base, dtype, held_out, _ = cifar_index
     shield = shield_for(path, config, dtype, dims=32)
-    queries = cifar_queries(base)
+    queries = cifar_queries(base, held_out)
     check_range(shield, base, queries, [0.0005, 0.005, 0.02])
     check_knn(shield, base, queries, 3)
 
 
 @needs_shared
 def test_projection_filter_is_selective_on_cifar(cifar_index):
-    path, base, dtype = cifar_index
-    shield = open_index(path, backend="projected", dims=32)
-    queries = cifar_queries(base)
+    path, base, dtype, held_out, filter_dims = cifar_index
+    shield = open_index(path, backend="projected", dims=filter_dims)
+    queries = cifar_queries(base, held_out)
     radius = float(np.quantile(brute_force(base, queries), 0.002))
     shield.stats.reset()
     shield.range_search(queries, radius)
