@@ -108,6 +108,12 @@ class GenerationWorker:
         self.device = pick_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        # No "Loading pipeline components" bar from workers: Ray forwards worker output to the
+        # driver late and out of order, so a replacement actor's bar could land after the job's
+        # last line; the driver prints the job's own progress.
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
         self.pipe = load_pipeline(settings.model_dir, device=self.device)
         self.shield = None
         self.encoder = None
