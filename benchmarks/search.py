@@ -61,36 +61,19 @@ def load_vectors(dataset: str, n: int, dim: int, cache: str, resolution: int = 6
         return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     if not os.path.isdir(CIFAR):
         raise SystemExit(f"{CIFAR} is absent: use --dataset random")
-    from indexing.corpus import Sample, decode_image, iter_shard
+    from tests.index_helpers import cifar_latents
 
-    if dataset == "cifar-taef2":
-        stored = os.path.join(cache, f"cifar-taef2-{n}-{resolution}px.npy")  # encoding is the slow part on a CPU
-        if os.path.isfile(stored):
-            return np.load(stored)
-    size = 32 if dataset == "cifar" else resolution
-    images = []
-    for shard in range(50):
-        for item in iter_shard(os.path.join(CIFAR, f"train-{shard:06d}.tar")):
-            if isinstance(item, Sample):
-                images.append(decode_image(item.image, size))
-        if len(images) >= n:
-            break
-    images = images[:n]
     if dataset == "cifar":
-        pixels = np.stack(images).astype(np.float32)
-        return (pixels.transpose(0, 3, 1, 2) / 127.5 - 1.0).reshape(n, -1)  # the pixel encoder's latents
-    from indexing.encoders import Encoder
-
+        return cifar_latents(CIFAR, n)  # the pixel encoder's latents
     if not os.path.isdir(TAEF2):
         raise SystemExit(f"{TAEF2} is absent: use --dataset cifar or random")
-    encoder = Encoder(TAEF2).init()
-    started, latents = time.perf_counter(), []
-    for i in range(0, n, 64):
-        batch = np.stack(images[i:i + 64])
-        latents.append(encoder.encode(batch).reshape(len(batch), -1).numpy())
-        if i // 64 % 20 == 0:
-            print(f"  encoding with TAEF2: {i + len(latents[-1])} of {n} ({time.perf_counter() - started:.0f} s)", flush=True)
-    vectors = np.concatenate(latents).astype(np.float32)
+    stored = os.path.join(cache, f"cifar-taef2-{n}-{resolution}px.npy")  # encoding is the slow part on a CPU
+    if os.path.isfile(stored):
+        return np.load(stored)
+    started = time.perf_counter()
+    print(f"  encoding {n} CIFAR-10 images with TAEF2 at {resolution} px (cached in {stored})", flush=True)
+    vectors = cifar_latents(CIFAR, n, encoder=TAEF2, resolution=resolution)
+    print(f"  encoded in {time.perf_counter() - started:.0f} s", flush=True)
     os.makedirs(cache, exist_ok=True)
     np.save(stored + ".tmp.npy", vectors)
     os.replace(stored + ".tmp.npy", stored)
