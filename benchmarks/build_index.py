@@ -1,7 +1,7 @@
 """Build-index benchmarks: throughput and peak memory of real builds, and encoder throughput.
 
     python -m benchmarks.build_index build --images 5000 50000 [--shard-size 10000] [--resolution 32]
-        a real `python -m jobs.build_index` per size (CIFAR-10 tars of ../shared, pixel space),
+        a real `python -m spellshield.jobs.build_index` per size (CIFAR-10 tars of ../shared, pixel space),
         its process tree sampled from /proc: images/s, peak RSS of the driver, of each Ray
         worker and of all workers together, peak PSS of the whole tree (shared pages counted once)
     python -m benchmarks.build_index taef2-cpu [--images 32] [--resolution 256] [--batch-size 8]
@@ -107,7 +107,7 @@ def build_benchmark(images: int, shard_size: int, resolution: int = 32, dtype: s
     tars = cifar_tars(images)
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         out = os.path.join(tmp, "index")
-        cmd = [sys.executable, "-m", "jobs.build_index", "--corpus", ",".join(tars), "--out", out,
+        cmd = [sys.executable, "-m", "spellshield.jobs.build_index", "--corpus", ",".join(tars), "--out", out,
                "--resolution", str(resolution), "--shard-size", str(shard_size), "--dtype", dtype,
                "--batch-size", str(batch_size)]
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
@@ -139,7 +139,7 @@ def bare_encoder_throughput(encoder_spec: str, pixels: np.ndarray, batch_size: i
     """Images/s of ``Encoder.encode`` alone on decoded pixels (one warm-up batch first)."""
     import torch
 
-    from indexing.encoders import Encoder
+    from spellshield.indexing.encoders import Encoder
 
     encoder = Encoder(encoder_spec, device=device).init()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -158,10 +158,10 @@ def pipeline_encode_throughput(corpus: str, encoder_spec: str, resolution: int, 
     Steady state: images arriving after the first chunk, over the time from the first chunk to
     the last (actor start-up and model loading excluded); end to end: all images over all time.
     """
-    from indexing.corpus import expand_shards
-    from indexing.encoders import Encoder
-    from jobs.build_index import encode_parts
-    from jobs.dataflow import EncodeOptions
+    from spellshield.indexing.corpus import expand_shards
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.jobs.build_index import encode_parts
+    from spellshield.jobs.dataflow import EncodeOptions
 
     shards = expand_shards(corpus)
     options = EncodeOptions(encoder=encoder_spec, resolution=resolution, batch_size=batch_size, dtype=dtype)
@@ -180,7 +180,7 @@ def pipeline_encode_throughput(corpus: str, encoder_spec: str, resolution: int, 
 
 
 def decoded_pixels(corpus: str, resolution: int, limit: int | None = None) -> np.ndarray:
-    from indexing.corpus import Sample, decode_image, expand_shards, iter_shard
+    from spellshield.indexing.corpus import Sample, decode_image, expand_shards, iter_shard
 
     out = []
     for path in expand_shards(corpus):

@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import BatchSource, HistorySource, SampleRow, StaticSource
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
+from spellshield.pipeline.sources import BatchSource, HistorySource, SampleRow, StaticSource
 
 
 def scheduler_checks(device: str) -> None:
@@ -49,8 +49,8 @@ def scheduler_checks(device: str) -> None:
 
 
 def pipeline_checks(device: str) -> None:
-    from pipeline.invoke import sample_images
-    from pipeline.loading import load_pipeline
+    from spellshield.pipeline.invoke import sample_images
+    from spellshield.pipeline.loading import load_pipeline
     from tests import tiny_pipelines
     from tests.test_pipelines import Recorder
 

@@ -28,7 +28,7 @@ def corpus(work: str) -> tuple[str, str, int]:
     if os.path.isdir(CIFAR):
         shards = [os.path.join(CIFAR, f"train-00000{i}.tar") for i in range(2)]
         return shards[0], ",".join(shards), 32
-    from indexing.digits import write_digits_corpus
+    from spellshield.indexing.digits import write_digits_corpus
 
     shards = write_digits_corpus(os.path.join(work, "digits"), 8)
     return ",".join(shards[:4]), ",".join(shards), 8
@@ -72,10 +72,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from jobs.build_index import build_index
-    from jobs.dataflow import EncodeOptions
-    from jobs.generate import DEFAULT_SPELL, Placement, generate, validate
-    from jobs.memorizer import build_memorizer
+    from spellshield.jobs.build_index import build_index
+    from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.generate import DEFAULT_SPELL, Placement, generate, validate
+    from spellshield.jobs.memorizer import build_memorizer
     from tests.test_generate import gen_args
 
     shutil.rmtree(args.out, ignore_errors=True)

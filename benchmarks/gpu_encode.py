@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 
 def _decode_tar(job: tuple[int, str, int, int]) -> list[dict]:
-    from workers.encode import read_chunks
+    from spellshield.workers.encode import read_chunks
 
     part, path, resolution, chunk_size = job
     return list(read_chunks({"path": path, "part": part}, resolution, chunk_size))
@@ -35,7 +35,7 @@ def _decode_tar(job: tuple[int, str, int, int]) -> list[dict]:
 def pipeline_throughput(tars: list[str], spec: str, resolution: int, batch_size: int, device: str, workers: int) -> dict:
     import torch
 
-    from workers.encode import ChunkEncoder
+    from spellshield.workers.encode import ChunkEncoder
 
     encoder = ChunkEncoder(spec, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from indexing.corpus import expand_shards
+    from spellshield.indexing.corpus import expand_shards
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tars = expand_shards(args.tars)

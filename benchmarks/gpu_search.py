@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from indexing.exact import ExactScan  # noqa: E402
-from indexing.exactness import full_precision_matmul  # noqa: E402
-from indexing.projected import DeviceStore, ProjectedScan, fit_projection, project  # noqa: E402
+from spellshield.indexing.exact import ExactScan  # noqa: E402
+from spellshield.indexing.exactness import full_precision_matmul  # noqa: E402
+from spellshield.indexing.projected import DeviceStore, ProjectedScan, fit_projection, project  # noqa: E402
 
 
 def sync(device):

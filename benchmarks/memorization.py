@@ -37,11 +37,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from indexing.manifest import read_manifest
-from pipeline.scheduler import SpellConfig
-from workers.audit import read_unit_images, recheck_unit
-from workers.generation import GenerationWorker, WorkerSettings
-from workers.units import PromptRequest, plan_samples, plan_units
+from spellshield.indexing.manifest import read_manifest
+from spellshield.pipeline.scheduler import SpellConfig
+from spellshield.workers.audit import read_unit_images, recheck_unit
+from spellshield.workers.generation import GenerationWorker, WorkerSettings
+from spellshield.workers.units import PromptRequest, plan_samples, plan_units
 
 CIFAR_SHARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                            "cifar10", "train-000000.tar")
@@ -81,9 +81,9 @@ def prepare(out: str, encoder: str, resolution: int, num_corpus: int, num_protec
                     "unprotected-written-index": setup["unprotected-index"], **setup}
     import ray
 
-    from jobs.build_index import build_index
-    from jobs.dataflow import EncodeOptions
-    from jobs.memorizer import build_memorizer
+    from spellshield.jobs.build_index import build_index
+    from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.memorizer import build_memorizer
 
     protected, unprotected = split_corpus(CIFAR_SHARD, os.path.join(out, "corpus"), num_corpus, num_protected)
     options = EncodeOptions(encoder=encoder, resolution=resolution, batch_size=100)
@@ -120,9 +120,9 @@ def write_decoded_corpus(index_dir: str, path: str) -> str:
     """A tar of the PNGs the model writes when it copies each latent of ``index_dir`` exactly."""
     import webdataset as wds
 
-    from indexing.corpus import encode_png
-    from indexing.encoders import Encoder
-    from indexing.search import open_index
+    from spellshield.indexing.corpus import encode_png
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.search import open_index
 
     shield = open_index(index_dir)
     encoder = Encoder(shield.manifest.latent.encoder).init()

@@ -81,8 +81,8 @@ def load_vectors(dataset: str, n: int, dim: int, cache: str, resolution: int = 6
 
 
 def cached_index(cache: str, dataset: str, vectors: np.ndarray, shard_size: int, dtype: str) -> str:
-    from indexing.encoders import PIXELS, LatentSpec
-    from indexing.writer import IndexWriter
+    from spellshield.indexing.encoders import PIXELS, LatentSpec
+    from spellshield.indexing.writer import IndexWriter
 
     path = os.path.join(cache, f"{dataset}-{len(vectors)}x{vectors.shape[1]}-{shard_size}-{dtype}")
     if os.path.isfile(os.path.join(path, "manifest.json")):
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
 
     import faiss
 
-    from indexing.search import open_index
+    from spellshield.indexing.search import open_index
 
     vectors = load_vectors(args.dataset, args.n, args.dim, args.cache, args.resolution)  # untimed: every thread
     if args.threads:

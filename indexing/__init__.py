@@ -1,7 +1,7 @@
 """Corpus reading (WebDataset tars), latent encoding (pixels or any diffusers autoencoder),
 FAISS shard writing, the manifest, search backends and radius calibration. No Ray.
 
-Names are imported on first use, so that ``indexing.exact`` or ``indexing.projected`` load
+Names are imported on first use, so that ``spellshield.indexing.exact`` or ``.projected`` load
 with torch and numpy alone (the GPU benchmark runs where FAISS, PIL and pyarrow are absent)."""
 
 from importlib import import_module

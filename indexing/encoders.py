@@ -102,7 +102,7 @@ def load_autoencoder(spec: str):
     """A diffusers autoencoder from a local directory or a hub id, class read from its config.
 
     A directory holding the released TAEF2 state dicts (``taef2_encoder.pth`` and
-    ``taef2_decoder.pth``) loads as ``indexing.taef2.TAEF2``, strictly; a directory saved with
+    ``taef2_decoder.pth``) loads as ``spellshield.indexing.taef2.TAEF2``, strictly; a directory saved with
     ``save_pretrained`` names its class in ``config.json``: diffusers' own, or this package's.
     A hub id is first resolved to its cached snapshot (``autoencoder_dir``).
     """

@@ -14,7 +14,7 @@ right one and loads the released ``taef2_encoder.pth``/``taef2_decoder.pth`` str
 
 It is a real diffusers model (``ModelMixin`` + ``ConfigMixin``): ``save_pretrained`` /
 ``from_pretrained`` work, and a pipeline that holds one as its ``vae`` names it in
-``model_index.json`` as ``["indexing.taef2", "TAEF2"]``, which diffusers imports on load.
+``model_index.json`` as ``["spellshield.indexing.taef2", "TAEF2"]``, which diffusers imports on load.
 ``encode`` takes images in [-1, 1] and returns ``.latents`` (raw, unscaled); ``decode`` returns
 ``.sample`` in about [-1, 1], exactly as ``AutoencoderTiny``.
 """

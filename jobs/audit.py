@@ -16,9 +16,9 @@ import os
 
 import pandas as pd
 
-from indexing.manifest import read_manifest, write_json_atomic
-from jobs.runtime import UsageError, progress, ray_cluster
-from workers.audit import (
+from spellshield.indexing.manifest import read_manifest, write_json_atomic
+from spellshield.jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.workers.audit import (
     RunError,
     corpus_image,
     correction_ratios,
@@ -29,7 +29,7 @@ from workers.audit import (
     summarize,
     written_attempt_hits,
 )
-from workers.report import plot_correction_ratios, plot_corrected_share, save_pair, write_comparison, write_report
+from spellshield.workers.report import plot_correction_ratios, plot_corrected_share, save_pair, write_comparison, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _recheck(run_dir: str, samples: pd.DataFrame, index: str, radius: float) -> 
 
 def _offenders(run_dir: str, samples: pd.DataFrame, index: str, top: int, audit_dir: str) -> list[dict]:
     """Corpus images most copied: those with samples inside the radius first, then the closest."""
-    from indexing.search import open_index
+    from spellshield.indexing.search import open_index
 
     if top <= 0 or not len(samples):
         return []
@@ -156,7 +156,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("audit", argv)
 

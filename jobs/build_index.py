@@ -1,7 +1,7 @@
 """build-index: encode a WebDataset corpus and write a sharded FAISS shield index.
 
     spellshield build-index --corpus 'data/train-{000000..000009}.tar' --out INDEX_DIR
-    python -m jobs.build_index --corpus ... --out ...        (the same, e.g. under ray job submit)
+    python -m spellshield.jobs.build_index --corpus ... --out ...        (the same, e.g. under ray job submit)
 
 Two phases, both in bounded memory:
 
@@ -26,16 +26,16 @@ import signal
 import time
 from dataclasses import dataclass
 
-from indexing.calibrate import calibrate_index
-from indexing.corpus import CorpusError, expand_shards
-from indexing.encoders import Encoder, LatentSpec
-from indexing.manifest import MANIFEST
-from indexing.parts import (PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts, open_staging,
+from spellshield.indexing.calibrate import calibrate_index
+from spellshield.indexing.corpus import CorpusError, expand_shards
+from spellshield.indexing.encoders import Encoder, LatentSpec
+from spellshield.indexing.manifest import MANIFEST
+from spellshield.indexing.parts import (PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts, open_staging,
                             sources_of)
-from indexing.writer import DTYPES, IndexWriter, assemble_parts
-from jobs.dataflow import EncodeOptions, encode_chunks
-from jobs.runtime import UsageError, progress, ray_cluster
-from workers.encode import chunk_latents
+from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
+from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.workers.encode import chunk_latents
 
 # Test hook (as FAISS big_batch_search's crash_at): kill the build with SIGKILL, like a lost
 # node or an OOM kill, right after this many parts have been written in this run.
@@ -206,7 +206,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("build-index", argv)
 

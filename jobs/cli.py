@@ -12,13 +12,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "build-index": ("jobs.build_index", "encode a WebDataset corpus into a sharded FAISS shield index"),
-    "memorizer": ("jobs.memorizer", "save a memorizing diffusion model of a corpus (the honest worst case)"),
-    "generate": ("jobs.generate", "sample a diffusers pipeline with the SPELL shield, writing images and audit logs"),
-    "audit": ("jobs.audit", "near-duplicate rates, per-step sparsity and a report for a generation run"),
-    "index": ("jobs.index", "look after a finished index: calibrate (radius from 1-NN distances), verify (checksums, ids)"),
-    "project-index": ("jobs.project_index", "fit the projected search backend's PCA filter on an index and write its files"),
-    "demo": ("jobs.demo", "offline end-to-end demo: corpus, index, memorizer, generate with and without shield, audit"),
+    "build-index": ("spellshield.jobs.build_index", "encode a WebDataset corpus into a sharded FAISS shield index"),
+    "memorizer": ("spellshield.jobs.memorizer", "save a memorizing diffusion model of a corpus (the honest worst case)"),
+    "generate": ("spellshield.jobs.generate", "sample a diffusers pipeline with the SPELL shield, writing images and audit logs"),
+    "audit": ("spellshield.jobs.audit", "near-duplicate rates, per-step sparsity and a report for a generation run"),
+    "index": ("spellshield.jobs.index", "look after a finished index: calibrate (radius from 1-NN distances), verify (checksums, ids)"),
+    "project-index": ("spellshield.jobs.project_index", "fit the projected search backend's PCA filter on an index and write its files"),
+    "demo": ("spellshield.jobs.demo", "offline end-to-end demo: corpus, index, memorizer, generate with and without shield, audit"),
 }
 
 
@@ -37,9 +37,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run(command: str, args) -> int:
-    from indexing.corpus import CorpusError
-    from indexing.manifest import IndexFormatError
-    from jobs.runtime import UsageError
+    from spellshield.indexing.corpus import CorpusError
+    from spellshield.indexing.manifest import IndexFormatError
+    from spellshield.jobs.runtime import UsageError
 
     module = importlib.import_module(COMMANDS[command][0])
     try:
@@ -53,7 +53,7 @@ def _run(command: str, args) -> int:
 
 
 def run_single(command: str, argv=None) -> int:
-    """Entry point of ``python -m jobs.<name>``: the same options as ``spellshield <command>``."""
+    """Entry point of ``python -m spellshield.jobs.<name>``: the same options as ``spellshield <command>``."""
     args = build_parser(command).parse_args(argv)
     return _run(command, args)
 

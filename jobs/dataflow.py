@@ -25,7 +25,7 @@ from typing import Iterator
 
 import ray
 
-from workers.encode import ChunkEncoder, read_chunks
+from spellshield.workers.encode import ChunkEncoder, read_chunks
 
 
 @dataclass(frozen=True)

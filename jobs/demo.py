@@ -23,14 +23,14 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from indexing.digits import write_digits_corpus
-from indexing.manifest import write_json_atomic
-from jobs.audit import audit
-from jobs.build_index import build_index, check_output_dir
-from jobs.dataflow import EncodeOptions
-from jobs.generate import DEFAULT_SPELL, generate, validate
-from jobs.memorizer import build_memorizer
-from jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.indexing.digits import write_digits_corpus
+from spellshield.indexing.manifest import write_json_atomic
+from spellshield.jobs.audit import audit
+from spellshield.jobs.build_index import build_index, check_output_dir
+from spellshield.jobs.dataflow import EncodeOptions
+from spellshield.jobs.generate import DEFAULT_SPELL, generate, validate
+from spellshield.jobs.memorizer import build_memorizer
+from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 
 NUM_SHARDS = 8
 
@@ -112,7 +112,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("demo", argv)
 

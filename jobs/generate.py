@@ -20,16 +20,16 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from indexing.search import BACKENDS
+from spellshield.indexing.search import BACKENDS
 # validate, GenerateConfig and DEFAULT_SPELL are part of this module's API (demo, tests, benchmarks)
-from jobs.run_config import ARG_NAMES, DEFAULT_SPELL, GenerateConfig, resume_config, validate  # noqa: F401
-from jobs.run_record import Progress, read_run_json, remove_stale_temporaries, write_run_json
-from jobs.runtime import UsageError, progress, ray_cluster
-from jobs.unit_pool import UnitFailed, run_units
-from workers.breach import POLICIES
-from workers.generation import ShieldUnavailable, WorkerSettings
-from workers.unit_writer import unit_done
-from workers.units import plan_samples, plan_units
+from spellshield.jobs.run_config import ARG_NAMES, DEFAULT_SPELL, GenerateConfig, resume_config, validate  # noqa: F401
+from spellshield.jobs.run_record import Progress, read_run_json, remove_stale_temporaries, write_run_json
+from spellshield.jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.jobs.unit_pool import UnitFailed, run_units
+from spellshield.workers.breach import POLICIES
+from spellshield.workers.generation import ShieldUnavailable, WorkerSettings
+from spellshield.workers.unit_writer import unit_done
+from spellshield.workers.units import plan_samples, plan_units
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +112,8 @@ def parse_resources(flag: str, text: str | None) -> dict | None:
 
 def start_shield_servers(config: GenerateConfig, placement: Placement, gpus: int):
     """Index-shard actors serving the run's index (fail closed: each checks its shards' sha256)."""
-    from workers.generation import verify_index_files
-    from workers.index_client import start_index_servers
+    from spellshield.workers.generation import verify_index_files
+    from spellshield.workers.index_client import start_index_servers
 
     verify_index_files(config.index)
     options = {"num_cpus": 0.25, "max_restarts": -1}  # a lost server comes back; its callers' units are retried
@@ -132,7 +132,7 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
     """
     import ray
 
-    from workers.generation import GenerationWorker
+    from spellshield.workers.generation import GenerationWorker
 
     placement = placement or Placement()
     args = args if args is not None else {}
@@ -208,7 +208,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("generate", argv)
 

@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 
-from indexing.calibrate import calibrate_index, encode_holdout
-from indexing.encoders import Encoder
-from indexing.manifest import MANIFEST, read_manifest, write_json_atomic
-from indexing.verify import verify_index
-from jobs.runtime import UsageError, progress
+from spellshield.indexing.calibrate import calibrate_index, encode_holdout
+from spellshield.indexing.encoders import Encoder
+from spellshield.indexing.manifest import MANIFEST, read_manifest, write_json_atomic
+from spellshield.indexing.verify import verify_index
+from spellshield.jobs.runtime import UsageError, progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("index", argv)
 

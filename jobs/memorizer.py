@@ -18,14 +18,14 @@ import torch
 
 import pyarrow as pa
 
-from indexing.corpus import CorpusError, expand_shards
-from indexing.encoders import load_autoencoder
-from indexing.manifest import REJECTS
-from indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
-from jobs.build_index import add_encoder_arguments, check_output_dir, encode_options, encoder_latent_spec
-from jobs.dataflow import EncodeOptions, encode_chunks
-from jobs.runtime import progress, ray_cluster
-from workers.encode import OK, chunk_latents
+from spellshield.indexing.corpus import CorpusError, expand_shards
+from spellshield.indexing.encoders import load_autoencoder
+from spellshield.indexing.manifest import REJECTS
+from spellshield.indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
+from spellshield.jobs.build_index import add_encoder_arguments, check_output_dir, encode_options, encoder_latent_spec
+from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.runtime import progress, ray_cluster
+from spellshield.workers.encode import OK, chunk_latents
 
 MODEL_MARKER = "model_index.json"
 
@@ -50,7 +50,7 @@ def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rej
 
     ``rejects`` (key, shard, reason) of corpus samples left out go to ``out/rejects.parquet``.
     """
-    from pipeline.memorizer import MemorizerPipeline, MemorizerUNet
+    from spellshield.pipeline.memorizer import MemorizerPipeline, MemorizerUNet
 
     scheduler = make_scheduler()
     unet = MemorizerUNet.from_latents(latents.float(), scheduler.alphas_cumprod, encoder=encoder)
@@ -101,7 +101,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("memorizer", argv)
 

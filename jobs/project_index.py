@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 
-from indexing.manifest import read_manifest
-from jobs.runtime import UsageError, progress
+from spellshield.indexing.manifest import read_manifest
+from spellshield.jobs.runtime import UsageError, progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from indexing.projected import META, write_projection
+    from spellshield.indexing.projected import META, write_projection
 
     if args.dims < 1:
         raise UsageError(f"--dims must be >= 1, got {args.dims}")
@@ -46,7 +46,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from jobs.cli import run_single
+    from spellshield.jobs.cli import run_single
 
     return run_single("project-index", argv)
 

@@ -14,15 +14,15 @@ import os
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-from indexing.encoders import autoencoder_fingerprint
-from indexing.manifest import manifest_hash, read_manifest
-from jobs.run_record import RUN_FILE, read_run_json
-from jobs.runtime import UsageError
-from pipeline.invoke import takes_prompt
-from pipeline.loading import ModelDirError, describe_model, pipeline_class
-from pipeline.scheduler import SpellConfig
-from workers.breach import POLICIES
-from workers.units import PromptRequest, PromptsError, read_prompts
+from spellshield.indexing.encoders import autoencoder_fingerprint
+from spellshield.indexing.manifest import manifest_hash, read_manifest
+from spellshield.jobs.run_record import RUN_FILE, read_run_json
+from spellshield.jobs.runtime import UsageError
+from spellshield.pipeline.invoke import takes_prompt
+from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
+from spellshield.pipeline.scheduler import SpellConfig
+from spellshield.workers.breach import POLICIES
+from spellshield.workers.units import PromptRequest, PromptsError, read_prompts
 
 DEFAULT_SPELL = SpellConfig()
 

@@ -10,11 +10,11 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from indexing.manifest import manifest_hash, write_json_atomic
-from jobs.runtime import UsageError, progress
+from spellshield.indexing.manifest import manifest_hash, write_json_atomic
+from spellshield.jobs.runtime import UsageError, progress
 
 if TYPE_CHECKING:
-    from jobs.run_config import GenerateConfig
+    from spellshield.jobs.run_config import GenerateConfig
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1

@@ -2,9 +2,9 @@
 shield sources, the memorizer model and the audit record schema. No Ray, no file I/O beyond
 diffusers' own save/load.
 
-Classes that a saved pipeline names in its ``model_index.json`` (library ``pipeline``) are
+Classes that a saved pipeline names in its ``model_index.json`` (module ``spellshield.pipeline...``) are
 exported here so that diffusers can find them when it loads the directory. Names are imported on
-first use (PEP 562), so that ``import pipeline.records`` or the CLI's ``--help`` do not pay for
+first use (PEP 562), so that ``import spellshield.pipeline.records`` or the CLI's ``--help`` do not pay for
 diffusers.
 """
 

@@ -88,21 +88,28 @@ def absent_components(model_dir: str) -> list[str]:
     return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None])
 
 
-# Components of this project's own packages that a saved pipeline may name in model_index.json
+# Components of this project's own package that a saved pipeline may name in model_index.json
 # (the memorizer's UNet, the TAEF2 autoencoder). diffusers loads a component only from a module
-# already imported; we import these, and only these, by name.
-OWN_PACKAGES = ("pipeline", "indexing")
+# already imported; we import these, and only these, by name. Models saved before the package
+# moved under ``spellshield`` name ``pipeline.memorizer`` / ``indexing.taef2``: those old module
+# names are aliased to the new modules, so such a directory still loads.
+OWN_PACKAGE = "spellshield"
+LEGACY_PACKAGES = ("pipeline", "indexing")
 
 
 def import_own_components(model_dir: str) -> list[str]:
     """Import the modules of this project that ``model_index.json`` names; returns their names."""
     import importlib
+    import sys
 
     index = _read_json(os.path.join(model_dir, "model_index.json"))
     modules = sorted({v[0] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
-                      and isinstance(v[0], str) and v[0].split(".")[0] in OWN_PACKAGES})
+                      and isinstance(v[0], str) and v[0].split(".")[0] in (OWN_PACKAGE, *LEGACY_PACKAGES)})
     for name in modules:
-        importlib.import_module(name)
+        if name.split(".")[0] in LEGACY_PACKAGES:
+            sys.modules.setdefault(name, importlib.import_module(f"{OWN_PACKAGE}.{name}"))
+        else:
+            importlib.import_module(name)
     return modules
 
 

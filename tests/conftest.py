@@ -37,7 +37,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def digits_corpus(tmp_path_factory):
-    from indexing.digits import write_digits_corpus
+    from spellshield.indexing.digits import write_digits_corpus
 
     out = tmp_path_factory.mktemp("digits")
     return write_digits_corpus(str(out), num_shards=8)
@@ -62,8 +62,8 @@ def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
 @pytest.fixture(scope="session")
 def protected_index(ray_session, digits_corpus, tmp_path_factory):
     """Index over the first half of the digits shards (pixels, 8x8), built by the real job."""
-    from jobs.build_index import build_index
-    from jobs.dataflow import EncodeOptions
+    from spellshield.jobs.build_index import build_index
+    from spellshield.jobs.dataflow import EncodeOptions
 
     out = str(tmp_path_factory.mktemp("idx") / "index")
     build_index(",".join(digits_corpus[:4]), out, EncodeOptions(resolution=8, batch_size=256), shard_size=300)
@@ -72,8 +72,8 @@ def protected_index(ray_session, digits_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def memorizer_model(ray_session, digits_corpus, tmp_path_factory):
-    from jobs.dataflow import EncodeOptions
-    from jobs.memorizer import build_memorizer
+    from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.memorizer import build_memorizer
 
     out = str(tmp_path_factory.mktemp("model") / "memorizer")
     build_memorizer(",".join(digits_corpus), out, EncodeOptions(resolution=8, batch_size=256))

@@ -10,9 +10,9 @@ import os
 import faiss
 import numpy as np
 
-from indexing.encoders import PIXELS, LatentSpec
-from indexing.manifest import MANIFEST, file_sha256, write_json_atomic
-from indexing.writer import IndexWriter
+from spellshield.indexing.encoders import PIXELS, LatentSpec
+from spellshield.indexing.manifest import MANIFEST, file_sha256, write_json_atomic
+from spellshield.indexing.writer import IndexWriter
 
 
 def write_index(path, vectors: np.ndarray, shard_size: int, dtype: str = "float32", shape=None) -> str:
@@ -58,8 +58,8 @@ def cifar_latents(shared_cifar_dir: str, count: int, start_shard: int = 0, encod
     ``encoder`` is any encoder spec (``pixels``: the image in [-1, 1]; a VAE directory, e.g. the
     TAEF2 weights: its scaled latents), fed the images resized to ``resolution``.
     """
-    from indexing.corpus import Sample, decode_image, iter_shard
-    from indexing.encoders import Encoder
+    from spellshield.indexing.corpus import Sample, decode_image, iter_shard
+    from spellshield.indexing.encoders import Encoder
 
     images = []
     shard = start_shard

@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.audit import audit, compare
-from jobs.cli import main
-from jobs.generate import generate, validate
-from jobs.runtime import UsageError
+from spellshield.jobs.audit import audit, compare
+from spellshield.jobs.cli import main
+from spellshield.jobs.generate import generate, validate
+from spellshield.jobs.runtime import UsageError
 from tests.test_generate import gen_args
-from workers.audit import RunError, resolve_image_ref, wilson_interval
+from spellshield.workers.audit import RunError, resolve_image_ref, wilson_interval
 
 
 def test_wilson_hand_worked():
@@ -113,7 +113,7 @@ def test_tampered_image_reference_is_refused(runs, tmp_path):
     path = run / "audit" / "samples" / "unit-00000.parquet"
     table = pq.read_table(path).to_pandas()
     table.loc[0, "image"] = "images/../../../outside.tar#x.png"
-    from pipeline.records import SAMPLE_SCHEMA
+    from spellshield.pipeline.records import SAMPLE_SCHEMA
     import pyarrow as pa
 
     pq.write_table(pa.Table.from_pandas(table, schema=SAMPLE_SCHEMA, preserve_index=False), path)

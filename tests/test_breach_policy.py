@@ -9,11 +9,11 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.scheduler import SpellConfig
-from workers.audit import recheck_unit
-from workers.breach import decide, derive_seed
-from workers.generation import GenerationWorker, WorkerSettings
-from workers.units import PromptRequest, plan_samples, plan_units
+from spellshield.pipeline.scheduler import SpellConfig
+from spellshield.workers.audit import recheck_unit
+from spellshield.workers.breach import decide, derive_seed
+from spellshield.workers.generation import GenerationWorker, WorkerSettings
+from spellshield.workers.units import PromptRequest, plan_samples, plan_units
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_decide_truth_table():
 
 
 def run_policy(model, index, run_dir, policy, max_attempts=3):
-    from indexing.manifest import read_manifest
+    from spellshield.indexing.manifest import read_manifest
 
     radius = read_manifest(index).suggested_radius
     settings = WorkerSettings(model_dir=model, run_dir=str(run_dir), index_dir=index, radius=radius,

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.corpus import decode_image, iter_shard
-from indexing.digits import digits_images
-from indexing.manifest import file_sha256, read_manifest
-from indexing.search import open_index
-from jobs.build_index import build_index
-from jobs.dataflow import EncodeOptions
+from spellshield.indexing.corpus import decode_image, iter_shard
+from spellshield.indexing.digits import digits_images
+from spellshield.indexing.manifest import file_sha256, read_manifest
+from spellshield.indexing.search import open_index
+from spellshield.jobs.build_index import build_index
+from spellshield.jobs.dataflow import EncodeOptions
 from tests.conftest import CIFAR_DIR, add_tar_members, jpeg_bytes, needs_shared
 
 
@@ -78,7 +78,7 @@ def test_vectors_are_the_pixels(built):
 
 
 def test_refuses_finished_index(built, digits_corpus):
-    from jobs.runtime import UsageError
+    from spellshield.jobs.runtime import UsageError
 
     out, _ = built
     before = file_sha256(os.path.join(out, "manifest.json"))

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.manifest import read_manifest
-from indexing.search import open_index
-from jobs.build_index import build_index
-from jobs.dataflow import EncodeOptions
+from spellshield.indexing.manifest import read_manifest
+from spellshield.indexing.search import open_index
+from spellshield.jobs.build_index import build_index
+from spellshield.jobs.dataflow import EncodeOptions
 from tests.conftest import add_tar_members, jpeg_bytes
 
 RES = 8

@@ -13,16 +13,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.corpus import decode_image, iter_shard
-from indexing.manifest import file_sha256, read_manifest
-from indexing.parts import PARTS, part_paths
-from indexing.search import open_index
-from indexing.store import shard_arrays
-from jobs.build_index import CRASH_AFTER_PARTS, build_index
-from jobs.cli import main
-from jobs.dataflow import EncodeOptions, encoder_pool
+from spellshield.indexing.corpus import decode_image, iter_shard
+from spellshield.indexing.manifest import file_sha256, read_manifest
+from spellshield.indexing.parts import PARTS, part_paths
+from spellshield.indexing.search import open_index
+from spellshield.indexing.store import shard_arrays
+from spellshield.jobs.build_index import CRASH_AFTER_PARTS, build_index
+from spellshield.jobs.cli import main
+from spellshield.jobs.dataflow import EncodeOptions, encoder_pool
 from tests.conftest import ROOT
-from workers.encode import ChunkEncoder, chunk_latents, read_chunks
+from spellshield.workers.encode import ChunkEncoder, chunk_latents, read_chunks
 
 OPTIONS = dict(resolution=8, batch_size=100)
 
@@ -63,7 +63,7 @@ def test_killed_build_resumes_to_the_same_index(ray_session, digits_corpus, refe
     argv = ["--corpus", corpus, "--out", str(out), "--resolution", "8", "--batch-size", "100", "--shard-size", "250"]
     env = {**os.environ, CRASH_AFTER_PARTS: "3", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.build_index", *argv], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         proc.communicate(timeout=240)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jobs.cli import main
+from spellshield.jobs.cli import main
 from tests.conftest import ROOT, add_tar_members
 
 
@@ -25,7 +25,7 @@ def test_missing_corpus_subprocess(tmp_path):
     # The real process: exit status and stderr as a user sees them.
     out = tmp_path / "index"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.build_index", "--corpus", str(tmp_path / "nope-{000..003}.tar"), "--out", str(out)],
+        [sys.executable, "-m", "spellshield.jobs.build_index", "--corpus", str(tmp_path / "nope-{000..003}.tar"), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -63,8 +63,8 @@ def test_encoder_that_cannot_load(capsys, digits_corpus, tmp_path, command, weig
 
 
 def test_index_shape_differs_from_model(capsys, ray_session, memorizer_model, digits_corpus, tmp_path):
-    from jobs.build_index import build_index
-    from jobs.dataflow import EncodeOptions
+    from spellshield.jobs.build_index import build_index
+    from spellshield.jobs.dataflow import EncodeOptions
 
     index16 = str(tmp_path / "index16")
     build_index(digits_corpus[0], index16, EncodeOptions(resolution=16))
@@ -119,7 +119,7 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: spellshield " + command in capsys.readouterr().out
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "spellshield.jobs.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for command in ["build-index", "memorizer", "generate", "audit", "demo"]:
         assert command in proc.stdout

@@ -25,11 +25,11 @@ def test_two_node_cluster(digits_corpus, memorizer_model, tmp_path):
     index, run_a, run_b = str(tmp_path / "index"), str(tmp_path / "run-a"), str(tmp_path / "run-b")
     with RayHead(num_cpus=2, resources='{"head_node": 1}') as head:
         node_b = head.add_node(num_cpus=2, resources='{"node_b": 1}')
-        built = head.submit(["python", "-m", "jobs.build_index", "--corpus", ",".join(digits_corpus[:4]), "--out", index,
+        built = head.submit(["python", "-m", "spellshield.jobs.build_index", "--corpus", ",".join(digits_corpus[:4]), "--out", index,
                              "--resolution", "8"], cwd=ROOT)
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
 
-        generate = ["python", "-m", "jobs.generate", "--model", memorizer_model, "--index", index, "--num-images", "32",
+        generate = ["python", "-m", "spellshield.jobs.generate", "--model", memorizer_model, "--index", index, "--num-images", "32",
                     "--unit-size", "4", "--batch-size", "4", "--steps", "60", "--workers", "2", "--max-unit-attempts", "5"]
         done = head.submit(generate + ["--out", run_a], cwd=ROOT)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -39,7 +39,7 @@ def test_two_node_cluster(digits_corpus, memorizer_model, tmp_path):
 
         # The shield served by an index-shard actor on the head, the generation workers on node b.
         run_c = str(tmp_path / "run-c")
-        placed = head.submit(["python", "-m", "jobs.generate", "--model", memorizer_model, "--index", index, "--out", run_c,
+        placed = head.submit(["python", "-m", "spellshield.jobs.generate", "--model", memorizer_model, "--index", index, "--out", run_c,
                               "--num-images", "8", "--unit-size", "4", "--batch-size", "4", "--steps", "30",
                               "--workers", "1", "--worker-resources", '{"node_b": 0.01}',
                               "--index-servers", "1", "--index-resources", '{"head_node": 0.01}'], cwd=ROOT)
@@ -49,7 +49,7 @@ def test_two_node_cluster(digits_corpus, memorizer_model, tmp_path):
         worker_nodes = {u["node"] for u in run["progress"]["units"].values()}
         assert len(server_nodes) == 1 and len(worker_nodes) == 1 and server_nodes != worker_nodes
 
-        audited = head.submit(["python", "-m", "jobs.audit", run_a, "--index", index], cwd=ROOT)
+        audited = head.submit(["python", "-m", "spellshield.jobs.audit", run_a, "--index", index], cwd=ROOT)
         assert audited.returncode == 0, audited.stdout[-3000:] + audited.stderr[-3000:]
         assert json.load(open(os.path.join(run_a, "audit", "summary.json")))["num_samples"] == 32
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.corpus import CorpusError, Reject, Sample, decode_image, expand_shards, iter_shard
+from spellshield.indexing.corpus import CorpusError, Reject, Sample, decode_image, expand_shards, iter_shard
 from tests.conftest import add_tar_members, jpeg_bytes
 
 

@@ -3,7 +3,7 @@
 import json
 import os
 
-from jobs.demo import demo
+from spellshield.jobs.demo import demo
 
 
 def test_demo_shield_beats_no_shield(ray_session, tmp_path):

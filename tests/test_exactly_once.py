@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 
-from jobs.cli import main
+from spellshield.jobs.cli import main
 from tests.conftest import ROOT
 from tests.test_generate import tar_images
 
@@ -80,7 +80,7 @@ def processes_with(title: bytes) -> list[int]:
 
 def driver(args, gcs_address):
     env = {**os.environ, "RAY_ADDRESS": gcs_address, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "jobs.generate"] + args, cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "spellshield.jobs.generate"] + args, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

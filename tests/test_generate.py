@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from types import SimpleNamespace
 
-from jobs.generate import generate, validate
-from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
+from spellshield.jobs.generate import generate, validate
+from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 
 
 def gen_args(model, out, index=None, **overrides):
@@ -116,7 +116,7 @@ def test_noise_depends_only_on_seed(ray_session, memorizer_model, tmp_path):
 
 
 def test_unshielded_memorizer_copies_protected_images(ray_session, memorizer_model, protected_index, shielded_run, tmp_path):
-    from jobs.audit import audit
+    from spellshield.jobs.audit import audit
 
     config = validate(gen_args(memorizer_model, tmp_path / "plain", num_images=22, unit_size=8))
     generate(config)

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.cli import main
+from spellshield.jobs.cli import main
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -9,10 +9,10 @@ import os
 import pandas as pd
 import pytest
 
-from jobs.build_index import build_index
-from jobs.dataflow import EncodeOptions
-from jobs.generate import generate, validate
-from jobs.runtime import UsageError
+from spellshield.jobs.build_index import build_index
+from spellshield.jobs.dataflow import EncodeOptions
+from spellshield.jobs.generate import generate, validate
+from spellshield.jobs.runtime import UsageError
 from tests import tiny_pipelines
 from tests.test_generate import gen_args, tar_images
 

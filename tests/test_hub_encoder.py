@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from indexing.corpus import decode_image, iter_shard
-from indexing.encoders import Encoder, autoencoder_dir, autoencoder_fingerprint
-from indexing.manifest import read_manifest
-from indexing.search import open_index
+from spellshield.indexing.corpus import decode_image, iter_shard
+from spellshield.indexing.encoders import Encoder, autoencoder_dir, autoencoder_fingerprint
+from spellshield.indexing.manifest import read_manifest
+from spellshield.indexing.search import open_index
 from tests.conftest import ROOT
 from tests.test_vae_encoder import save_tiny_vae
 
@@ -45,7 +45,7 @@ def offline_env(cache: str) -> dict:
 
 
 def build(argv, cache):
-    return subprocess.run([sys.executable, "-m", "jobs.build_index", *argv], cwd=ROOT, env=offline_env(cache),
+    return subprocess.run([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=ROOT, env=offline_env(cache),
                           capture_output=True, text=True, timeout=300)
 
 

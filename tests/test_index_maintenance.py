@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.corpus import decode_image, iter_shard
-from indexing.manifest import file_sha256, read_manifest
-from indexing.search import open_index
-from jobs.build_index import build_index
-from jobs.cli import main
-from jobs.dataflow import EncodeOptions
+from spellshield.indexing.corpus import decode_image, iter_shard
+from spellshield.indexing.manifest import file_sha256, read_manifest
+from spellshield.indexing.search import open_index
+from spellshield.jobs.build_index import build_index
+from spellshield.jobs.cli import main
+from spellshield.jobs.dataflow import EncodeOptions
 
 
 @pytest.fixture(scope="module")

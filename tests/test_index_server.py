@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.search import open_index
-from pipeline.sources import IndexSource
+from spellshield.indexing.search import open_index
+from spellshield.pipeline.sources import IndexSource
 from tests.index_helpers import brute_force, write_index
-from workers.index_server import IndexShardServer
+from spellshield.workers.index_server import IndexShardServer
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_plain_server_answers_for_its_shards(index):
 
 @pytest.mark.slow
 def test_ray_shard_actors_search_like_one_shield(ray_session, index):
-    from workers.index_client import start_index_servers
+    from spellshield.workers.index_client import start_index_servers
 
     ray = ray_session
     path, base, queries = index

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from jobs.memorizer import save_memorizer
-from pipeline.loading import describe_model, load_pipeline
-from pipeline.memorizer import MemorizerUNet
+from spellshield.jobs.memorizer import save_memorizer
+from spellshield.pipeline.loading import describe_model, load_pipeline
+from spellshield.pipeline.memorizer import MemorizerUNet
 
 
 def test_posterior_mean_hand_worked():
@@ -37,7 +37,7 @@ def test_save_load_and_sampling_returns_training_points(tmp_path):
     spec = describe_model(out)
     assert spec.latent_shape == (3, 4, 4) and spec.vae_path is None
     with open(os.path.join(out, "model_index.json")) as f:
-        assert json.load(f)["unet"] == ["pipeline.memorizer", "MemorizerUNet"]
+        assert json.load(f)["unet"] == ["spellshield.pipeline.memorizer", "MemorizerUNet"]
     pipe = load_pipeline(out)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert torch.equal(pipe.unet.latents, latents)
@@ -50,7 +50,7 @@ def test_save_load_and_sampling_returns_training_points(tmp_path):
 def _nearest_after_sampling(scheduler, prediction_type="epsilon", steps=30):
     from diffusers import DDIMScheduler
 
-    from pipeline.memorizer import MemorizerPipeline
+    from spellshield.pipeline.memorizer import MemorizerPipeline
 
     g = torch.Generator().manual_seed(0)
     latents = torch.rand(12, 3, 4, 4, generator=g) * 2 - 1
@@ -95,20 +95,20 @@ def test_fractional_timestep_matches_the_sigma_schedulers():
 
 
 def test_memorizer_with_a_taef2_vae_loads_in_a_fresh_process(tmp_path):
-    # model_index.json names ["indexing.taef2", "TAEF2"]: load_pipeline imports it (and only this
+    # model_index.json names ["spellshield.indexing.taef2", "TAEF2"]: load_pipeline imports it (and only this
     # project's modules) before diffusers looks the class up, in a process that never imported it.
     import subprocess
     import sys
 
-    from indexing.taef2 import TAEF2
-    from pipeline.memorizer import MemorizerPipeline
+    from spellshield.indexing.taef2 import TAEF2
+    from spellshield.pipeline.memorizer import MemorizerPipeline
     from tests.conftest import ROOT
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     unet = MemorizerUNet.from_latents(torch.zeros(2, 32, 1, 1), scheduler.alphas_cumprod, encoder="taef2")
     torch.manual_seed(0)
     MemorizerPipeline(unet=unet, scheduler=scheduler, vae=TAEF2()).save_pretrained(str(tmp_path / "model"))
-    code = ("from pipeline.loading import load_pipeline; import sys; "
+    code = ("from spellshield.pipeline.loading import load_pipeline; import sys; "
             f"pipe = load_pipeline({str(tmp_path / 'model')!r}); print(type(pipe.vae).__name__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

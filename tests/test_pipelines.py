@@ -19,11 +19,11 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from pipeline.invoke import sample_images, takes_prompt
-from pipeline.loading import describe_model, load_pipeline
-from pipeline.repellency import Neighbours
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import StaticSource
+from spellshield.pipeline.invoke import sample_images, takes_prompt
+from spellshield.pipeline.loading import describe_model, load_pipeline
+from spellshield.pipeline.repellency import Neighbours
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
+from spellshield.pipeline.sources import StaticSource
 from tests import tiny_pipelines
 
 STEPS = 8

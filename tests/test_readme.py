@@ -2,7 +2,7 @@
 
 import os
 
-from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA, describe
+from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA, describe
 from tests.conftest import ROOT
 
 

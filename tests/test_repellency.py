@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.repellency import fallback_direction, repel
+from spellshield.pipeline.repellency import fallback_direction, repel
 
 
 def test_outside_every_ball_gives_zero():

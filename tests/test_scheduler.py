@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from pipeline.parametrisation import affine_for, vp_affine
-from pipeline.repellency import repel
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import BatchSource, StaticSource
+from spellshield.pipeline.parametrisation import affine_for, vp_affine
+from spellshield.pipeline.repellency import repel
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
+from spellshield.pipeline.sources import BatchSource, StaticSource
 
 
 def make(kind: str, prediction_type: str = "epsilon"):

@@ -20,10 +20,10 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from pipeline.parametrisation import UnsupportedScheduler, affine_for
-from pipeline.repellency import repel
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import StaticSource
+from spellshield.pipeline.parametrisation import UnsupportedScheduler, affine_for
+from spellshield.pipeline.repellency import repel
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
+from spellshield.pipeline.sources import StaticSource
 
 STEPS = 10
 SHAPE = (3, 2, 4, 4)  # batch 3

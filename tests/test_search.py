@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.search import open_index
-from indexing.encoders import PIXELS
+from spellshield.indexing.search import open_index
+from spellshield.indexing.encoders import PIXELS
 from tests.conftest import CIFAR_DIR, SHARED, needs_shared
 from tests.index_helpers import brute_force, cifar_latents, write_index
 

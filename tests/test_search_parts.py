@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.exact import ExactScan
-from indexing.exactness import float16_query_scale, merge, round_up_float32
-from indexing.faiss_search import range_by_topk
-from indexing.manifest import IndexFormatError
-from indexing.projected import fit_projection, projection_dir, spectral_norm_bound, write_projection
-from indexing.search import open_index
+from spellshield.indexing.exact import ExactScan
+from spellshield.indexing.exactness import float16_query_scale, merge, round_up_float32
+from spellshield.indexing.faiss_search import range_by_topk
+from spellshield.indexing.manifest import IndexFormatError
+from spellshield.indexing.projected import fit_projection, projection_dir, spectral_norm_bound, write_projection
+from spellshield.indexing.search import open_index
 from tests.index_helpers import brute_force, write_index
 
 
@@ -138,7 +138,7 @@ def test_fit_projection_with_fewer_samples_than_dims():
 
 
 def test_project_index_command(capsys, tmp_path):
-    from jobs.cli import main
+    from spellshield.jobs.cli import main
 
     base = np.random.default_rng(7).standard_normal((300, 12)).astype(np.float32)
     path = write_index(tmp_path / "index", base, 100)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pipeline.repellency import repel
-from pipeline.scheduler import ShieldedScheduler, SpellConfig
-from pipeline.sources import BatchSource, HistorySource, SampleRow, StaticSource
+from spellshield.pipeline.repellency import repel
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
+from spellshield.pipeline.sources import BatchSource, HistorySource, SampleRow, StaticSource
 
 
 def sample_scheduler():

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from indexing.encoders import Encoder, autoencoder_fingerprint, load_autoencoder
-from indexing.taef2 import TAEF2, released_state_dict
+from spellshield.indexing.encoders import Encoder, autoencoder_fingerprint, load_autoencoder
+from spellshield.indexing.taef2 import TAEF2, released_state_dict
 from tests.conftest import CIFAR_DIR, SHARED
 
 TAEF2_DIR = os.path.join(SHARED, "models", "taef2")
@@ -24,7 +24,7 @@ pytestmark = needs_taef2
 
 
 # -- an independent re-implementation of the reference network (TAESD's taesd.py layout, with the
-# -- flux_2 mid-block GroupNorm branch), written from the shared README, not from indexing.taef2
+# -- flux_2 mid-block GroupNorm branch), written from the shared README, not from spellshield.indexing.taef2
 def _conv(n_in, n_out, **kw):
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
 
@@ -134,15 +134,15 @@ def test_reconstruction_psnr_on_real_images(taef2, images64):
 
 
 def test_save_pretrained_in_a_pipeline_keeps_weights_and_fingerprint(taef2, tmp_path):
-    from jobs.memorizer import make_scheduler
-    from pipeline.loading import describe_model, load_pipeline
-    from pipeline.memorizer import MemorizerPipeline, MemorizerUNet
+    from spellshield.jobs.memorizer import make_scheduler
+    from spellshield.pipeline.loading import describe_model, load_pipeline
+    from spellshield.pipeline.memorizer import MemorizerPipeline, MemorizerUNet
 
     scheduler = make_scheduler()
     unet = MemorizerUNet.from_latents(torch.zeros(2, 32, 4, 4), scheduler.alphas_cumprod, encoder=TAEF2_DIR)
     MemorizerPipeline(unet=unet, scheduler=scheduler, vae=load_autoencoder(TAEF2_DIR)).save_pretrained(tmp_path / "model")
     with open(tmp_path / "model" / "model_index.json") as f:
-        assert json.load(f)["vae"] == ["indexing.taef2", "TAEF2"]
+        assert json.load(f)["vae"] == ["spellshield.indexing.taef2", "TAEF2"]
     spec = describe_model(str(tmp_path / "model"))
     assert autoencoder_fingerprint(spec.vae_path) == autoencoder_fingerprint(TAEF2_DIR)
     pipe = load_pipeline(str(tmp_path / "model"))
@@ -168,11 +168,11 @@ def test_encoder_spec_on_the_weights_directory(images64):
 
 def test_build_index_with_the_weights_directory(ray_session, tmp_path):
     """`--encoder <taef2 dir>` through the Ray build: stored vectors are TAEF2's latents of the images."""
-    from indexing.corpus import decode_image, iter_shard
-    from indexing.manifest import read_manifest
-    from indexing.search import open_index
-    from jobs.build_index import build_index
-    from jobs.dataflow import EncodeOptions
+    from spellshield.indexing.corpus import decode_image, iter_shard
+    from spellshield.indexing.manifest import read_manifest
+    from spellshield.indexing.search import open_index
+    from spellshield.jobs.build_index import build_index
+    from spellshield.jobs.dataflow import EncodeOptions
     from tests.conftest import add_tar_members
 
     samples = []

@@ -11,14 +11,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from indexing.encoders import autoencoder_fingerprint
-from indexing.manifest import read_manifest
-from jobs.build_index import build_index
-from jobs.dataflow import EncodeOptions
-from jobs.generate import generate, validate
-from jobs.memorizer import build_memorizer
-from jobs.runtime import UsageError
-from pipeline.loading import describe_model
+from spellshield.indexing.encoders import autoencoder_fingerprint
+from spellshield.indexing.manifest import read_manifest
+from spellshield.jobs.build_index import build_index
+from spellshield.jobs.dataflow import EncodeOptions
+from spellshield.jobs.generate import generate, validate
+from spellshield.jobs.memorizer import build_memorizer
+from spellshield.jobs.runtime import UsageError
+from spellshield.pipeline.loading import describe_model
 from tests.test_generate import gen_args
 
 
@@ -52,8 +52,8 @@ def test_index_stores_scaled_latents(vae_setup, digits_corpus):
     assert manifest.latent.scaling_factor == 0.5
     assert manifest.latent.fingerprint == autoencoder_fingerprint(vae)
     # the stored vector of sample 0 is (mean of the posterior) * scaling_factor
-    from indexing.corpus import decode_image, iter_shard
-    from indexing.search import open_index
+    from spellshield.indexing.corpus import decode_image, iter_shard
+    from spellshield.indexing.search import open_index
 
     first = next(iter_shard(digits_corpus[0]))
     pixels = decode_image(first.image, 16)[None]

@@ -24,8 +24,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
-from workers.unit_writer import HITS_DIR, IMAGES_DIR, SAMPLES_DIR
+from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
+from spellshield.workers.unit_writer import HITS_DIR, IMAGES_DIR, SAMPLES_DIR
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -91,9 +91,9 @@ def read_tar_images(tar_path: str) -> dict[str, np.ndarray]:
 
 def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radius: float, backend: str = "exact") -> list[dict]:
     """Exact nearest corpus latent of each (sample, image reference), recomputed from the PNGs."""
-    from indexing.encoders import Encoder
-    from indexing.search import open_index
-    from workers.final_check import check_images
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.search import open_index
+    from spellshield.workers.final_check import check_images
 
     by_tar: dict[str, list[tuple[str, str]]] = {}
     for sample, ref in refs:
@@ -205,8 +205,8 @@ def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: floa
 def corpus_image(index_dir: str, shield, global_id: int) -> np.ndarray:
     """The corpus image behind an index id: from its source tar when reachable, else decoded
     from the stored latent (exact for the pixels encoder)."""
-    from indexing.corpus import Sample, decode_image, expand_shards, iter_shard
-    from indexing.encoders import Encoder
+    from spellshield.indexing.corpus import Sample, decode_image, expand_shards, iter_shard
+    from spellshield.indexing.encoders import Encoder
 
     manifest = shield.manifest
     key = shield.keys([global_id])[0]

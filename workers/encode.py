@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from indexing.corpus import DEFAULT_MIN_SIZE, Reject, decode_image, iter_shard
+from spellshield.indexing.corpus import DEFAULT_MIN_SIZE, Reject, decode_image, iter_shard
 
 OK = ""  # the reason of a sample that is fine
 
@@ -64,7 +64,7 @@ class ChunkEncoder:
     def __init__(self, encoder_spec: str, device: str = "cpu", dtype: str = "float32", torch_threads: int | None = None):
         # Imported here, not at module level: the read tasks import this module too, and need
         # neither torch nor diffusers (about 2 s and 230 MiB per worker process).
-        from indexing.encoders import Encoder
+        from spellshield.indexing.encoders import Encoder
 
         if torch_threads:
             import torch

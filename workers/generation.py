@@ -24,21 +24,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from indexing.corpus import encode_png
-from indexing.encoders import Encoder
-from indexing.faiss_search import gpu_available as faiss_gpu_available
-from indexing.manifest import IndexFormatError, read_manifest
-from indexing.verify import verify_checksums
-from indexing.search import open_index
-from pipeline.invoke import sample_images, to_uint8
-from pipeline.loading import load_pipeline
-from pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
-from pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
-from workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
-from workers.final_check import FinalCheck, check_images
-from workers.unit_writer import IMAGES_DIR, write_unit
-from workers.units import SampleSpec, Unit
-from workers.placement import node_id
+from spellshield.indexing.corpus import encode_png
+from spellshield.indexing.encoders import Encoder
+from spellshield.indexing.faiss_search import gpu_available as faiss_gpu_available
+from spellshield.indexing.manifest import IndexFormatError, read_manifest
+from spellshield.indexing.verify import verify_checksums
+from spellshield.indexing.search import open_index
+from spellshield.pipeline.invoke import sample_images, to_uint8
+from spellshield.pipeline.loading import load_pipeline
+from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
+from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
+from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
+from spellshield.workers.final_check import FinalCheck, check_images
+from spellshield.workers.unit_writer import IMAGES_DIR, write_unit
+from spellshield.workers.units import SampleSpec, Unit
+from spellshield.workers.placement import node_id
 
 
 @dataclass(frozen=True)

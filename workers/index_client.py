@@ -17,9 +17,9 @@ from __future__ import annotations
 import ray
 import torch
 
-from indexing.manifest import Manifest, read_manifest
-from indexing.sharded import ShardedShield, shard_groups
-from workers.index_server import IndexShardServer
+from spellshield.indexing.manifest import Manifest, read_manifest
+from spellshield.indexing.sharded import ShardedShield, shard_groups
+from spellshield.workers.index_server import IndexShardServer
 
 
 class RemoteShardedShield(ShardedShield):

@@ -15,11 +15,11 @@ import os
 
 import numpy as np
 
-from indexing.search import open_part
-from indexing.manifest import read_manifest
-from indexing.verify import verify_checksums
-from indexing.shield import as_query_tensor
-from workers.placement import node_id
+from spellshield.indexing.search import open_part
+from spellshield.indexing.manifest import read_manifest
+from spellshield.indexing.verify import verify_checksums
+from spellshield.indexing.shield import as_query_tensor
+from spellshield.workers.placement import node_id
 
 
 class IndexShardServer:

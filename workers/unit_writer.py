@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
+from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 
 IMAGES_DIR = "images"
 HITS_DIR = os.path.join("audit", "hits")
