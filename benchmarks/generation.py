@@ -74,9 +74,10 @@ def main() -> None:
 
     from spellshield.jobs.build_index import build_index
     from spellshield.jobs.dataflow import EncodeOptions
-    from spellshield.jobs.generate import DEFAULT_SPELL, Placement, generate, validate
+    from spellshield.jobs.generate import generate, validate
+    from spellshield.pipeline.config import SpellConfig
     from spellshield.jobs.memorizer import build_memorizer
-    from tests.test_generate import gen_args
+    from tests.test_generate import gen_config
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
@@ -91,13 +92,13 @@ def main() -> None:
                "batch_size": args.batch_size, "runs": {}}
     for name, shield in (("unshielded", None), ("shielded", index)):
         run_dir = os.path.join(args.out, name)
-        config = validate(gen_args(model, run_dir, shield, num_images=args.images, steps=args.steps,
+        config = validate(gen_config(model, run_dir, shield, num_images=args.images, steps=args.steps,
                                    batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers,
                                    # the CLI's defaults (lam 10, M 5, resample), not the tests'
-                                   overcompensation=DEFAULT_SPELL.overcompensation,
-                                   correction_iterations=DEFAULT_SPELL.correction_iterations))
+                                   overcompensation=SpellConfig.overcompensation,
+                                   correction_iterations=SpellConfig.correction_iterations))
         started = time.time()
-        generate(config, Placement(workers=args.workers))
+        generate(config)
         results["runs"][name] = {"wall_seconds": round(time.time() - started, 3), **unit_breakdown(run_dir)}
         print(name, json.dumps(results["runs"][name]), flush=True)
     plain, shielded = results["runs"]["unshielded"], results["runs"]["shielded"]

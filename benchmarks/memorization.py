@@ -40,7 +40,8 @@ import pandas as pd
 from spellshield.indexing.manifest import read_manifest
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.audit import read_unit_images, recheck_unit
-from spellshield.workers.generation import GenerationWorker, WorkerSettings
+from spellshield.pipeline.config import GenerateConfig
+from spellshield.workers.generation import GenerationWorker, WorkerRuntime
 from spellshield.workers.units import PromptRequest, plan_samples, plan_units
 
 CIFAR_SHARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
@@ -144,12 +145,12 @@ def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: 
     """Sample seeds base_seed .. base_seed + seeds - 1 into ``run_dir`` with the generation worker;
     returns the seconds."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = WorkerSettings(
-        model_dir=setup["model"], run_dir=run_dir, index_dir=setup["protected-index"] if spell else None,
+    config = GenerateConfig.build(
+        setup["model"], run_dir, index=setup["protected-index"] if spell else None,
         radius=setup["radius"] if spell else None, spell=spell or SpellConfig(), steps=steps, batch_size=batch_size,
-        device="cpu", on_breach=policy, max_attempts=4, batch_radius=batch_radius,
+        on_breach=policy, max_attempts=4, batch_radius=batch_radius,
     )
-    worker = GenerationWorker(settings)
+    worker = GenerationWorker(config, WorkerRuntime(device="cpu"))
     started = time.time()
     for unit in plan_units(plan_samples([PromptRequest(None, seeds)], base_seed=base_seed), unit_size=seeds):
         worker.run_unit(unit)

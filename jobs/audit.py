@@ -47,9 +47,10 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
         run, samples, hits = load_run(run_dir)
         if radius is not None and not radius > 0:
             raise UsageError(f"--radius must be > 0, got {radius}")
-        index = index or run.get("config", {}).get("index")
+        shield = run.get("config", {}).get("shield") or {}
+        index = index or shield.get("index")
         manifest = read_manifest(index) if index else None
-        radius = radius or run.get("config", {}).get("radius") or (manifest.suggested_radius if manifest else None)
+        radius = radius or shield.get("radius") or (manifest.suggested_radius if manifest else None)
         samples = samples[samples["image"].notna()].reset_index(drop=True)
         for ref in samples["image"]:
             resolve_image_ref(run_dir, ref)  # refuse before any work: a reference must stay inside the run

@@ -42,23 +42,28 @@ from spellshield.workers.encode import chunk_latents
 CRASH_AFTER_PARTS = "SPELLSHIELD_CRASH_AFTER_PARTS"
 
 
+DEFAULT_SHARD_SIZE = 100_000  # vectors per FAISS shard; assembly holds one shard in memory
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, help="WebDataset shards: brace pattern, glob, directory or comma list")
     parser.add_argument("--out", required=True, help="index directory to create (an interrupted build resumes from OUT.partial)")
     add_encoder_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+    parser.add_argument("--dtype", choices=DTYPES, default=EncodeOptions.dtype,
                         help="storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer QT_fp16); default float32")
-    parser.add_argument("--shard-size", type=int, default=100_000,
-                        help="vectors per FAISS shard (default 100000); assembly holds one shard in memory")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"vectors per FAISS shard (default {DEFAULT_SHARD_SIZE}); assembly holds one shard in memory")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", default="pixels",
+    parser.add_argument("--encoder", default=EncodeOptions.encoder,
                         help="'pixels', a diffusers autoencoder directory / hub id, or the TAEF2 weights directory (*.pth)")
-    parser.add_argument("--resolution", type=int, default=32, help="images are resized and centre-cropped to N x N")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
-    parser.add_argument("--num-encoders", type=int, default=0,
+    parser.add_argument("--resolution", type=int, default=EncodeOptions.resolution,
+                        help=f"images are resized and centre-cropped to N x N (default {EncodeOptions.resolution})")
+    parser.add_argument("--batch-size", type=int, default=EncodeOptions.batch_size,
+                        help=f"images per encoder batch (default {EncodeOptions.batch_size})")
+    parser.add_argument("--num-encoders", type=int, default=EncodeOptions.num_encoders,
                         help="encoder actors (default: one per GPU, or one on a cluster without GPUs)")
 
 
@@ -123,7 +128,7 @@ def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -
     return BuildPlan(tuple(shards), latent, config, partial, resuming)
 
 
-def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = 100_000,
+def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = DEFAULT_SHARD_SIZE,
                 plan: BuildPlan | None = None) -> dict:
     """Python API: build (or resume building) the index at ``out``; returns the manifest. Needs Ray up."""
     started = time.time()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from types import SimpleNamespace
 
 import pandas as pd
 
@@ -28,7 +27,8 @@ from spellshield.indexing.manifest import write_json_atomic
 from spellshield.jobs.audit import audit
 from spellshield.jobs.build_index import build_index, check_output_dir
 from spellshield.jobs.dataflow import EncodeOptions
-from spellshield.jobs.generate import DEFAULT_SPELL, generate, validate
+from spellshield.jobs.generate import generate, validate
+from spellshield.pipeline.config import GenerateConfig, SpellConfig
 from spellshield.jobs.memorizer import build_memorizer
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 
@@ -39,12 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for everything the demo writes")
     parser.add_argument("--num-images", type=int, default=128, help="samples per run (default 128)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--overcompensation", type=float, default=DEFAULT_SPELL.overcompensation,
-                        help=f"lam of the shielded run (default {DEFAULT_SPELL.overcompensation:g})")
+    parser.add_argument("--overcompensation", type=float, default=SpellConfig.overcompensation,
+                        help=f"lam of the shielded run (default {SpellConfig.overcompensation:g})")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
-def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = DEFAULT_SPELL.overcompensation) -> dict:
+def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = SpellConfig.overcompensation) -> dict:
     """Python API of the demo (Ray must be up)."""
     started = time.time()
     corpus_dir = os.path.join(out, "corpus")
@@ -58,14 +58,8 @@ def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: flo
     rates = {}
     for name, index in (("unshielded", None), ("shielded", index_dir)):
         run_dir = os.path.join(out, f"run-{name}")
-        args = SimpleNamespace(
-            model=model_dir, out=run_dir, index=index, radius=None, overcompensation=overcompensation,
-            max_neighbours=None, correction_iterations=DEFAULT_SPELL.correction_iterations, num_images=num_images,
-            prompts=None, batch_size=32, unit_size=None, steps=steps, seed=0, workers=None, search_backend="exact",
-            batch_radius=None, history_radius=None, history_size=64, on_breach="resample", max_attempts=4,
-            guidance_scale=None,
-        )
-        generate(validate(args))
+        generate(validate(GenerateConfig.build(model_dir, run_dir, index=index, overcompensation=overcompensation,
+                                               num_images=num_images, batch_size=32, steps=steps)))
         summary = audit(run_dir, index=index_dir)
         rows = pd.read_parquet(os.path.join(run_dir, "audit", "samples"))
         first = rows[rows["attempt"] == 1]

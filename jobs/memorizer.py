@@ -90,11 +90,16 @@ def build_memorizer(corpus: str, out: str, options: EncodeOptions) -> str:
     return out
 
 
+def check_inputs(corpus: str, out: str, options: EncodeOptions) -> None:
+    """Bad input fails here, before Ray starts: no corpus, a finished --out, an encoder that cannot load."""
+    expand_shards(corpus)
+    check_output_dir(out, MODEL_MARKER, "model")
+    encoder_latent_spec(options)
+
+
 def run(args) -> int:
     options = encode_options(args)
-    expand_shards(args.corpus)
-    check_output_dir(args.out, MODEL_MARKER, "model")
-    encoder_latent_spec(options)  # an encoder that cannot load: fail before starting Ray
+    check_inputs(args.corpus, args.out, options)
     with ray_cluster(args.address):
         build_memorizer(args.corpus, args.out, options)
     return 0

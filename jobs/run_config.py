@@ -1,156 +1,100 @@
-"""The options of a generation run, validated before anything is written, and the run's identity.
+"""The checks of a generation run that read the model, the index or the run directory.
 
-``validate`` checks everything that can fail on bad input (the model directory, the index and
-its fit to the model, radii, the prompts file, the policies, the run directory) and returns a
-frozen ``GenerateConfig``; its sha256 (``digest``) is written to run.json, and ``resume_config``
+``pipeline.config.GenerateConfig`` validates every value on its own; here, before anything is
+written, ``validate`` checks what needs the files: the model directory, the index and its fit to
+the model (latent shape, encoder), the prompts file, the run directory. It returns the config
+*resolved*: absolute paths, the radius (``--radius`` or the index's suggested one) and the
+samples requested (``sampling.requests``). That object goes unchanged to the workers and into
+run.json; its sha256 (``GenerateConfig.digest``) is the run's identity, and ``resume_config``
 refuses to continue a run whose options would give another one.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 from spellshield.indexing.encoders import autoencoder_fingerprint
-from spellshield.indexing.manifest import manifest_hash, read_manifest
-from spellshield.jobs.run_record import RUN_FILE, read_run_json
+from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
+from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
 from spellshield.jobs.runtime import UsageError
+from spellshield.pipeline.config import ConfigError, GenerateConfig, PromptRequest
 from spellshield.pipeline.invoke import takes_prompt
-from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
-from spellshield.pipeline.scheduler import SpellConfig
-from spellshield.workers.breach import POLICIES
-from spellshield.workers.units import PromptRequest, PromptsError, read_prompts
+from spellshield.pipeline.loading import ModelSpec, ModelDirError, describe_model, pipeline_class
+from spellshield.workers.units import PromptsError, read_prompts
 
-DEFAULT_SPELL = SpellConfig()
+DEFAULT_NUM_IMAGES = 16
 
 
-@dataclass(frozen=True)
-class GenerateConfig:
-    model: str
-    out: str
-    index: str | None
-    radius: float | None
-    spell: SpellConfig
-    requests: tuple[PromptRequest, ...]
-    batch_size: int
-    unit_size: int
-    steps: int
-    seed: int
-    search_backend: str
-    batch_radius: float | None = None
-    history_radius: float | None = None
-    history_size: int = 64
-    on_breach: str = "resample"
-    max_attempts: int = 4
-    guidance_scale: float | None = None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["requests"] = [asdict(r) for r in self.requests]
-        return d
-
-    def digest(self) -> str:
-        payload = {k: v for k, v in self.to_json().items() if k != "out"}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _positive(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return
-    if value is None or value < 1:
-        raise UsageError(f"{name} must be >= 1, got {value}")
-
-
-ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbours", "correction_iterations",
-             "batch_radius", "history_radius", "history_size", "on_breach", "max_attempts", "guidance_scale",
-             "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
-
-
-def validate(args, check_out: bool = True) -> GenerateConfig:
-    """Every check that can fail on bad input, before anything is written."""
+def config_from_args(args) -> GenerateConfig:
+    """The command-line edge: options -> config; a bad value is one line naming its flag."""
     if not args.model or not args.out:
         raise UsageError("--model and --out are required (or --resume RUN_DIR)")
     try:
-        model = describe_model(args.model)
+        return GenerateConfig.from_args(args)
+    except ConfigError as exc:
+        raise UsageError(exc.flag) from None
+
+
+def check_model_fits_index(model: ModelSpec, index_dir: str) -> Manifest:
+    """The index was built in the model's latent space: same shape, same encoder weights."""
+    manifest = read_manifest(index_dir)
+    if tuple(manifest.latent.shape) != tuple(model.latent_shape):
+        raise UsageError(
+            f"index latent shape {tuple(manifest.latent.shape)} differs from the model's {tuple(model.latent_shape)}"
+        )
+    model_encoder = autoencoder_fingerprint(model.vae_path) if model.vae_path else "pixels"
+    if manifest.latent.fingerprint != model_encoder:
+        raise UsageError(
+            f"index encoder {manifest.latent.encoder!r} is not the model's "
+            f"({'its VAE at ' + model.vae_path if model.vae_path else 'pixel space'})"
+        )
+    return manifest
+
+
+def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
+    """Every check that reads a file, before anything is written; returns the resolved config."""
+    try:
+        model = describe_model(config.model)
         conditional = takes_prompt(pipeline_class(model))
     except ModelDirError as exc:
         raise UsageError(str(exc)) from None
-    if args.num_images is not None and args.num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    for name in ("batch_size", "steps"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    _positive("--unit-size", args.unit_size, allow_none=True)
-    _positive("--workers", getattr(args, "workers", None), allow_none=True)
-    for name in ("radius", "batch_radius", "history_radius"):
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    _positive("--history-size", getattr(args, "history_size", 64))
-    _positive("--max-attempts", getattr(args, "max_attempts", 4))
-    on_breach = getattr(args, "on_breach", "resample")
-    if on_breach not in POLICIES:
-        raise UsageError(f"--on-breach must be one of {', '.join(POLICIES)}, got {on_breach!r}")
-    try:
-        spell = SpellConfig(args.overcompensation, args.max_neighbours, args.correction_iterations)
-    except ValueError as exc:
-        message = str(exc)
-        for name in ("overcompensation", "max_neighbours", "correction_iterations"):
-            message = message.replace(name, "--" + name.replace("_", "-"))
-        raise UsageError(message) from None
-    radius = None
-    if args.index is not None:
-        manifest = read_manifest(args.index)
-        if tuple(manifest.latent.shape) != tuple(model.latent_shape):
-            raise UsageError(
-                f"index latent shape {tuple(manifest.latent.shape)} differs from the model's {tuple(model.latent_shape)}"
-            )
-        model_encoder = autoencoder_fingerprint(model.vae_path) if model.vae_path else "pixels"
-        if manifest.latent.fingerprint != model_encoder:
-            raise UsageError(
-                f"index encoder {manifest.latent.encoder!r} is not the model's "
-                f"({'its VAE at ' + model.vae_path if model.vae_path else 'pixel space'})"
-            )
-        radius = args.radius if args.radius is not None else manifest.suggested_radius
+    shield, sampling = config.shield, config.sampling
+    radius = shield.radius
+    if shield.index is not None:
+        manifest = check_model_fits_index(model, shield.index)
         if radius is None:
-            raise UsageError("the index has no suggested radius; pass --radius")
-    elif args.radius is not None:
-        raise UsageError("--radius needs --index")
-    if args.prompts is not None:
+            radius = manifest.suggested_radius
+            if radius is None:
+                raise UsageError("the index has no suggested radius; pass --radius")
+    if sampling.prompts is not None:
         try:
-            requests = tuple(read_prompts(args.prompts))
+            requests = tuple(read_prompts(sampling.prompts))
         except PromptsError as exc:
             raise UsageError(str(exc)) from None
         if not conditional:
             raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
+    elif sampling.requests is not None:  # the Python API may hand requests over directly
+        requests = sampling.requests
     else:
-        requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
-    guidance_scale = getattr(args, "guidance_scale", None)
-    if guidance_scale is not None and not conditional:
+        sampling = dataclasses.replace(sampling, num_images=sampling.num_images or DEFAULT_NUM_IMAGES)
+        requests = (PromptRequest(None, sampling.num_images),)
+    if sampling.guidance_scale is not None and not conditional:
         raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     if check_out:
-        check_run_dir(args.out)
-    return GenerateConfig(
-        model=os.path.abspath(args.model),
-        out=os.path.abspath(args.out),
-        index=os.path.abspath(args.index) if args.index else None,
-        radius=radius,
-        spell=spell,
-        requests=requests,
-        batch_size=args.batch_size,
-        unit_size=args.unit_size or 4 * args.batch_size,
-        steps=args.steps,
-        seed=args.seed,
-        search_backend=args.search_backend,
-        batch_radius=getattr(args, "batch_radius", None),
-        history_radius=getattr(args, "history_radius", None),
-        history_size=getattr(args, "history_size", 64),
-        on_breach=on_breach,
-        max_attempts=getattr(args, "max_attempts", 4),
-        guidance_scale=guidance_scale,
-    )
+        check_run_dir(config.out)
+    try:
+        return dataclasses.replace(
+            config,
+            model=os.path.abspath(config.model),
+            out=os.path.abspath(config.out),
+            shield=dataclasses.replace(shield, index=os.path.abspath(shield.index) if shield.index else None, radius=radius),
+            sampling=dataclasses.replace(sampling, prompts=os.path.abspath(sampling.prompts) if sampling.prompts else None,
+                                         unit_size=sampling.samples_per_unit, requests=requests),
+        )
+    except ConfigError as exc:  # e.g. the suggested radius of a tampered manifest, or too many samples in all
+        raise UsageError(exc.flag) from None
 
 
 def check_run_dir(path: str) -> None:
@@ -170,22 +114,25 @@ def check_run_dir(path: str) -> None:
         raise UsageError(f"{path} is not empty; choose a new or empty directory")
 
 
-def resume_config(args) -> tuple[GenerateConfig, dict]:
+def resume_config(args) -> GenerateConfig:
     """The config of the run in ``args.resume``; any options given must reproduce it exactly."""
     run_dir = args.resume
     run = read_run_json(run_dir)
-    saved = run.get("args") or {}
+    if run.get("format_version") != RUN_FORMAT_CURRENT:
+        raise UsageError(f"{run_dir} was written by another spellshield version (run.json format "
+                         f"{run.get('format_version')}, this one reads {RUN_FORMAT_CURRENT}); start a new run")
+    saved = GenerateConfig.from_json(run["config"])
     if args.model is None:
         if args.out not in (None, run_dir):
             raise UsageError(f"--out {args.out} differs from --resume {run_dir}")
-        given = SimpleNamespace(**{**{k: None for k in ARG_NAMES}, **saved, "out": run_dir})
+        given = dataclasses.replace(saved, out=run_dir)
     else:
-        given = SimpleNamespace(**{k: getattr(args, k, None) for k in ARG_NAMES})
-        given.out = run_dir
+        args.out = run_dir
+        given = config_from_args(args)
     config = validate(given, check_out=False)
     if config.digest() != run.get("config_sha256"):
         raise UsageError(f"{run_dir} was made with a different config (config_sha256 differs); "
                          "resume it with its own options, or start a new run")
-    if config.index and manifest_hash(config.index) != run.get("index_manifest_sha256"):
-        raise UsageError(f"the index {config.index} changed since {run_dir} started (manifest sha256 differs)")
-    return config, {k: getattr(given, k) for k in ARG_NAMES}
+    if config.shield.index and manifest_hash(config.shield.index) != run.get("index_manifest_sha256"):
+        raise UsageError(f"the index {config.shield.index} changed since {run_dir} started (manifest sha256 differs)")
+    return config

@@ -16,8 +16,8 @@ from spellshield.jobs.runtime import UsageError, progress
 if TYPE_CHECKING:
     from spellshield.jobs.run_config import GenerateConfig
 
-RUN_FILE = "run.json"
-RUN_FORMAT = 1
+from spellshield.workers.run_layout import RUN_FILE  # noqa: E402
+RUN_FORMAT = 2  # 2: the config nested by part (pipeline.config), no separate "args"
 
 
 def package_versions() -> dict:
@@ -32,14 +32,13 @@ def package_versions() -> dict:
     return out
 
 
-def write_run_json(config: GenerateConfig, status: str, progress_info: dict, args: dict, error: str | None = None) -> None:
+def write_run_json(config: GenerateConfig, status: str, progress_info: dict, error: str | None = None) -> None:
     payload = {
         "format_version": RUN_FORMAT,
         "status": status,
         "config": config.to_json(),
         "config_sha256": config.digest(),
-        "args": args,
-        "index_manifest_sha256": manifest_hash(config.index) if config.index else None,
+        "index_manifest_sha256": manifest_hash(config.shield.index) if config.shield.index else None,
         "versions": package_versions(),
         "progress": progress_info,
     }
@@ -74,8 +73,8 @@ class Progress:
     """Units done / total, images/s and hits/s: on the console (one updating line on a terminal,
     a line per unit otherwise) and in run.json as the job goes."""
 
-    def __init__(self, config: GenerateConfig, args: dict, info: dict):
-        self.config, self.args, self.info = config, args, info
+    def __init__(self, config: GenerateConfig, info: dict):
+        self.config, self.info = config, info
         self.started = time.time()
         self.images = self.hits = 0
         self.tty = sys.stderr.isatty()
@@ -95,7 +94,7 @@ class Progress:
                                     "check_seconds", "write_seconds")
         }
         t0 = time.time()
-        write_run_json(self.config, "running", info, self.args)
+        write_run_json(self.config, "running", info)
         info["run_json_seconds"] = round(info.get("run_json_seconds", 0.0) + time.time() - t0, 4)
         done, total = info["units_done"], info["units_total"]
         line = (f"generate: {done}/{total} units, {info['images_per_second']:.2f} images/s, "

@@ -13,7 +13,7 @@ from importlib import import_module
 _EXPORTS = {
     "BatchSource": ".sources",
     "HistorySource": ".sources",
-    "HitRecord": ".scheduler",
+    "HitRecord": ".records",
     "IndexSource": ".sources",
     "MemorizerPipeline": ".memorizer",
     "MemorizerUNet": ".memorizer",
@@ -21,7 +21,7 @@ _EXPORTS = {
     "Repulsion": ".repellency",
     "SampleRow": ".sources",
     "ShieldedScheduler": ".scheduler",
-    "SpellConfig": ".scheduler",
+    "SpellConfig": ".config",
     "StaticSource": ".sources",
     "repel": ".repellency",
 }

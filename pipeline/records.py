@@ -1,70 +1,104 @@
-"""The audit record schema: one row per shield hit per step, one row per sample.
+"""The audit record formats, declared once as dataclasses: one row per shield hit per step
+(``audit/hits``), one row per sampling attempt (``audit/samples``).
 
-Schemas are versioned (``SCHEMA_VERSION`` in the Parquet metadata) and every column carries a
-description in its field metadata, which the README reproduces. They are plain pyarrow
-schemas, readable by pandas, pyarrow and DuckDB.
+Each column is a dataclass field whose metadata holds its Arrow type and description; the
+Parquet schemas (``HIT_SCHEMA``, ``SAMPLE_SCHEMA``, versioned by ``SCHEMA_VERSION`` in every
+file's metadata) and the column tables of docs/formats.md are generated from them
+(``describe``). They are plain pyarrow schemas, readable by pandas, pyarrow and DuckDB.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 
 
-def _field(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"description": description})
+def column(arrow_type: str, description: str, nullable: bool = True):
+    """A dataclass field that is a Parquet column: ``arrow_type`` names a pyarrow type factory."""
+    return field(metadata={"arrow_type": arrow_type, "description": description, "nullable": nullable})
 
 
-HIT_FIELDS = [
-    _field("run", pa.string(), "run name (the run directory's base name)", False),
-    _field("unit", pa.int32(), "work unit number", False),
-    _field("sample", pa.string(), "sample key, unique in the run (also the image's name in the unit tar)", False),
-    _field("prompt_index", pa.int32(), "line of the prompts file (0-based), or 0 for unconditional runs", False),
-    _field("prompt", pa.string(), "prompt text; null for unconditional models"),
-    _field("seed", pa.int64(), "seed of the sample's noise", False),
-    _field("attempt", pa.int32(), "1 for the first sampling of this sample, 2.. for resamples", False),
-    _field("step", pa.int32(), "0-based count of scheduler.step calls (the denoising step; Heun: two calls per step)", False),
-    _field("timestep", pa.float64(), "scheduler timestep (or sigma) at this step", False),
-    _field("source", pa.string(), "shield source: index (protected corpus), batch (other samples), history", False),
-    _field("neighbour_id", pa.int64(), "global id in the index (index), batch row (batch) or history entry id (history)", False),
-    _field("neighbour_key", pa.string(), "corpus key (index), or sample key of the sibling (batch) or earlier output (history)"),
-    _field("distance", pa.float64(), "norm(x0_hat - z) at this step, before this iteration's correction", False),
-    _field("radius", pa.float64(), "radius of this source's balls", False),
-    _field("weight", pa.float64(), "relu(r / distance - 1), the paper's sparse weight; 1 if degenerate, 0 if not used", False),
-    _field("degenerate", pa.bool_(), "x0_hat coincided with z; the documented fallback direction was used", False),
-    _field("used", pa.bool_(), "entered the correction (false: beyond --max-neighbours)", False),
-    _field("iteration", pa.int32(), "correction iteration, 0-based", False),
-    _field("correction_norm", pa.float64(), "norm(m' - m): change of the model output for this sample and step", False),
-    _field("model_output_norm", pa.float64(), "norm(m) of the (guided) model output for this sample and step", False),
-    _field("delta_norm", pa.float64(), "norm(x0_hat' - x0_hat): the correction in latent space, all iterations", False),
-]
+@dataclass(frozen=True)
+class RowIdentity:
+    """Which attempt of which sample a row belongs to: the first columns of both tables."""
 
-SAMPLE_FIELDS = [
-    _field("run", pa.string(), "run name", False),
-    _field("unit", pa.int32(), "work unit number", False),
-    _field("sample", pa.string(), "sample key, unique in the run", False),
-    _field("prompt_index", pa.int32(), "line of the prompts file (0-based), or 0", False),
-    _field("prompt", pa.string(), "prompt text; null for unconditional models"),
-    _field("seed", pa.int64(), "seed of the sample's noise (the seed actually used by this attempt)", False),
-    _field("attempt", pa.int32(), "1 for the first sampling, 2.. for resamples after a breach", False),
-    _field("nearest_id", pa.int64(), "exact nearest corpus latent of the written image (null without index)"),
-    _field("nearest_key", pa.string(), "its corpus key"),
-    _field("nearest_distance", pa.float64(), "its L2 distance in the index's latent space"),
-    _field("radius", pa.float64(), "shield radius of the run (null without index)"),
-    _field("inside_shield", pa.bool_(), "nearest_distance < radius: a near-duplicate of a protected image"),
-    _field("active_steps", pa.int32(), "steps at which the shield corrected this sample", False),
-    _field("steps", pa.int32(), "denoising steps taken", False),
-    _field("max_correction_ratio", pa.float64(), "largest correction_norm / model_output_norm over the steps", False),
-    _field("action", pa.string(), "what happened to the sample: kept, flagged, resampled, dropped", False),
-    _field("image", pa.string(), "image location inside the run directory: images/unit-NNNNN.tar#<sample>.png; null if not written"),
-    _field("seconds", pa.float64(), "wall-clock seconds spent on this sample (its batch's time divided evenly)", False),
-]
+    run: str = column("string", "run name (the run directory's base name)", False)
+    unit: int = column("int32", "work unit number", False)
+    sample: str = column("string", "sample key, unique in the run (also the image's name in the unit tar)", False)
+    prompt_index: int = column("int32", "line of the prompts file (0-based), or 0 for unconditional runs", False)
+    prompt: str | None = column("string", "prompt text; null for unconditional models")
+    seed: int = column("int64", "seed of this attempt's noise (attempt 1: the sample's own seed)", False)
+    attempt: int = column("int32", "1 for the first sampling of this sample, 2.. for resamples after a breach", False)
 
-HIT_SCHEMA = pa.schema(HIT_FIELDS, metadata={"spellshield.schema": "hits", "spellshield.schema_version": SCHEMA_VERSION})
-SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS, metadata={"spellshield.schema": "samples", "spellshield.schema_version": SCHEMA_VERSION})
+
+@dataclass(frozen=True)
+class HitRecord:
+    """One shielded point inside its ball at one step (ShieldedScheduler's log): a row of audit/hits."""
+
+    row: int  # position in the batch handed to step(); not a column (the identity replaces it)
+    step: int = column("int32", "0-based count of scheduler.step calls (the denoising step; Heun: two calls per step)", False)
+    timestep: float = column("float64", "scheduler timestep (or sigma) at this step", False)
+    source: str = column("string", "shield source: index (protected corpus), batch (other samples), history", False)
+    neighbour_id: int = column("int64", "global id in the index (index), batch row (batch) or history entry id (history)", False)
+    neighbour_key: str | None = column("string", "corpus key (index), or sample key of the sibling (batch) or earlier output (history)")
+    distance: float = column("float64", "norm(x0_hat - z) at this step, before this iteration's correction", False)
+    radius: float = column("float64", "radius of this source's balls", False)
+    weight: float = column("float64", "relu(r / distance - 1), the paper's sparse weight; 1 if degenerate, 0 if not used", False)
+    degenerate: bool = column("bool_", "x0_hat coincided with z; the documented fallback direction was used", False)
+    used: bool = column("bool_", "entered the correction (false: beyond --max-neighbours)", False)
+    iteration: int = column("int32", "correction iteration, 0-based", False)
+    correction_norm: float = column("float64", "norm(m' - m): change of the model output for this sample and step", False)
+    model_output_norm: float = column("float64", "norm(m) of the (guided) model output for this sample and step", False)
+    delta_norm: float = column("float64", "norm(x0_hat' - x0_hat): the correction in latent space, all iterations", False)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """How one attempt of one sample ended: the rest of a row of audit/samples."""
+
+    nearest_id: int | None = column("int64", "exact nearest corpus latent of the finished image (null without index)")
+    nearest_key: str | None = column("string", "its corpus key")
+    nearest_distance: float | None = column("float64", "its L2 distance in the index's latent space")
+    radius: float | None = column("float64", "shield radius of the run (null without index)")
+    inside_shield: bool | None = column("bool_", "nearest_distance < radius: a near-duplicate of a protected image")
+    active_steps: int = column("int32", "steps at which the shield corrected this sample", False)
+    steps: int = column("int32", "denoising steps taken", False)
+    max_correction_ratio: float = column("float64", "largest correction_norm / model_output_norm over the steps", False)
+    action: str = column("string", "what happened to the attempt: kept, flagged, resampled, dropped", False)
+    image: str | None = column("string", "image location inside the run directory: images/unit-NNNNN.tar#<sample>.png; "
+                                         "null if not written")
+    seconds: float = column("float64", "wall-clock seconds spent on this sample (its batch's time divided evenly)", False)
+
+
+def _columns(*classes) -> list:
+    return [f for cls in classes for f in fields(cls) if "arrow_type" in f.metadata]
+
+
+def _schema(name: str, *classes) -> pa.Schema:
+    return pa.schema(
+        [pa.field(f.name, getattr(pa, f.metadata["arrow_type"])(), nullable=f.metadata["nullable"],
+                  metadata={"description": f.metadata["description"]}) for f in _columns(*classes)],
+        metadata={"spellshield.schema": name, "spellshield.schema_version": SCHEMA_VERSION},
+    )
+
+
+HIT_SCHEMA = _schema("hits", RowIdentity, HitRecord)
+SAMPLE_SCHEMA = _schema("samples", RowIdentity, AttemptRecord)
+
+
+def hit_row(identity: RowIdentity, hit: HitRecord) -> dict:
+    """A row of audit/hits: the attempt's identity and the hit's columns."""
+    return {**asdict(identity), **{f.name: getattr(hit, f.name) for f in _columns(HitRecord)}}
+
+
+def sample_row(identity: RowIdentity, outcome: AttemptRecord) -> dict:
+    """A row of audit/samples."""
+    return {**asdict(identity), **asdict(outcome)}
 
 
 def describe(schema: pa.Schema) -> list[tuple[str, str, str]]:
-    """(name, type, description) of every column, for the README and --help."""
+    """(name, type, description) of every column, for docs/formats.md and --help."""
     return [(f.name, str(f.type), f.metadata[b"description"].decode()) for f in schema]

@@ -28,50 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import SpellConfig  # noqa: F401  (declared with the other parts of a run's config)
 from .parametrisation import affine_for
+from .records import HitRecord
 from .repellency import repel
 from .sources import SampleRow, ShieldSource
-
-
-@dataclass(frozen=True)
-class SpellConfig:
-    """How hard and how often to push. Validated here, at the edge of the library."""
-
-    # lam in x0_hat' = x0_hat + lam * delta. The paper uses 1.6 for models that generalise; on a
-    # memorizing model (benchmarks/RESULTS.md, "Memorization") lam = 10 with 5 iterations is what
-    # keeps samples out of protected balls *and* lets them land on other, unprotected images.
-    overcompensation: float = 10.0
-    max_neighbours: int | None = None  # SPELL-K: only the K nearest hits per source enter delta
-    correction_iterations: int = 5  # re-check x0_hat' and correct again, up to this many times
-
-    def __post_init__(self):
-        if not self.overcompensation > 0:
-            raise ValueError(f"overcompensation must be > 0, got {self.overcompensation!r}")
-        if self.max_neighbours is not None and self.max_neighbours < 1:
-            raise ValueError(f"max_neighbours must be >= 1, got {self.max_neighbours!r}")
-        if self.correction_iterations < 1:
-            raise ValueError(f"correction_iterations must be >= 1, got {self.correction_iterations!r}")
-
-
-@dataclass(frozen=True)
-class HitRecord:
-    """One shielded point inside its ball at one step: a row of audit/hits."""
-
-    row: int  # position in the batch handed to step()
-    step: int  # 0-based count of step() calls in this sampling call
-    timestep: float
-    source: str  # index | batch | history
-    neighbour_id: int
-    neighbour_key: str | None  # the source's name for it: corpus key, sibling's or earlier sample key
-    distance: float  # ||x0_hat - z|| before this iteration's correction
-    radius: float
-    weight: float  # relu(r / d - 1); 1 for a degenerate hit; 0 when not used
-    degenerate: bool  # x0_hat coincided with z: the documented fallback direction was used
-    used: bool  # entered delta (False when beyond max_neighbours)
-    iteration: int  # correction iteration, 0-based
-    correction_norm: float  # ||m' - m||, the rewrite of the model output for this row and step
-    model_output_norm: float  # ||m||
-    delta_norm: float  # ||x0_hat' - x0_hat|| in latent space, all iterations together
 
 
 @dataclass

@@ -9,9 +9,22 @@ use (PEP 562), so ``import spellshield`` costs nothing until one is used.
 from importlib import import_module
 
 _EXPORTS = {
+    # the jobs, as keyword functions (spellshield.api)
+    "build_index": "spellshield.api",
+    "memorizer": "spellshield.api",
+    "generate": "spellshield.api",
+    "audit": "spellshield.api",
+    # one typed config of a generation run (spellshield.pipeline.config)
+    "GenerateConfig": "spellshield.pipeline.config",
+    "ShieldConfig": "spellshield.pipeline.config",
+    "SamplingConfig": "spellshield.pipeline.config",
+    "BreachConfig": "spellshield.pipeline.config",
+    "PlacementConfig": "spellshield.pipeline.config",
+    "PromptRequest": "spellshield.pipeline.config",
+    "UsageError": "spellshield.jobs.runtime",
     # the shield's pieces
     "ShieldedScheduler": "spellshield.pipeline.scheduler",
-    "SpellConfig": "spellshield.pipeline.scheduler",
+    "SpellConfig": "spellshield.pipeline.config",
     "open_index": "spellshield.indexing.search",
     # the memorizer's and TAEF2's classes: a saved pipeline may name them
     "MemorizerUNet": "spellshield.pipeline.memorizer",

@@ -15,7 +15,7 @@ from spellshield.jobs.audit import audit, compare
 from spellshield.jobs.cli import main
 from spellshield.jobs.generate import generate, validate
 from spellshield.jobs.runtime import UsageError
-from tests.test_generate import gen_args
+from tests.test_generate import gen_config
 from spellshield.workers.audit import RunError, resolve_image_ref, wilson_interval
 
 
@@ -48,8 +48,8 @@ def test_image_ref_inside(tmp_path):
 def runs(ray_session, memorizer_model, protected_index, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     plain, shielded = tmp / "plain", tmp / "shielded"
-    generate(validate(gen_args(memorizer_model, plain, None, num_images=16, steps=25)))
-    generate(validate(gen_args(memorizer_model, shielded, protected_index, num_images=16, steps=25)))
+    generate(validate(gen_config(memorizer_model, plain, None, num_images=16, steps=25)))
+    generate(validate(gen_config(memorizer_model, shielded, protected_index, num_images=16, steps=25)))
     return str(plain), str(shielded), protected_index
 
 

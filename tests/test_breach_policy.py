@@ -12,7 +12,8 @@ import pytest
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.audit import recheck_unit
 from spellshield.workers.breach import decide, derive_seed
-from spellshield.workers.generation import GenerationWorker, WorkerSettings
+from spellshield.pipeline.config import GenerateConfig
+from spellshield.workers.generation import GenerationWorker, WorkerRuntime
 from spellshield.workers.units import PromptRequest, plan_samples, plan_units
 
 pytestmark = pytest.mark.slow
@@ -46,10 +47,9 @@ def run_policy(model, index, run_dir, policy, max_attempts=3):
     from spellshield.indexing.manifest import read_manifest
 
     radius = read_manifest(index).suggested_radius
-    settings = WorkerSettings(model_dir=model, run_dir=str(run_dir), index_dir=index, radius=radius,
-                              spell=SpellConfig(overcompensation=1e-9), steps=12, batch_size=8,
-                              on_breach=policy, max_attempts=max_attempts, device="cpu")
-    worker = GenerationWorker(settings)
+    config = GenerateConfig.build(model, str(run_dir), index=index, radius=radius, spell=SpellConfig(overcompensation=1e-9),
+                                  steps=12, batch_size=8, on_breach=policy, max_attempts=max_attempts)
+    worker = GenerationWorker(config, WorkerRuntime(device="cpu"))
     units = plan_units(plan_samples([PromptRequest(None, NUM)], base_seed=0), unit_size=NUM)
     for unit in units:
         worker.run_unit(unit)

@@ -11,19 +11,18 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from types import SimpleNamespace
 
 from spellshield.jobs.generate import generate, validate
+from spellshield.pipeline.config import GenerateConfig
 from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 
 
-def gen_args(model, out, index=None, **overrides):
-    args = dict(model=model, out=str(out), index=index, radius=None, overcompensation=1.6, max_neighbours=None,
-                correction_iterations=1, num_images=10, prompts=None, batch_size=4, unit_size=None, steps=20, seed=100,
-                workers=None, search_backend="exact", batch_radius=None, history_radius=None, history_size=64,
-                on_breach="resample", max_attempts=4, guidance_scale=None)
-    args.update(overrides)
-    return SimpleNamespace(**args)
+def gen_config(model, out, index=None, **overrides) -> GenerateConfig:
+    """A small run of the tests' memorizer: the keyword API, defaults but for these."""
+    options = dict(index=index, overcompensation=1.6, correction_iterations=1, num_images=10, batch_size=4, steps=20,
+                   seed=100)
+    options.update(overrides)
+    return GenerateConfig.build(model, str(out), **options)
 
 
 def tar_images(path):
@@ -38,7 +37,7 @@ def tar_images(path):
 @pytest.fixture(scope="module")
 def shielded_run(ray_session, memorizer_model, protected_index, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "shielded"
-    config = validate(gen_args(memorizer_model, out, protected_index, num_images=22, unit_size=8))
+    config = validate(gen_config(memorizer_model, out, protected_index, num_images=22, unit_size=8))
     info = generate(config)
     return str(out), config, info
 
@@ -78,7 +77,7 @@ def test_hits_are_consistent(shielded_run):
     assert np.allclose(regular["weight"], regular["radius"] / regular["distance"] - 1)
     # x0_hat on a protected point (the memorizer snaps onto its data): the documented fallback
     assert (hits.loc[hits["degenerate"], "distance"] <= 1e-6 * hits.loc[hits["degenerate"], "radius"]).all()
-    assert (hits["radius"] == config.radius).all()
+    assert (hits["radius"] == config.shield.radius).all()
     active = hits.groupby(["sample", "attempt"])["step"].nunique()
     merged = samples.set_index(["sample", "attempt"])["active_steps"]
     assert (merged.loc[active.index] == active).all()
@@ -91,7 +90,7 @@ def test_hits_are_consistent(shielded_run):
 def test_sample_rows_agree_with_the_final_check(shielded_run):
     out, config, info = shielded_run
     samples = pd.read_parquet(f"{out}/audit/samples")
-    assert (samples["inside_shield"] == (samples["nearest_distance"] < config.radius)).all()
+    assert (samples["inside_shield"] == (samples["nearest_distance"] < config.shield.radius)).all()
     # SPELL alone (first attempts, before the final-check policy) leaves at most a few of 22 copies
     assert samples.loc[samples["attempt"] == 1, "inside_shield"].sum() <= 3
     # resample: breaching attempts are not written, and the written ones are all outside
@@ -101,8 +100,8 @@ def test_sample_rows_agree_with_the_final_check(shielded_run):
 
 def test_noise_depends_only_on_seed(ray_session, memorizer_model, tmp_path):
     # Unshielded, the same seeds with another batch size and unit size give the same images.
-    a = validate(gen_args(memorizer_model, tmp_path / "a", num_images=6, batch_size=4, unit_size=4))
-    b = validate(gen_args(memorizer_model, tmp_path / "b", num_images=6, batch_size=3, unit_size=6))
+    a = validate(gen_config(memorizer_model, tmp_path / "a", num_images=6, batch_size=4, unit_size=4))
+    b = validate(gen_config(memorizer_model, tmp_path / "b", num_images=6, batch_size=3, unit_size=6))
     generate(a)
     generate(b)
     images_a, images_b = {}, {}
@@ -118,7 +117,7 @@ def test_noise_depends_only_on_seed(ray_session, memorizer_model, tmp_path):
 def test_unshielded_memorizer_copies_protected_images(ray_session, memorizer_model, protected_index, shielded_run, tmp_path):
     from spellshield.jobs.audit import audit
 
-    config = validate(gen_args(memorizer_model, tmp_path / "plain", num_images=22, unit_size=8))
+    config = validate(gen_config(memorizer_model, tmp_path / "plain", num_images=22, unit_size=8))
     generate(config)
     plain = audit(str(tmp_path / "plain"), index=protected_index)
     # half the memorized corpus is protected: about half the samples are copies of it

@@ -17,6 +17,18 @@ from spellshield.jobs.cli import main
     ("--correction-iterations", "0", "--correction-iterations must be >= 1"),
     ("--max-neighbours", "0", "--max-neighbours must be >= 1"),
     ("--overcompensation", "0", "--overcompensation must be > 0"),
+    # every number is checked for finiteness and range at the edge, before Ray starts
+    ("--overcompensation", "inf", "--overcompensation must be > 0 and finite, got inf"),
+    ("--radius", "inf", "--radius must be > 0 and finite, got inf"),
+    ("--radius", "nan", "--radius must be > 0 and finite, got nan"),
+    ("--guidance-scale", "nan", "--guidance-scale must be > 0 and finite"),
+    ("--seed", "18446744073709551615", "--seed must be < 9223372036854775808"),
+    ("--seed", "-1", "--seed must be >= 0"),
+    ("--num-images", "1000000000000", "--num-images must be < 10000001"),
+    ("--worker-resources", "{bad", "--worker-resources is not JSON"),
+    ("--worker-resources", '{"a": -1}', "--worker-resources must be a JSON object of positive amounts"),
+    ("--index-servers", "-1", "--index-servers must be >= 0"),
+    ("--max-unit-attempts", "0", "--max-unit-attempts must be >= 1"),
 ])
 def test_bad_option_values(capsys, memorizer_model, tmp_path, flag, value, message):
     code = main(["generate", "--model", memorizer_model, "--out", str(tmp_path / "run"), flag, value])
@@ -40,7 +52,7 @@ def test_options_reach_the_run(capsys, ray_session, memorizer_model, protected_i
     assert code == 0
     config = json.loads((run_dir / "run.json").read_text())["config"]
     assert config["spell"] == {"overcompensation": 1e-9, "max_neighbours": 3, "correction_iterations": 2}
-    assert (config["on_breach"], config["batch_radius"], config["max_attempts"]) == ("drop", 100.0, 4)
+    assert (config["breach"]["on_breach"], config["shield"]["batch_radius"], config["breach"]["max_attempts"]) == ("drop", 100.0, 4)
     rows = pd.read_parquet(run_dir / "audit" / "samples")
     hits = pd.read_parquet(run_dir / "audit" / "hits")
     assert len(rows) == 6 and (rows["attempt"] == 1).all()  # drop: one attempt each

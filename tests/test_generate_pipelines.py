@@ -14,7 +14,7 @@ from spellshield.jobs.dataflow import EncodeOptions
 from spellshield.jobs.generate import generate, validate
 from spellshield.jobs.runtime import UsageError
 from tests import tiny_pipelines
-from tests.test_generate import gen_args, tar_images
+from tests.test_generate import gen_config, tar_images
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def conditional_runs(ray_session, digits_corpus, tmp_path_factory):
         build_index(digits_corpus[0], index, EncodeOptions(encoder=os.path.join(model, "vae"), resolution=resolution,
                                                            batch_size=128))
         out = tmp / f"{name}-run"
-        config = validate(gen_args(model, out, index, num_images=None, prompts=str(prompts), batch_size=2, steps=6,
+        config = validate(gen_config(model, out, index, num_images=None, prompts=str(prompts), batch_size=2, steps=6,
                                    batch_radius=1e3, history_radius=1e3, history_size=2, guidance_scale=3.0))
         generate(config)
         runs[name] = (str(out), config, resolution)
@@ -85,4 +85,4 @@ def test_batch_and_history_hits_stay_within_a_prompt(conditional_runs, name):
 
 def test_guidance_scale_needs_a_conditional_model(ray_session, memorizer_model, tmp_path):
     with pytest.raises(UsageError, match="unconditional"):
-        validate(gen_args(memorizer_model, tmp_path / "run", guidance_scale=2.0))
+        validate(gen_config(memorizer_model, tmp_path / "run", guidance_scale=2.0))

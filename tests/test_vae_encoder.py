@@ -19,7 +19,7 @@ from spellshield.jobs.generate import generate, validate
 from spellshield.jobs.memorizer import build_memorizer
 from spellshield.jobs.runtime import UsageError
 from spellshield.pipeline.loading import describe_model
-from tests.test_generate import gen_args
+from tests.test_generate import gen_config
 
 
 def save_tiny_vae(path: str, seed: int) -> str:
@@ -71,7 +71,7 @@ def test_model_carries_the_vae_and_generates(vae_setup):
     assert spec.latent_shape == (4, 8, 8) and spec.vae_path is not None
     assert autoencoder_fingerprint(spec.vae_path) == autoencoder_fingerprint(vae)  # same weights, re-saved
     out = tmp / "run"
-    info = generate(validate(gen_args(model, out, index, num_images=4, steps=10)))
+    info = generate(validate(gen_config(model, out, index, num_images=4, steps=10)))
     samples = pd.read_parquet(os.path.join(out, "audit", "samples"))
     assert len(samples) == 4 and info["units_done"] == 1
     assert samples["nearest_key"].notna().all()
@@ -84,5 +84,5 @@ def test_other_vae_is_refused(vae_setup, tmp_path):
     other_index = tmp_path / "other-index"
     build_index(read_manifest(index).build["corpus"], str(other_index), EncodeOptions(encoder=other, resolution=16, batch_size=128))
     with pytest.raises(UsageError, match="index encoder .* is not the model's"):
-        validate(gen_args(model, tmp_path / "run", str(other_index)))
+        validate(gen_config(model, tmp_path / "run", str(other_index)))
     assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
-from spellshield.workers.unit_writer import HITS_DIR, IMAGES_DIR, SAMPLES_DIR
+from spellshield.workers.run_layout import HITS_DIR, IMAGES_DIR, RUN_FILE, SAMPLES_DIR
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -36,9 +36,9 @@ class RunError(ValueError):
 
 def load_run(run_dir: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """(run.json, samples, hits) of a run; only finished units (those with a samples file)."""
-    run_file = os.path.join(run_dir, "run.json")
+    run_file = os.path.join(run_dir, RUN_FILE)
     if not os.path.isfile(run_file):
-        raise RunError(f"{run_dir} is not a run directory: no run.json")
+        raise RunError(f"{run_dir} is not a run directory: no {RUN_FILE}")
     with open(run_file) as f:
         run = json.load(f)
     sample_files = sorted(glob.glob(os.path.join(run_dir, SAMPLES_DIR, "unit-*.parquet")))
@@ -193,7 +193,7 @@ def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: floa
         "corrected_share_per_step": [round(float(v), 6) for v in share.values],
         "correction_ratio_quantiles": {f"{q:g}": float(np.quantile(ratios, q)) for q in (0.5, 0.9, 0.99, 1.0)}
         if len(ratios) else {},
-        "shielded": bool(config.get("index")),
+        "shielded": bool((config.get("shield") or {}).get("index")),
         "per_prompt": [],
     }
     if inside is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-POLICIES = ("resample", "drop", "flag")
+from spellshield.pipeline.config import POLICIES  # noqa: F401  (the config validates --on-breach)
 KEPT, FLAGGED, RESAMPLED, DROPPED = "kept", "flagged", "resampled", "dropped"
 WRITTEN_ACTIONS = (KEPT, FLAGGED)
 SEED_BITS = 63  # seeds are int64 columns and torch.Generator seeds: keep them non-negative

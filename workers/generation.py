@@ -2,7 +2,7 @@
 
 A plain class (Ray wraps it as an actor in ``jobs.generate``; tests call it directly):
 
-    worker = GenerationWorker(settings)        # loads the pipeline, the index and its encoder
+    worker = GenerationWorker(config, runtime) # config: a validated GenerateConfig; loads the pipeline, the index
     summary = worker.run_unit(unit)            # samples, checks, writes the unit atomically
 
 Fail closed: if the index cannot be opened or searched, the constructor or ``run_unit`` raises
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,38 +32,25 @@ from spellshield.indexing.verify import verify_checksums
 from spellshield.indexing.search import open_index
 from spellshield.pipeline.invoke import sample_images, to_uint8
 from spellshield.pipeline.loading import load_pipeline
-from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
+from spellshield.pipeline.config import GenerateConfig
+from spellshield.pipeline.records import AttemptRecord, RowIdentity, hit_row, sample_row
+from spellshield.pipeline.scheduler import ShieldedScheduler, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
 from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
 from spellshield.workers.final_check import FinalCheck, check_images
-from spellshield.workers.unit_writer import IMAGES_DIR, write_unit
+from spellshield.workers.run_layout import image_ref
+from spellshield.workers.unit_writer import write_unit
 from spellshield.workers.units import SampleSpec, Unit
 from spellshield.workers.placement import node_id
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
-    model_dir: str
-    run_dir: str
-    index_dir: str | None = None
-    radius: float | None = None
-    spell: SpellConfig = field(default_factory=SpellConfig)
-    steps: int = 50
-    batch_size: int = 8
-    search_backend: str = "exact"
+class WorkerRuntime:
+    """How this worker runs (not what it samples: that is the run's GenerateConfig)."""
+
     device: str | None = None  # None: cuda when available, else cpu
     torch_threads: int | None = None
-    batch_radius: float | None = None  # repel siblings of the same prompt within this radius
-    history_radius: float | None = None  # repel earlier outputs of the same prompt within this radius
-    history_size: int = 64  # earlier outputs kept per prompt
-    on_breach: str = "resample"  # resample | drop | flag (workers.breach)
-    max_attempts: int = 4  # attempts per sample in all, with on_breach=resample
-    guidance_scale: float | None = None  # passed to conditional pipelines; None: the pipeline's default
     remote_shield: object | None = None  # index served by shard actors (workers.index_client); None: load it here
-
-    @property
-    def run_name(self) -> str:
-        return os.path.basename(os.path.normpath(self.run_dir))
 
 
 def pick_device(requested: str | None) -> str:
@@ -103,66 +90,69 @@ class BatchResult:
 
 
 class GenerationWorker:
-    def __init__(self, settings: WorkerSettings):
-        self.settings = settings
-        self.device = pick_device(settings.device)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+    def __init__(self, config: GenerateConfig, runtime: WorkerRuntime | None = None):
+        runtime = runtime or WorkerRuntime()
+        self.config = config
+        self.run_name = os.path.basename(os.path.normpath(config.out))
+        self.device = pick_device(runtime.device)
+        if runtime.torch_threads:
+            torch.set_num_threads(runtime.torch_threads)
         # No "Loading pipeline components" bar from workers: Ray forwards worker output to the
         # driver late and out of order, so a replacement actor's bar could land after the job's
         # last line; the driver prints the job's own progress.
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-        self.pipe = load_pipeline(settings.model_dir, device=self.device)
+        self.pipe = load_pipeline(config.model, device=self.device)
+        shield = config.shield
         self.shield = None
         self.encoder = None
         self.history = None
         sources = []
-        if settings.index_dir is not None:
-            if settings.radius is None or not settings.radius > 0:
-                raise ValueError(f"a shielded run needs a radius > 0, got {settings.radius!r}")
-            if settings.remote_shield is not None:
-                self.shield = settings.remote_shield  # its servers checked their shards' sha256 when they started
+        if shield.index is not None:
+            if shield.radius is None:
+                raise ValueError("a shielded run needs its radius resolved (jobs.run_config.validate)")
+            if runtime.remote_shield is not None:
+                self.shield = runtime.remote_shield  # its servers checked their shards' sha256 when they started
             else:
                 # Fail closed: a shield that is not the one the manifest describes is no shield.
-                verify_index_files(settings.index_dir)
+                verify_index_files(shield.index)
                 backend_device = self.device
-                if settings.search_backend == "faiss" and not faiss_gpu_available():
+                if shield.search_backend == "faiss" and not faiss_gpu_available():
                     backend_device = "cpu"
-                self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
+                self.shield = open_index(shield.index, backend=shield.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
-            sources.append(IndexSource(self.shield, settings.radius))
-        if settings.batch_radius is not None:
-            sources.append(BatchSource(settings.batch_radius))
-        if settings.history_radius is not None:
-            self.history = HistorySource(settings.history_radius, settings.history_size)
+            sources.append(IndexSource(self.shield, shield.radius))
+        if shield.batch_radius is not None:
+            sources.append(BatchSource(shield.batch_radius))
+        if shield.history_radius is not None:
+            self.history = HistorySource(shield.history_radius, shield.history_size)
             sources.append(self.history)
-        self.scheduler = ShieldedScheduler(self.pipe.scheduler, sources, settings.spell)
+        self.scheduler = ShieldedScheduler(self.pipe.scheduler, sources, config.spell)
         self.pipe.scheduler = self.scheduler
 
     def sample_batch(self, attempts: list[Attempt]) -> BatchResult:
         """Sample one batch of attempts and check every finished image exactly."""
-        settings = self.settings
+        sampling = self.config.sampling
         started = time.time()
         self.scheduler.bind_batch([SampleRow(a.spec.key, a.spec.prompt) for a in attempts])
-        extra = {} if settings.guidance_scale is None else {"guidance_scale": settings.guidance_scale}
-        images = sample_images(self.pipe, [a.spec.prompt for a in attempts], [a.seed for a in attempts], settings.steps, **extra)
+        extra = {} if sampling.guidance_scale is None else {"guidance_scale": sampling.guidance_scale}
+        images = sample_images(self.pipe, [a.spec.prompt for a in attempts], [a.seed for a in attempts], sampling.steps, **extra)
         pixels = to_uint8(images)
         log = self.scheduler.reset_log()
         sampled = time.time()
-        check = check_images(pixels, self.encoder, self.shield, settings.radius) if self.shield is not None else None
+        check = check_images(pixels, self.encoder, self.shield, self.config.shield.radius) if self.shield is not None else None
         done = time.time()
         return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, done - sampled)
 
     def run_unit(self, unit: Unit) -> dict:
-        settings = self.settings
+        batch_size = self.config.sampling.batch_size
         started = time.time()
         images, hits, samples = [], [], []
         timings = {"sample_seconds": 0.0, "check_seconds": 0.0, "write_seconds": 0.0}
         specs = list(unit.samples)
-        for start in range(0, len(specs), settings.batch_size):
-            queue = [Attempt(spec, 1, spec.seed) for spec in specs[start : start + settings.batch_size]]
+        for start in range(0, len(specs), batch_size):
+            queue = [Attempt(spec, 1, spec.seed) for spec in specs[start : start + batch_size]]
             while queue:
                 result = self.sample_batch(queue)
                 timings["sample_seconds"] += result.sample_seconds
@@ -181,7 +171,7 @@ class GenerationWorker:
                         if self.history is not None and result.log.final_sample is not None:
                             self.history.add(attempt.spec.prompt, attempt.spec.key, result.log.final_sample[row])
         t_write = time.time()
-        write_unit(settings.run_dir, unit.name, images, hits, samples)
+        write_unit(self.config.out, unit.name, images, hits, samples)
         timings["write_seconds"] = time.time() - t_write
         return {"unit": unit.index, "samples": len(specs), "written": len(images), "attempts": len(samples),
                 "hits": len(hits), "seconds": round(time.time() - started, 4), "node": node_id(), "pid": os.getpid(),
@@ -189,32 +179,25 @@ class GenerationWorker:
 
     def _rows(self, unit: Unit, result: BatchResult, row: int) -> tuple[dict, list[dict]]:
         """The sample row of one attempt (action decided here) and its hit rows."""
-        settings = self.settings
+        breach = self.config.breach
         attempt = result.attempts[row]
         spec = attempt.spec
-        ident = {"run": settings.run_name, "unit": unit.index, "sample": spec.key, "prompt_index": spec.prompt_index,
-                 "prompt": spec.prompt, "seed": attempt.seed, "attempt": attempt.attempt}
+        identity = RowIdentity(run=self.run_name, unit=unit.index, sample=spec.key, prompt_index=spec.prompt_index,
+                               prompt=spec.prompt, seed=attempt.seed, attempt=attempt.attempt)
         row_hits = [h for h in result.log.hits if h.row == row]
-        hits = [
-            {**ident, "step": h.step, "timestep": h.timestep, "source": h.source, "neighbour_id": h.neighbour_id,
-             "neighbour_key": h.neighbour_key, "distance": h.distance, "radius": h.radius, "weight": h.weight,
-             "degenerate": h.degenerate, "used": h.used, "iteration": h.iteration, "correction_norm": h.correction_norm,
-             "model_output_norm": h.model_output_norm, "delta_norm": h.delta_norm}
-            for h in row_hits
-        ]
+        hits = [hit_row(identity, h) for h in row_hits]
         ratios = [h.correction_norm / h.model_output_norm for h in row_hits if h.model_output_norm > 0]
         check = result.check
         inside = bool(check.inside[row]) if check is not None else None
-        action = decide(settings.on_breach, inside, attempt.attempt, settings.max_attempts)
-        sample = {
-            **ident, "nearest_id": None, "nearest_key": None, "nearest_distance": None,
-            "radius": settings.radius if self.shield is not None else None, "inside_shield": inside,
-            "active_steps": len({h.step for h in row_hits if h.used}), "steps": result.log.steps,
-            "max_correction_ratio": max(ratios, default=0.0), "action": action,
-            "image": f"{IMAGES_DIR}/{unit.name}.tar#{spec.key}.png" if action in WRITTEN_ACTIONS else None,
-            "seconds": result.seconds,
-        }
-        if check is not None:
-            sample.update(nearest_id=int(check.ids[row]), nearest_key=check.keys[row],
-                          nearest_distance=float(check.distances[row]))
+        action = decide(breach.on_breach, inside, attempt.attempt, breach.max_attempts)
+        sample = sample_row(identity, AttemptRecord(
+            nearest_id=int(check.ids[row]) if check is not None else None,
+            nearest_key=check.keys[row] if check is not None else None,
+            nearest_distance=float(check.distances[row]) if check is not None else None,
+            radius=self.config.shield.radius if self.shield is not None else None, inside_shield=inside,
+            active_steps=len({h.step for h in row_hits if h.used}), steps=result.log.steps,
+            max_correction_ratio=max(ratios, default=0.0), action=action,
+            image=image_ref(unit.name, spec.key) if action in WRITTEN_ACTIONS else None,
+            seconds=result.seconds,
+        ))
         return sample, hits

@@ -1,8 +1,4 @@
-"""Writing one work unit's outputs so that they appear whole or not at all.
-
-    images/unit-NNNNN.tar            WebDataset shard: <sample>.png + <sample>.json
-    audit/hits/unit-NNNNN.parquet    one row per shield hit per step
-    audit/samples/unit-NNNNN.parquet one row per sample; renamed last: it marks the unit done
+"""Writing one work unit's outputs (workers.run_layout) so that they appear whole or not at all.
 
 Each file is written under a temporary name in its final directory and renamed into place
 (``os.replace`` is atomic on one filesystem). The samples file goes last, so a unit whose
@@ -21,18 +17,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
-
-IMAGES_DIR = "images"
-HITS_DIR = os.path.join("audit", "hits")
-SAMPLES_DIR = os.path.join("audit", "samples")
-
-
-def unit_paths(run_dir: str, unit_name: str) -> dict[str, str]:
-    return {
-        "images": os.path.join(run_dir, IMAGES_DIR, f"{unit_name}.tar"),
-        "hits": os.path.join(run_dir, HITS_DIR, f"{unit_name}.parquet"),
-        "samples": os.path.join(run_dir, SAMPLES_DIR, f"{unit_name}.parquet"),
-    }
+from spellshield.workers.run_layout import unit_paths
 
 
 def unit_done(run_dir: str, unit_name: str) -> bool:

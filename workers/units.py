@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from spellshield.pipeline.config import PromptRequest
+from spellshield.workers.run_layout import unit_name
+
 
 @dataclass(frozen=True)
 class SampleSpec:
@@ -27,14 +30,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return f"unit-{self.index:05d}"
-
-
-@dataclass(frozen=True)
-class PromptRequest:
-    prompt: str | None
-    num_images: int
-    seeds: tuple[int, ...] | None = None  # explicit seeds; else base seed + running counter
+        return unit_name(self.index)
 
 
 class PromptsError(ValueError):
@@ -68,7 +64,10 @@ def read_prompts(path: str) -> list[PromptRequest]:
                 raise PromptsError(f"{path} line {number}: \"num_images\" must be a positive integer")
             if seeds is not None and len(seeds) != num:
                 raise PromptsError(f"{path} line {number}: {len(seeds)} seeds for num_images={num}")
-            requests.append(PromptRequest(value["prompt"], num, tuple(seeds) if seeds else None))
+            try:
+                requests.append(PromptRequest(value["prompt"], num, tuple(seeds) if seeds else None))
+            except ValueError as exc:  # the request's own checks: seed range, booleans, the sample limit
+                raise PromptsError(f"{path} line {number}: {exc}") from None
     if not requests:
         raise PromptsError(f"prompts file {path} has no prompts")
     return requests

@@ -1,0 +1,335 @@
+"""One typed configuration of a generation run, from the command line to the worker.
+
+``GenerateConfig`` is made of frozen parts, each validating itself in ``__post_init__``:
+
+- ``ShieldConfig``: which index protects the run, with which radius and search backend, and the
+  optional batch and history sources (SPELL's other shields).
+- ``SpellConfig``: how hard and how often to push (lam, SPELL-K, correction iterations).
+- ``SamplingConfig``: what to sample (images or prompts, seeds, steps, batches, units).
+- ``BreachConfig``: what to do with a finished sample the exact final check finds inside.
+- ``PlacementConfig``: where the actors run and how hard the job retries; none of it changes a
+  sample, so it is not part of the run's identity (``GenerateConfig.digest``).
+
+Every default and every option's help text is declared once, here, in the fields' metadata;
+``add_arguments`` derives the argparse options (grouped, defaults shown) and ``from_args`` reads
+them back, so the command line, the Python API (``spellshield.generate(**kwargs)``, whose
+keyword names are the fields' names) and ``run.json`` (``to_json`` / ``from_json``) are one shape.
+The library raises ``ValueError`` naming the field; the command-line edge turns the field's name
+into its flag (``ConfigError.flag``).
+
+No Ray, no file I/O: checks that read the model or the index live in ``jobs.run_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+from spellshield.indexing.search import BACKENDS
+
+# Seeds are int64 Parquet columns and torch.Generator seeds: keep them in [0, 2^63).
+SEED_LIMIT = 1 << 63
+# A run plans every sample before it starts (units are fixed by the request, so retries and
+# resumes reproduce them); this bounds that plan's memory (about 200 bytes a sample in the driver).
+MAX_SAMPLES = 10_000_000
+POLICIES = ("resample", "drop", "flag")  # workers.breach implements them
+
+
+class ConfigError(ValueError):
+    """A bad value for one field; ``name`` is the field, for the edge to name its flag."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name} {message}")
+        self.name, self.message = name, message
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')} {self.message}"
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A config field with its command-line help (and argparse extras: type, choices, metavar)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, **argparse_kwargs})
+
+
+# -- value checks: one line each, naming the field and the value -----------------------------------
+
+def _int(name: str, value, low: int | None = None, high: int | None = None, none: bool = False) -> None:
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(name, f"must be >= {low}, got {value}")
+    if high is not None and value >= high:
+        raise ConfigError(name, f"must be < {high}, got {value}")
+
+
+def _positive_finite(name: str, value, none: bool = False) -> None:
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(name, f"must be > 0 and finite, got {value!r}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _resources(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for k, v in value.items()):
+        raise ConfigError(name, "must be a JSON object of positive amounts, e.g. '{\"node_b\": 0.01}'")
+
+
+# -- the parts ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShieldConfig:
+    """The protected index and SPELL's other shield sources, each with its own radius."""
+
+    index: str | None = option(None, "shield index directory; without it the run is unshielded", metavar="INDEX_DIR")
+    radius: float | None = option(None, "shield radius (default: the index's suggested radius)", type=float)
+    search_backend: str = option("exact", "index search backend (docs/commands.md: search backends)", choices=BACKENDS)
+    batch_radius: float | None = option(
+        None, "also repel the other samples of the same prompt in the batch within this radius (diversity)", type=float)
+    history_radius: float | None = option(
+        None, "also repel this worker's earlier outputs of the same prompt within this radius", type=float)
+    history_size: int = option(64, "earlier outputs kept per prompt", type=int)
+
+    def __post_init__(self):
+        for name in ("radius", "batch_radius", "history_radius"):
+            _positive_finite(name, getattr(self, name), none=True)
+        _choice("search_backend", self.search_backend, BACKENDS)
+        _int("history_size", self.history_size, low=1)
+        if self.radius is not None and self.index is None:
+            raise ConfigError("radius", "needs --index")
+
+
+@dataclass(frozen=True)
+class SpellConfig:
+    """How hard and how often to push (SPELL, arXiv 2410.06025, eq. 5-6)."""
+
+    # lam in x0_hat' = x0_hat + lam * delta. The paper uses 1.6 for models that generalise; on a
+    # memorizing model (benchmarks/RESULTS.md, "Memorization") lam = 10 with 5 iterations is what
+    # keeps samples out of protected balls *and* lets them land on other, unprotected images.
+    overcompensation: float = option(10.0, "lam in x0' = x0 + lam * delta (README: defaults)", type=float)
+    max_neighbours: int | None = option(None, "at most K hits per source and query enter the correction (SPELL-K; default all)",
+                                        type=int)
+    correction_iterations: int = option(5, "re-check x0' and correct again, up to M times per step", type=int)
+
+    def __post_init__(self):
+        _positive_finite("overcompensation", self.overcompensation)
+        _int("max_neighbours", self.max_neighbours, low=1, none=True)
+        _int("correction_iterations", self.correction_iterations, low=1)
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One line of a prompts file: ``num_images`` samples of ``prompt`` (None: unconditional)."""
+
+    prompt: str | None
+    num_images: int
+    seeds: tuple[int, ...] | None = None  # explicit seeds; else base seed + running counter
+
+    def __post_init__(self):
+        _int("num_images", self.num_images, low=1, high=MAX_SAMPLES + 1)
+        if self.seeds is not None:
+            for seed in self.seeds:
+                _int("seeds", seed, low=0, high=SEED_LIMIT)
+            if len(self.seeds) != self.num_images:
+                raise ConfigError("seeds", f"holds {len(self.seeds)} seeds for num_images={self.num_images}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What to sample: images (or prompts), their seeds, and how they are batched into units."""
+
+    num_images: int | None = option(None, "unconditional: this many images (default 16)", type=int)
+    prompts: str | None = option(None, 'JSONL: a string or {"prompt", "num_images", "seeds"} per line', metavar="FILE")
+    batch_size: int = option(8, "samples per pipeline call", type=int)
+    unit_size: int | None = option(None, "samples per work unit (default 4 batches)", type=int)
+    steps: int = option(50, "denoising steps", type=int)
+    seed: int = option(0, "seed of the first sample; sample i uses seed + i", type=int)
+    guidance_scale: float | None = option(None, "classifier-free guidance scale of conditional pipelines (default: the pipeline's)",
+                                          type=float)
+    # Filled by jobs.run_config.resolve from --num-images or the prompts file: what is sampled.
+    requests: tuple[PromptRequest, ...] | None = None
+
+    def __post_init__(self):
+        _int("num_images", self.num_images, low=1, high=MAX_SAMPLES + 1, none=True)
+        if self.num_images is not None and self.prompts is not None:
+            raise ConfigError("num_images", "and --prompts exclude each other")
+        _int("batch_size", self.batch_size, low=1)
+        _int("unit_size", self.unit_size, low=1, none=True)
+        _int("steps", self.steps, low=1)
+        _int("seed", self.seed, low=0, high=SEED_LIMIT)
+        _positive_finite("guidance_scale", self.guidance_scale, none=True)
+        if self.requests is not None:
+            total = sum(r.num_images for r in self.requests)
+            if total > MAX_SAMPLES:
+                raise ConfigError("num_images", f"in all must be <= {MAX_SAMPLES}, got {total}")
+            if any(r.seeds is None for r in self.requests) and self.seed + total > SEED_LIMIT:
+                raise ConfigError("seed", f"+ {total} samples must stay below 2^63, got {self.seed}")
+
+    @property
+    def samples_per_unit(self) -> int:
+        return self.unit_size or 4 * self.batch_size
+
+
+@dataclass(frozen=True)
+class BreachConfig:
+    """What happens to a finished sample that the exact final check finds inside the shield."""
+
+    on_breach: str = option("resample", "a finished sample inside the shield is drawn again with a derived seed "
+                                        "(resample), not written (drop), or written and flagged (flag)", choices=POLICIES)
+    max_attempts: int = option(4, "attempts per sample in all with --on-breach resample; then it is dropped", type=int)
+
+    def __post_init__(self):
+        _choice("on_breach", self.on_breach, POLICIES)
+        _int("max_attempts", self.max_attempts, low=1)
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where the job's actors run and how hard it retries; none of it changes a sample."""
+
+    workers: int | None = option(None, "generation actors (default: one per GPU, else 1)", type=int)
+    worker_resources: dict | None = option(None, "Ray custom resources each generation actor asks for, "
+                                                 "e.g. '{\"node_b\": 0.01}'", metavar="JSON", json=True)
+    index_servers: int = option(0, "serve the index from this many index-shard actors instead of loading it in "
+                                   "every worker", type=int)
+    index_resources: dict | None = option(None, "Ray custom resources each index-shard actor asks for (placement on a node)",
+                                          metavar="JSON", json=True)
+    max_unit_attempts: int = option(3, "attempts per work unit before the job fails (a dead worker or an unsearchable shield)",
+                                    type=int)
+
+    def __post_init__(self):
+        _int("workers", self.workers, low=1, none=True)
+        _int("index_servers", self.index_servers, low=0)
+        _int("max_unit_attempts", self.max_unit_attempts, low=1)
+        _resources("worker_resources", self.worker_resources)
+        _resources("index_resources", self.index_resources)
+
+
+PARTS = {"shield": ShieldConfig, "spell": SpellConfig, "sampling": SamplingConfig, "breach": BreachConfig,
+         "placement": PlacementConfig}
+# The option groups of ``spellshield generate --help``, in order.
+GROUP_TITLES = {"shield": "shield", "spell": "SPELL correction", "sampling": "sampling", "breach": "breach policy",
+                "placement": "placement (does not change a sample)"}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """A whole generation run: the model, the run directory and the parts above."""
+
+    model: str
+    out: str
+    shield: ShieldConfig = field(default_factory=ShieldConfig)
+    spell: SpellConfig = field(default_factory=SpellConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    breach: BreachConfig = field(default_factory=BreachConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    def __post_init__(self):
+        for name in ("model", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(name, f"must be a path, got {value!r}")
+        for name, cls in PARTS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.placement.index_servers and self.shield.index is None:
+            raise ConfigError("index_servers", "needs --index")
+        if self.placement.index_servers and self.shield.search_backend == "sharded":
+            # Index-shard actors are themselves the sharding; each runs one in-process backend.
+            raise ConfigError("search_backend", "sharded runs the shards in each worker; with --index-servers choose "
+                                                "the backend each server runs: exact, faiss or projected")
+
+    # -- building ------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, model: str, out: str, **kwargs) -> GenerateConfig:
+        """From flat keyword arguments named like the options (``steps=25, radius=4.0``) and/or
+        whole parts (``spell=SpellConfig(...)``); unknown names raise ``TypeError``."""
+        parts = {}
+        for name, part_cls in PARTS.items():
+            given = kwargs.pop(name, None)
+            own = {f.name: kwargs.pop(f.name) for f in fields(part_cls) if f.name in kwargs}
+            if given is not None and own:
+                raise TypeError(f"pass {name}= or its fields ({', '.join(own)}), not both")
+            parts[name] = given if given is not None else part_cls(**own)
+        if kwargs:
+            raise TypeError(f"unknown generate option(s): {', '.join(sorted(kwargs))}; "
+                            f"see spellshield.GenerateConfig.option_names()")
+        return cls(model=model, out=out, **parts)
+
+    @classmethod
+    def from_args(cls, args) -> GenerateConfig:
+        """From an argparse namespace made by ``add_arguments`` (the command-line edge)."""
+        kwargs = {f.name: getattr(args, f.name) for part in PARTS.values() for f in fields(part)
+                  if f.metadata and hasattr(args, f.name)}
+        for part in PARTS.values():
+            for f in fields(part):
+                if f.metadata.get("json") and isinstance(kwargs.get(f.name), str):
+                    try:
+                        kwargs[f.name] = json.loads(kwargs[f.name])
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f.name, f"is not JSON: {exc.msg}") from None
+        return cls.build(model=args.model, out=args.out, **kwargs)
+
+    @staticmethod
+    def option_names() -> list[str]:
+        return ["model", "out"] + [f.name for part in PARTS.values() for f in fields(part) if f.metadata]
+
+    # -- run.json and the run's identity ---------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerateConfig:
+        parts = {}
+        for name, part_cls in PARTS.items():
+            values = dict(data.get(name) or {})
+            if name == "sampling" and values.get("requests") is not None:
+                values["requests"] = tuple(
+                    PromptRequest(r["prompt"], r["num_images"], tuple(r["seeds"]) if r.get("seeds") is not None else None)
+                    for r in values["requests"])
+            parts[name] = part_cls(**values)
+        return cls(model=data["model"], out=data["out"], **parts)
+
+    def digest(self) -> str:
+        """sha256 of what decides the samples: everything but the run directory, where the prompts
+        file lies (its content is in ``sampling.requests``) and the placement."""
+        payload = self.to_json()
+        for key in ("out", "placement"):
+            payload.pop(key)
+        payload["sampling"].pop("prompts")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def add_arguments(parser, groups=None) -> None:
+    """The options of every part, one argparse group per part, every default shown."""
+    for name, part_cls in PARTS.items():
+        group = parser.add_argument_group(GROUP_TITLES[name])
+        exclusive = group.add_mutually_exclusive_group() if name == "sampling" else None
+        for f in fields(part_cls):
+            if not f.metadata:
+                continue
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            meta.pop("json", None)  # parsed by from_args, so that bad JSON is one line naming the flag
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if default is not None and "(default" not in help_text:
+                help_text += f" (default {default})"
+            target = exclusive if f.name in ("num_images", "prompts") else group
+            target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=help_text, **meta)

@@ -1,0 +1,74 @@
+"""The Python API: one keyword entry point per job, named like the command-line options.
+
+In the manner of edm2's ``generate_images(net, seeds=..., **sampler_kwargs)``::
+
+    import spellshield
+
+    spellshield.build_index(corpus="data/train-{000000..000009}.tar", out="index")
+    spellshield.generate(model="model", out="run", index="index", num_images=64, steps=50,
+                         spell=spellshield.SpellConfig(overcompensation=10.0))
+    summary = spellshield.audit(run="run", index="index")
+
+Each call validates everything first (``UsageError`` on bad input, nothing written), then runs on
+the Ray cluster already initialised in this process, else on ``address`` / ``RAY_ADDRESS``, else
+on a local cluster started for the call. Keyword names are those of the CLI options
+(``--num-images`` -> ``num_images``); every default is the CLI's, declared once in the config
+classes.
+"""
+
+from __future__ import annotations
+
+
+def build_index(corpus: str, out: str, *, address: str | None = None, shard_size: int | None = None,
+                **encode_options) -> dict:
+    """Encode ``corpus`` (WebDataset shards: brace pattern, glob, directory or comma list) into a
+    shield index at ``out``; resumes an interrupted build. ``encode_options``: ``encoder``,
+    ``resolution``, ``batch_size``, ``num_encoders``, ``dtype``. Returns the manifest."""
+    from spellshield.jobs import build_index as job
+    from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.runtime import ray_cluster
+
+    options = EncodeOptions(**encode_options)
+    shard_size = job.DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    plan = job.plan_build(corpus, out, options, shard_size)  # bad input fails before Ray starts
+    with ray_cluster(address):
+        return job.build_index(corpus, out, options, shard_size, plan=plan)
+
+
+def memorizer(corpus: str, out: str, *, address: str | None = None, **encode_options) -> str:
+    """Save a diffusers pipeline that memorizes ``corpus`` (the honest worst case for a shield) at
+    ``out``; ``encode_options`` as for ``build_index``. Returns ``out``."""
+    from spellshield.jobs import memorizer as job
+    from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.runtime import ray_cluster
+
+    options = EncodeOptions(**encode_options)
+    job.check_inputs(corpus, out, options)
+    with ray_cluster(address):
+        return job.build_memorizer(corpus, out, options)
+
+
+def generate(model: str, out: str, *, address: str | None = None, **options) -> dict:
+    """Sample ``model`` (a diffusers pipeline directory) into the run directory ``out`` with the
+    SPELL shield. ``options``: the fields of ``GenerateConfig``'s parts by name (``index``,
+    ``radius``, ``num_images``, ``prompts``, ``steps``, ``seed``, ``batch_size``, ``on_breach``...)
+    or whole parts (``spell=SpellConfig(...)``). Returns the run's progress record."""
+    from spellshield.jobs.generate import generate as run_generate
+    from spellshield.jobs.run_config import validate
+    from spellshield.jobs.runtime import ray_cluster
+    from spellshield.pipeline.config import GenerateConfig
+
+    config = validate(GenerateConfig.build(model, out, **options))
+    with ray_cluster(address):
+        return run_generate(config)
+
+
+def audit(run: str, *, index: str | None = None, radius: float | None = None, top: int = 12,
+          address: str | None = None) -> dict:
+    """Audit the run directory ``run``: near-duplicate rates (recomputed from the images when
+    ``index`` is given), per-step sparsity, a report. Returns the summary."""
+    from spellshield.jobs.audit import audit as run_audit
+    from spellshield.jobs.runtime import ray_cluster
+
+    with ray_cluster(address):
+        return run_audit(run, index=index, radius=radius, top=top)
