@@ -22,26 +22,48 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("spellshield")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("console")
+    loudness = group.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="no progress lines; errors only")
+    loudness.add_argument("--verbose", action="store_true",
+                          help="also the libraries' warnings and Ray's worker logs (hidden by default: nothing to act on)")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only is not None:
         module_name, help_text = COMMANDS[only]
         parser = argparse.ArgumentParser(prog=f"spellshield {only}", description=help_text)
         importlib.import_module(module_name).add_arguments(parser)
+        add_output_arguments(parser)
         return parser
     parser = argparse.ArgumentParser(prog="spellshield", description="Copyright shielding for diffusion models (SPELL).")
+    parser.add_argument("--version", action="version", version=f"spellshield {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module_name).add_arguments(p)
+        add_output_arguments(p)
     return parser
 
 
 def _run(command: str, args) -> int:
     from spellshield.indexing.corpus import CorpusError
     from spellshield.indexing.manifest import IndexFormatError
-    from spellshield.jobs.runtime import UsageError
+    from spellshield.jobs.runtime import UsageError, set_loudness
 
     module = importlib.import_module(COMMANDS[command][0])
+    set_loudness(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
         return int(module.run(args) or 0)
     except (UsageError, CorpusError, IndexFormatError) as exc:

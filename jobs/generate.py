@@ -19,8 +19,9 @@ import sys
 import time
 
 # validate and GenerateConfig are part of this module's API (demo, tests, benchmarks)
-from spellshield.jobs.run_config import GenerateConfig, config_from_args, resume_config, validate  # noqa: F401
-from spellshield.jobs.run_record import Progress, read_run_json, remove_stale_temporaries, write_run_json
+from spellshield.jobs.run_config import GenerateConfig, check_run_dir, config_from_args, resume_config, validate  # noqa: F401
+from spellshield.jobs.run_record import (Progress, discard_unstarted, read_run_json, remove_stale_temporaries, run_lock,
+                                         write_run_json)
 from spellshield.jobs.runtime import progress, ray_cluster
 from spellshield.jobs.unit_pool import UnitFailed, run_units
 from spellshield.pipeline import config as run_options
@@ -69,7 +70,8 @@ def generate(config: GenerateConfig) -> dict:
     remove_stale_temporaries(config.out)
     todo = [u for u in units if not unit_done(config.out, u.name)]
     info = {"units_total": len(units), "units_done": len(units) - len(todo),
-            "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo)}
+            "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo),
+            "samples_done": sum(len(u.samples) for u in units) - sum(len(u.samples) for u in todo)}
     write_run_json(config, "running", info)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -102,23 +104,60 @@ def generate(config: GenerateConfig) -> dict:
     return info
 
 
+def radius_source(given: GenerateConfig) -> str:
+    return "--radius" if given.shield.radius is not None else "the index's suggested radius"
+
+
+def run_job(config: GenerateConfig, address: str | None = None, resume: bool = False) -> dict:
+    """A validated run, start to end, as the CLI and ``spellshield.generate`` run it: hold the
+    run directory's lock, start Ray, run the units. A failure before any unit is written leaves
+    no run behind (the same command can simply be run again); a later one marks the run failed
+    and keeps its finished units for ``--resume``."""
+    from spellshield.workers.generation import ShieldUnavailable
+
+    created = not os.path.exists(config.out)
+    with run_lock(config.out):
+        if not resume:
+            check_run_dir(config.out)  # again, under the lock: another driver may have just started it
+        try:
+            with ray_cluster(address):
+                return generate(config)
+        except BaseException as exc:
+            if not resume and discard_unstarted(config.out, created):
+                if isinstance(exc, (UnitFailed, ShieldUnavailable, RuntimeError, TimeoutError, ConnectionError)):
+                    raise FailedStart(f"{first_line(exc)} (nothing was written: run the same command again)") from exc
+            raise
+
+
+class FailedStart(RuntimeError):
+    """The run failed before its first unit was written; its directory was cleaned up."""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def run(args) -> int:
     from spellshield.workers.generation import ShieldUnavailable
 
     if args.resume is not None:
-        config = resume_config(args)
-        if read_run_json(args.resume).get("status") == "finished":
-            progress(f"generate: {args.resume} is already finished; nothing to do")
-            return 0
+        with run_lock(args.resume):  # reading the run while another driver writes it is refused too
+            config = resume_config(args)
+            if read_run_json(args.resume).get("status") == "finished":
+                progress(f"generate: {args.resume} is already finished; nothing to do")
+                return 0
     else:
-        config = validate(config_from_args(args))
-    with ray_cluster(args.address):
-        try:
-            generate(config)
-        except (UnitFailed, ShieldUnavailable) as exc:
-            print(f"spellshield generate: failed: {exc} (finished units are kept; "
-                  f"rerun with --resume {config.out})", file=sys.stderr)
-            return 1
+        given = config_from_args(args)
+        config = validate(given)
+        if config.shield.index:
+            progress(f"generate: shield radius {config.shield.radius:g} ({radius_source(given)})")
+    try:
+        run_job(config, args.address, resume=args.resume is not None)
+    except (UnitFailed, ShieldUnavailable, FailedStart) as exc:
+        kept = "" if isinstance(exc, FailedStart) else f" (finished units are kept; rerun with --resume {config.out})"
+        print(f"spellshield generate: failed: {exc}{kept}", file=sys.stderr)
+        return 1
     progress(f"generate: run written to {config.out}")
     return 0
 

@@ -19,6 +19,7 @@ from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
 from spellshield.jobs.runtime import UsageError
+from spellshield.workers.run_layout import LOCK_FILE
 from spellshield.pipeline.config import ConfigError, GenerateConfig, PromptRequest
 from spellshield.pipeline.invoke import takes_prompt
 from spellshield.pipeline.loading import ModelSpec, ModelDirError, describe_model, pipeline_class
@@ -98,6 +99,7 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
 
 
 def check_run_dir(path: str) -> None:
+    """A new run needs a new or empty directory (a driver's lock file alone counts as empty)."""
     run_file = os.path.join(path, RUN_FILE)
     if os.path.isfile(run_file):
         try:
@@ -110,7 +112,7 @@ def check_run_dir(path: str) -> None:
         raise UsageError(f"{path} holds an unfinished run (status {status}); finish it with --resume {path}")
     if os.path.isfile(path):
         raise UsageError(f"{path} is a file, not a directory")
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:
         raise UsageError(f"{path} is not empty; choose a new or empty directory")
 
 

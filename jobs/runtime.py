@@ -38,6 +38,19 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
         ray.shutdown()
 
 
+QUIET_ENV, VERBOSE_ENV = "SPELLSHIELD_QUIET", "SPELLSHIELD_VERBOSE"
+
+
+def set_loudness(quiet: bool = False, verbose: bool = False) -> None:
+    """``--quiet`` / ``--verbose`` for this process and the Ray workers it starts (environment)."""
+    for name, on in ((QUIET_ENV, quiet), (VERBOSE_ENV, verbose)):
+        if on:
+            os.environ[name] = "1"
+        else:
+            os.environ.pop(name, None)
+
+
 def progress(message: str) -> None:
-    """One line of progress on stderr (the console of a local run or of a Ray job)."""
-    print(message, file=sys.stderr, flush=True)
+    """One line of progress on stderr (the console of a local run or of a Ray job); none with --quiet."""
+    if os.environ.get(QUIET_ENV) != "1":
+        print(message, file=sys.stderr, flush=True)

@@ -53,14 +53,11 @@ def generate(model: str, out: str, *, address: str | None = None, **options) -> 
     SPELL shield. ``options``: the fields of ``GenerateConfig``'s parts by name (``index``,
     ``radius``, ``num_images``, ``prompts``, ``steps``, ``seed``, ``batch_size``, ``on_breach``...)
     or whole parts (``spell=SpellConfig(...)``). Returns the run's progress record."""
-    from spellshield.jobs.generate import generate as run_generate
+    from spellshield.jobs.generate import run_job
     from spellshield.jobs.run_config import validate
-    from spellshield.jobs.runtime import ray_cluster
     from spellshield.pipeline.config import GenerateConfig
 
-    config = validate(GenerateConfig.build(model, out, **options))
-    with ray_cluster(address):
-        return run_generate(config)
+    return run_job(validate(GenerateConfig.build(model, out, **options)), address)
 
 
 def audit(run: str, *, index: str | None = None, radius: float | None = None, top: int = 12,

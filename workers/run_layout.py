@@ -1,6 +1,7 @@
 """The layout of a run directory, declared once (as ``indexing.manifest`` declares the index's).
 
     RUN/run.json                         what the run is and how far it got (jobs.run_record)
+    RUN/.lock                            held (flock) by the one driver writing the run
     RUN/images/unit-NNNNN.tar            WebDataset shard of a unit: <sample>.png + <sample>.json
     RUN/audit/hits/unit-NNNNN.parquet    one row per shield hit per step (pipeline.records)
     RUN/audit/samples/unit-NNNNN.parquet one row per attempt; written last: it marks the unit done
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
 AUDIT_DIR = "audit"
 HITS_DIR = f"{AUDIT_DIR}/hits"
