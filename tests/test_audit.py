@@ -76,7 +76,7 @@ def test_audit_recomputes_from_images(runs):
 def test_audit_of_shielded_run_uses_its_index(runs):
     plain, shielded, index = runs
     summary = audit(shielded)  # no --index: the run's own index and radius
-    assert summary["recomputed_from_images"] and summary["radius"] == json.load(open(os.path.join(shielded, "run.json")))["config"]["radius"]
+    assert summary["recomputed_from_images"] and summary["radius"] == json.load(open(os.path.join(shielded, "run.json")))["config"]["shield"]["radius"]
     assert summary["active_step_fraction"] > 0 and summary["correction_ratio_quantiles"]["1"] > 0
     assert len(summary["corrected_share_per_step"]) == 25
 
