@@ -74,9 +74,8 @@ def main() -> None:
 
     from spellshield.jobs.build_index import build_index
     from spellshield.jobs.dataflow import EncodeOptions
-    from spellshield.jobs.generate import DEFAULT_SPELL, Placement, generate, validate
+    from spellshield.jobs.generate import Placement, add_arguments, generate, validate
     from spellshield.jobs.memorizer import build_memorizer
-    from tests.test_generate import gen_args
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
@@ -91,11 +90,13 @@ def main() -> None:
                "batch_size": args.batch_size, "runs": {}}
     for name, shield in (("unshielded", None), ("shielded", index)):
         run_dir = os.path.join(args.out, name)
-        config = validate(gen_args(model, run_dir, shield, num_images=args.images, steps=args.steps,
-                                   batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers,
-                                   # the CLI's defaults (lam 10, M 5, resample), not the tests'
-                                   overcompensation=DEFAULT_SPELL.overcompensation,
-                                   correction_iterations=DEFAULT_SPELL.correction_iterations))
+        # the generate command line's own options and defaults (lam 10, M 5, resample)
+        cli = argparse.ArgumentParser()
+        add_arguments(cli)
+        argv = ["--model", model, "--out", run_dir, "--num-images", str(args.images), "--steps", str(args.steps),
+                "--batch-size", str(args.batch_size), "--unit-size", str(2 * args.batch_size), "--seed", "0",
+                "--workers", str(args.workers)]
+        config = validate(cli.parse_args(argv + (["--index", shield] if shield else [])))
         started = time.time()
         generate(config, Placement(workers=args.workers))
         results["runs"][name] = {"wall_seconds": round(time.time() - started, 3), **unit_breakdown(run_dir)}
