@@ -34,6 +34,7 @@ from spellshield.pipeline.invoke import sample_images, to_uint8
 from spellshield.pipeline.loading import load_pipeline
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
+from spellshield.workers.console import quiet_libraries
 from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
 from spellshield.workers.final_check import FinalCheck, check_images
 from spellshield.workers.unit_writer import IMAGES_DIR, write_unit
@@ -108,12 +109,7 @@ class GenerationWorker:
         self.device = pick_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        # No "Loading pipeline components" bar from workers: Ray forwards worker output to the
-        # driver late and out of order, so a replacement actor's bar could land after the job's
-        # last line; the driver prints the job's own progress.
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
+        quiet_libraries()  # no loading bars, no library warnings unless SPELLSHIELD_VERBOSE=1
         self.pipe = load_pipeline(settings.model_dir, device=self.device)
         self.shield = None
         self.encoder = None
