@@ -8,6 +8,7 @@ import from ``tests/``:
 - ``indexes``: CIFAR-10 vectors from ../shared (pixels or any encoder's latents) and float16
   index shards.
 - ``processes``: a process's descendants, read from /proc.
+- ``autoencoders``: reconstruction PSNR of an autoencoder on images.
 
 Nothing here is a mock; nothing in pipeline/, indexing/, workers/ or jobs/ imports it.
 """
