@@ -4,11 +4,11 @@
 
 (``--device cpu`` runs the same comparisons CPU against CPU: a dry run of the script itself.)
 
-For every scheduler family of spellshield.toys.schedulers (those tests/test_scheduler_families.py checks), the same step with the same
-inputs and shield sources (static points, batch siblings, a history bank) on cuda and on cpu:
-the corrected outputs agree to float tolerance and the same hits are found. Then the tiny
-StableDiffusion and SD3 pipelines on cuda: a shield that never hits is bit-for-bit the plain
-pipeline there too, and one placed at a step-0 prediction is hit.
+For every scheduler family of spellshield.toys.schedulers (those tests/test_scheduler_families.py
+checks), the same step with the same inputs and shield sources (static points, batch siblings, a
+history bank) on cuda and on cpu: the corrected outputs agree to float tolerance and the same hits
+are found. Then the tiny StableDiffusion and SD3 pipelines on cuda: a shield that never hits is
+bit-for-bit the plain pipeline there too, and one placed at a step-0 prediction is hit.
 """
 
 from __future__ import annotations

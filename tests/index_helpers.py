@@ -8,7 +8,7 @@ import numpy as np
 
 from spellshield.indexing.encoders import PIXELS, LatentSpec
 from spellshield.indexing.writer import IndexWriter
-from spellshield.toys.indexes import cifar_latents, to_float16  # noqa: F401 (the tests' helpers, shared with benchmarks)
+from spellshield.toys.indexes import cifar_latents, to_float16
 
 
 def write_index(path, vectors: np.ndarray, shard_size: int, dtype: str = "float32", shape=None) -> str:

@@ -13,8 +13,9 @@ import torch
 from spellshield.indexing.search import open_index
 from spellshield.indexing.encoders import PIXELS
 from spellshield.indexing.store import DTYPES
+from spellshield.toys.indexes import cifar_latents
 from tests.conftest import CIFAR_DIR, SHARED, needs_shared
-from tests.index_helpers import brute_force, cifar_latents, write_index
+from tests.index_helpers import brute_force, write_index
 
 TAEF2_DIR = os.path.join(SHARED, "models", "taef2")
 
