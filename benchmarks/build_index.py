@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from tests.cluster import descendants  # /proc walk shared with the cluster tests
+from spellshield.toys.processes import descendants  # /proc walk shared with the cluster tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")

@@ -4,11 +4,11 @@
 
 (``--device cpu`` runs the same comparisons CPU against CPU: a dry run of the script itself.)
 
-For every scheduler family of tests/test_scheduler_families.py, the same step with the same
-inputs and shield sources (static points, batch siblings, a history bank) on cuda and on cpu:
-the corrected outputs agree to float tolerance and the same hits are found. Then the tiny
-StableDiffusion and SD3 pipelines on cuda: a shield that never hits is bit-for-bit the plain
-pipeline there too, and one placed at a step-0 prediction is hit.
+For every scheduler family of spellshield.toys.schedulers (those tests/test_scheduler_families.py
+checks), the same step with the same inputs and shield sources (static points, batch siblings, a
+history bank) on cuda and on cpu: the corrected outputs agree to float tolerance and the same hits
+are found. Then the tiny StableDiffusion and SD3 pipelines on cuda: a shield that never hits is
+bit-for-bit the plain pipeline there too, and one placed at a step-0 prediction is hit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from spellshield.pipeline.sources import BatchSource, HistorySource, SampleRow, 
 
 
 def scheduler_checks(device: str) -> None:
-    from tests.test_scheduler_families import CASES, advanced, step_kwargs
+    from spellshield.toys.schedulers import CASES, advanced, step_kwargs
 
     for case in CASES:
         sched, t, x_t, m = advanced(case, 3)
@@ -51,8 +51,8 @@ def scheduler_checks(device: str) -> None:
 def pipeline_checks(device: str) -> None:
     from spellshield.pipeline.invoke import sample_images
     from spellshield.pipeline.loading import load_pipeline
-    from tests import tiny_pipelines
-    from tests.test_pipelines import Recorder
+    from spellshield.toys import pipelines as tiny_pipelines
+    from spellshield.toys.schedulers import Recorder
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, save in (("sd", tiny_pipelines.save_stable_diffusion), ("sd3", tiny_pipelines.save_sd3)):

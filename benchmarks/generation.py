@@ -75,9 +75,8 @@ def main() -> None:
     from spellshield.jobs.build_index import build_index
     from spellshield.jobs.dataflow import EncodeOptions
     from spellshield.jobs.generate import generate, validate
-    from spellshield.pipeline.config import SpellConfig
     from spellshield.jobs.memorizer import build_memorizer
-    from tests.test_generate import gen_config
+    from spellshield.pipeline.config import GenerateConfig
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
@@ -92,11 +91,10 @@ def main() -> None:
                "batch_size": args.batch_size, "runs": {}}
     for name, shield in (("unshielded", None), ("shielded", index)):
         run_dir = os.path.join(args.out, name)
-        config = validate(gen_config(model, run_dir, shield, num_images=args.images, steps=args.steps,
-                                   batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0, workers=args.workers,
-                                   # the CLI's defaults (lam 10, M 5, resample), not the tests'
-                                   overcompensation=SpellConfig.overcompensation,
-                                   correction_iterations=SpellConfig.correction_iterations))
+        # the generate command's own defaults (lam 10, M 5, resample), not the tests'
+        config = validate(GenerateConfig.build(model, run_dir, index=shield, num_images=args.images, steps=args.steps,
+                                               batch_size=args.batch_size, unit_size=2 * args.batch_size, seed=0,
+                                               workers=args.workers))
         started = time.time()
         generate(config)
         results["runs"][name] = {"wall_seconds": round(time.time() - started, 3), **unit_breakdown(run_dir)}

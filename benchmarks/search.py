@@ -61,7 +61,7 @@ def load_vectors(dataset: str, n: int, dim: int, cache: str, resolution: int = 6
         return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     if not os.path.isdir(CIFAR):
         raise SystemExit(f"{CIFAR} is absent: use --dataset random")
-    from tests.index_helpers import cifar_latents
+    from spellshield.toys.indexes import cifar_latents
 
     if dataset == "cifar":
         return cifar_latents(CIFAR, n)  # the pixel encoder's latents
@@ -93,8 +93,7 @@ def cached_index(cache: str, dataset: str, vectors: np.ndarray, shard_size: int,
     writer.add([f"k{i}" for i in range(n)], ["bench.tar"] * n, ["0"] * n, vectors)
     writer.finish({"benchmark": dataset})
     if dtype == "float16":
-        sys.path.insert(0, ROOT)
-        from tests.index_helpers import to_float16
+        from spellshield.toys.indexes import to_float16
 
         to_float16(path)
     return path

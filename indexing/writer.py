@@ -28,8 +28,7 @@ import pyarrow.parquet as pq
 from .corpus import CorpusError
 from .latent import LatentSpec
 from .manifest import MANIFEST, REJECTS, Manifest, ShardInfo, file_sha256, write_json_atomic
-
-DTYPES = ("float32", "float16")
+from .store import DTYPES  # storage dtype name -> numpy type, declared once
 
 IDS_SCHEMA = pa.schema(
     [

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 
@@ -36,11 +35,6 @@ from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
 from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.workers.encode import chunk_latents
-
-# Test hook (as FAISS big_batch_search's crash_at): kill the build with SIGKILL, like a lost
-# node or an OOM kill, right after this many parts have been written in this run.
-CRASH_AFTER_PARTS = "SPELLSHIELD_CRASH_AFTER_PARTS"
-
 
 DEFAULT_SHARD_SIZE = 100_000  # vectors per FAISS shard; assembly holds one shard in memory
 
@@ -158,7 +152,6 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
     ``on_chunk(row)``, if given, sees every encoded chunk row as it arrives (benchmarks time it).
     """
     todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
-    crash_after = int(os.environ.get(CRASH_AFTER_PARTS, "0") or 0)
     writer: PartWriter | None = None
     written, last_report = 0, time.time()
     try:
@@ -175,8 +168,6 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
                 parts[info.number] = info
                 writer = None
                 written += 1
-                if crash_after and written >= crash_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if time.time() - last_report > 10 or written == len(todo):
                     progress(f"build-index: {len(parts)} of {len(shards)} parts encoded")
                     last_report = time.time()

@@ -40,7 +40,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                           help="also the libraries' warnings and Ray's worker logs (hidden by default: nothing to act on)")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, options_of=None) -> argparse.ArgumentParser:
+    """The parser of one command (``only``), or of all: with ``options_of`` (command names), only
+    those commands get their options, so that only their modules are imported (each pulls in
+    torch, Ray...): ``spellshield --help`` imports none."""
     if only is not None:
         module_name, help_text = COMMANDS[only]
         parser = argparse.ArgumentParser(prog=f"spellshield {only}", description=help_text)
@@ -52,8 +55,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module_name).add_arguments(p)
-        add_output_arguments(p)
+        if options_of is None or name in options_of:
+            importlib.import_module(module_name).add_arguments(p)
+            add_output_arguments(p)
     return parser
 
 
@@ -81,7 +85,9 @@ def run_single(command: str, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no other options
+    args = build_parser(options_of=[command]).parse_args(argv)
     return _run(args.command, args)
 
 

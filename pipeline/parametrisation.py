@@ -138,61 +138,80 @@ def _check_channels(scheduler, model_output, sample) -> None:
         )
 
 
+def _vp(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    """DDPM, DDIM: ``alphas_cumprod[t]``."""
+    return vp_affine(_scalar(scheduler.alphas_cumprod[int(_scalar(timestep))]), prediction_type)
+
+
+def _dpm_solver(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    sigma = scheduler.sigmas[step_index_for(scheduler, timestep)]
+    if prediction_type == "flow_prediction":
+        return flow_affine(_scalar(sigma))
+    # alpha_t, sigma_t of this sigma, with the tensor operations DPMSolverMultistepScheduler's own
+    # (private) _sigma_to_alpha_sigma_t uses, so the floats are the ones inside its step: flow
+    # sigmas are x_t = (1 - sig) x0 + sig eps; otherwise sig = sigma_t / alpha_t of a VP schedule.
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        alpha_t, sigma_t = 1 - sigma, sigma
+    else:
+        alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+        sigma_t = sigma * alpha_t
+    return alpha_sigma_affine(_scalar(alpha_t), _scalar(sigma_t), prediction_type)
+
+
+def _sigma(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    """Heun (and the Euler schedulers below): ``sigmas[step_index]`` on the unscaled sample."""
+    return karras_affine(_scalar(scheduler.sigmas[step_index_for(scheduler, timestep)]), prediction_type)
+
+
+def _euler(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    sigma = _scalar(scheduler.sigmas[step_index_for(scheduler, timestep)])
+    churn = float(step_kwargs.get("s_churn", 0.0))
+    tmin = float(step_kwargs.get("s_tmin", 0.0))
+    tmax = float(step_kwargs.get("s_tmax", float("inf")))
+    if churn > 0 and tmin <= sigma <= tmax:
+        raise UnsupportedScheduler(
+            f"{type(scheduler).__name__} with s_churn={churn} adds noise to x_t inside step(): the x0_hat it uses "
+            "cannot be known beforehand; use s_churn=0"
+        )
+    return karras_affine(sigma, prediction_type)
+
+
+def _euler_ancestral(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    if prediction_type == "sample":
+        raise UnsupportedScheduler(f"{type(scheduler).__name__} does not implement prediction_type 'sample'")
+    return _sigma(scheduler, timestep, prediction_type, step_kwargs)
+
+
+def _flow_match(scheduler, timestep, prediction_type: str, step_kwargs: dict) -> AffineOutput:
+    if step_kwargs.get("per_token_timesteps") is not None:
+        raise UnsupportedScheduler(f"{type(scheduler).__name__} with per_token_timesteps is not supported")
+    return flow_affine(_scalar(scheduler.sigmas[step_index_for(scheduler, timestep)]))
+
+
+# Scheduler class name -> its affine map (module doc). Looked up along the class's MRO, so a
+# subclass of a supported scheduler is supported as before, and diffusers need not be imported.
+AFFINES = {
+    "DDPMScheduler": _vp,
+    "DDIMScheduler": _vp,
+    "DPMSolverMultistepScheduler": _dpm_solver,
+    "EulerDiscreteScheduler": _euler,
+    "EulerAncestralDiscreteScheduler": _euler_ancestral,
+    "HeunDiscreteScheduler": _sigma,
+    "FlowMatchEulerDiscreteScheduler": _flow_match,
+}
+
+
 def affine_for(scheduler, timestep, sample: torch.Tensor, model_output: torch.Tensor | None = None,
                step_kwargs: dict | None = None) -> AffineOutput:
     """The affine map that ``scheduler.step(m, timestep, sample, **step_kwargs)`` will use.
 
     Reads the scheduler's own state so that the map is exactly the one inside its ``step``.
     """
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        HeunDiscreteScheduler,
-    )
-
-    step_kwargs = step_kwargs or {}
-    config = scheduler.config
-    prediction_type = getattr(config, "prediction_type", "epsilon")
-    name = type(scheduler).__name__
     if model_output is not None:
         _check_channels(scheduler, model_output, sample)
-
-    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
-        t = int(_scalar(timestep))
-        return vp_affine(_scalar(scheduler.alphas_cumprod[t]), prediction_type)
-
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        sigma = scheduler.sigmas[step_index_for(scheduler, timestep)]
-        if prediction_type == "flow_prediction":
-            return flow_affine(_scalar(sigma))
-        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
-        return alpha_sigma_affine(_scalar(alpha_t), _scalar(sigma_t), prediction_type)
-
-    if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)):
-        sigma = _scalar(scheduler.sigmas[step_index_for(scheduler, timestep)])
-        if isinstance(scheduler, EulerDiscreteScheduler):
-            churn = float(step_kwargs.get("s_churn", 0.0))
-            tmin = float(step_kwargs.get("s_tmin", 0.0))
-            tmax = float(step_kwargs.get("s_tmax", float("inf")))
-            if churn > 0 and tmin <= sigma <= tmax:
-                raise UnsupportedScheduler(
-                    f"{name} with s_churn={churn} adds noise to x_t inside step(): the x0_hat it uses cannot "
-                    "be known beforehand; use s_churn=0"
-                )
-        if isinstance(scheduler, EulerAncestralDiscreteScheduler) and prediction_type == "sample":
-            raise UnsupportedScheduler(f"{name} does not implement prediction_type 'sample'")
-        return karras_affine(sigma, prediction_type)
-
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        if step_kwargs.get("per_token_timesteps") is not None:
-            raise UnsupportedScheduler(f"{name} with per_token_timesteps is not supported")
-        return flow_affine(_scalar(scheduler.sigmas[step_index_for(scheduler, timestep)]))
-
-    raise UnsupportedScheduler(
-        f"{name} is not supported by ShieldedScheduler (supported: DDPM, DDIM, DPMSolverMultistep, Euler, "
-        "EulerAncestral, Heun, FlowMatchEulerDiscrete)"
-    )
+    affine = next((AFFINES[cls.__name__] for cls in type(scheduler).__mro__ if cls.__name__ in AFFINES), None)
+    if affine is None:
+        raise UnsupportedScheduler(
+            f"{type(scheduler).__name__} is not supported by ShieldedScheduler (supported: {', '.join(AFFINES)})"
+        )
+    return affine(scheduler, timestep, getattr(scheduler.config, "prediction_type", "epsilon"), step_kwargs or {})

@@ -13,7 +13,7 @@ from spellshield.jobs.build_index import build_index
 from spellshield.jobs.dataflow import EncodeOptions
 from spellshield.jobs.generate import generate, validate
 from spellshield.jobs.runtime import UsageError
-from tests import tiny_pipelines
+from spellshield.toys import pipelines as tiny_pipelines
 from tests.test_generate import gen_config, tar_images
 
 pytestmark = pytest.mark.slow

@@ -21,10 +21,10 @@ from diffusers import (
 
 from spellshield.pipeline.invoke import sample_images, takes_prompt
 from spellshield.pipeline.loading import describe_model, load_pipeline
-from spellshield.pipeline.repellency import Neighbours
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
 from spellshield.pipeline.sources import StaticSource
-from tests import tiny_pipelines
+from spellshield.toys import pipelines as tiny_pipelines
+from spellshield.toys.schedulers import Recorder
 
 STEPS = 8
 SEEDS = [3, 4]
@@ -39,23 +39,6 @@ def models(tmp_path_factory):
         "sd": tiny_pipelines.save_stable_diffusion(str(tmp / "sd")),
         "sd3": tiny_pipelines.save_sd3(str(tmp / "sd3")),
     }
-
-
-class Recorder:
-    """A source that never hits and remembers every x0_hat it was asked about, per step call."""
-
-    name = "recorder"
-    radius = 1.0
-
-    def __init__(self):
-        self.queries = []
-
-    def find(self, queries):
-        self.queries.append(queries.clone())
-        return [Neighbours.empty(queries.shape[1], queries.dtype) for _ in range(queries.shape[0])]
-
-    def keys(self, ids):
-        return [None] * len(ids)
 
 
 SCHEDULERS = {

@@ -12,8 +12,10 @@ import torch
 
 from spellshield.indexing.search import open_index
 from spellshield.indexing.encoders import PIXELS
+from spellshield.indexing.store import DTYPES
+from spellshield.toys.indexes import cifar_latents
 from tests.conftest import CIFAR_DIR, SHARED, needs_shared
-from tests.index_helpers import brute_force, cifar_latents, write_index
+from tests.index_helpers import brute_force, write_index
 
 TAEF2_DIR = os.path.join(SHARED, "models", "taef2")
 
@@ -29,7 +31,6 @@ CONFIGS = {
     "sharded-projected": dict(backend="sharded", shard_backend="projected", parts=2, dims=6),
 }
 CIFAR_CONFIGS = ["exact", "exact-gemm16", "faiss", "faiss-ivf", "projected", "sharded"]  # the rest: random data
-DTYPES = ["float32", "float16"]
 _shields: dict = {}
 
 
@@ -50,7 +51,7 @@ def stored(base: np.ndarray, dtype: str) -> np.ndarray:
     return base.astype(np.float16).astype(np.float32) if dtype == "float16" else base
 
 
-@pytest.fixture(scope="module", params=DTYPES)
+@pytest.fixture(scope="module", params=list(DTYPES))
 def random_index(request, tmp_path_factory):
     """1000 anisotropic vectors (a spectrum for the projection to find) with exact duplicates (ties)."""
     rng = np.random.default_rng(0)
@@ -180,7 +181,7 @@ def edge_case(dtype: str, dim: int = 64, count: int = 400, radius: float = 3.0):
     return query, base, radius, rel
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_hits_within_rounding_of_the_radius(tmp_path, config, dtype):
     # float32: points at r (1 +- 1e-6), which float32 expanded distances cannot tell apart;

@@ -2,19 +2,18 @@
 images, matches an independent re-implementation of the reference network, and keeps one
 fingerprint through save_pretrained inside a pipeline directory."""
 
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from spellshield.indexing.encoders import Encoder, autoencoder_fingerprint, load_autoencoder
 from spellshield.indexing.taef2 import TAEF2, released_state_dict
+from spellshield.toys.autoencoders import reconstruction_psnr as psnr
+from spellshield.toys.indexes import cifar_images
 from tests.conftest import CIFAR_DIR, SHARED
 
 TAEF2_DIR = os.path.join(SHARED, "models", "taef2")
@@ -62,27 +61,6 @@ def reference_decoder():
                          b(64), b(64), b(64), up(), _conv(64, 64, bias=False), b(64), _conv(64, 3))
 
 
-def cifar_images(n: int, resolution: int) -> np.ndarray:
-    """The first ``n`` real CIFAR-10 images, bicubic-upscaled to ``resolution``, uint8 (n, H, W, 3)."""
-    out = []
-    with tarfile.open(os.path.join(CIFAR_DIR, "train-000000.tar")) as tar:
-        for info in tar:
-            if info.name.endswith(".jpg"):
-                image = Image.open(io.BytesIO(tar.extractfile(info).read())).convert("RGB")
-                out.append(np.asarray(image.resize((resolution, resolution), Image.BICUBIC)))
-                if len(out) == n:
-                    break
-    return np.stack(out)
-
-
-def psnr(model, images: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        y = model.decode(model.encode(x).latents).sample.clamp(-1, 1)
-    mse = (((y + 1) * 127.5).round() - (x + 1) * 127.5).pow(2).mean(dim=(1, 2, 3))
-    return (10 * torch.log10(255.0**2 / mse)).numpy()
-
-
 @pytest.fixture(scope="module")
 def taef2():
     return TAEF2.from_pth(TAEF2_DIR)
@@ -90,7 +68,7 @@ def taef2():
 
 @pytest.fixture(scope="module")
 def images64():
-    return cifar_images(16, 64)
+    return cifar_images(CIFAR_DIR, 16, resolution=64)  # the first 16, bicubic-upscaled from 32x32
 
 
 def test_strict_load_and_shapes(taef2):
@@ -121,7 +99,8 @@ def test_matches_reference_network(taef2, images64):
 
 
 def test_reconstruction_psnr_on_real_images(taef2, images64):
-    """Measured 30.9 dB mean (26.4 dB worst) on these 16 CIFAR images at 64x64; 38.9 dB at 256x256."""
+    """31.5 dB mean, 26.4 dB worst on these 16 CIFAR images at 64x64 (benchmarks/taef2_quality.py
+    measures them, and 256x256, for benchmarks/RESULTS.md and the README)."""
     values = psnr(taef2, images64)
     assert values.mean() > 28.0 and values.min() > 24.0
     # the stock AutoencoderTiny loads the same weights only non-strictly, and is a different model

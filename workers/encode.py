@@ -65,7 +65,9 @@ class ChunkEncoder:
         # Imported here, not at module level: the read tasks import this module too, and need
         # neither torch nor diffusers (about 2 s and 230 MiB per worker process).
         from spellshield.indexing.encoders import Encoder
+        from spellshield.workers.console import quiet_libraries
 
+        quiet_libraries()
         if torch_threads:
             import torch
 

@@ -36,6 +36,7 @@ from spellshield.pipeline.config import GenerateConfig
 from spellshield.pipeline.records import AttemptRecord, RowIdentity, hit_row, sample_row
 from spellshield.pipeline.scheduler import ShieldedScheduler, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
+from spellshield.workers.console import quiet_libraries
 from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
 from spellshield.workers.final_check import FinalCheck, check_images
 from spellshield.workers.run_layout import image_ref
@@ -97,12 +98,7 @@ class GenerationWorker:
         self.device = pick_device(runtime.device)
         if runtime.torch_threads:
             torch.set_num_threads(runtime.torch_threads)
-        # No "Loading pipeline components" bar from workers: Ray forwards worker output to the
-        # driver late and out of order, so a replacement actor's bar could land after the job's
-        # last line; the driver prints the job's own progress.
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
+        quiet_libraries()  # no loading bars, no library warnings unless SPELLSHIELD_VERBOSE=1
         self.pipe = load_pipeline(config.model, device=self.device)
         shield = config.shield
         self.shield = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from spellshield.indexing.manifest import Manifest, read_manifest
+from spellshield.indexing.manifest import IndexFormatError, Manifest, read_manifest
 from spellshield.indexing.sharded import ShardedShield, shard_groups
 from spellshield.workers.index_server import IndexShardServer
 
@@ -66,7 +66,13 @@ def start_index_servers(index_dir: str, parts: int | None = None, backend: str =
               for opts, group in zip(actor_options, groups)]
     infos = ray.get([actor.info.remote() for actor in actors])
     for info, group in zip(infos, groups):
-        assert info["count"] == sum(manifest.shards[n].count for n in group)
+        expected = sum(manifest.shards[n].count for n in group)
+        if info["count"] != expected:
+            # Fail closed: a part that does not hold what the manifest says would shield silently less.
+            for actor in actors:
+                ray.kill(actor)
+            raise IndexFormatError(f"{index_dir}: index server for shards {list(group)} holds {info['count']} "
+                                   f"vectors, the manifest says {expected}")
     return RemoteShardedShield(index_dir, manifest, actors, groups, "cpu")
 
 
