@@ -22,13 +22,21 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad number, an unknown choice, a missing option) as one line that
+    points to --help, like every other bad input, instead of the whole usage block; exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only is not None:
         module_name, help_text = COMMANDS[only]
-        parser = argparse.ArgumentParser(prog=f"spellshield {only}", description=help_text)
+        parser = Parser(prog=f"spellshield {only}", description=help_text)
         importlib.import_module(module_name).add_arguments(parser)
         return parser
-    parser = argparse.ArgumentParser(prog="spellshield", description="Copyright shielding for diffusion models (SPELL).")
+    parser = Parser(prog="spellshield", description="Copyright shielding for diffusion models (SPELL).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from spellshield.indexing.search import BACKENDS
 # validate, GenerateConfig and DEFAULT_SPELL are part of this module's API (demo, tests, benchmarks)
 from spellshield.jobs.run_config import ARG_NAMES, DEFAULT_SPELL, GenerateConfig, resume_config, validate  # noqa: F401
+from spellshield.jobs.checks import radius_line
 from spellshield.jobs.run_record import Progress, read_run_json, remove_stale_temporaries, write_run_json
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.jobs.unit_pool import UnitFailed, run_units
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finish an interrupted run: skips finished units; other options, if given, must match the run's")
     parser.add_argument("--index", default=None, help="shield index directory; without it the run is unshielded")
     parser.add_argument("--radius", type=float, default=None, help="shield radius (default: the index's suggested radius)")
+    parser.add_argument("--index-sha256", default=None, metavar="HEX",
+                        help="refuse the index unless its manifest.json has this sha256 (pins shards, ids and calibration; "
+                             "`index verify` prints it)")
     parser.add_argument("--overcompensation", type=float, default=DEFAULT_SPELL.overcompensation,
                         help=f"lam in x0' = x0 + lam * delta (default {DEFAULT_SPELL.overcompensation}; see README)")
     parser.add_argument("--max-neighbours", type=int, default=None,
@@ -196,6 +200,7 @@ def run(args) -> int:
                 saved_args[key] = os.path.abspath(saved_args[key])
     if placement.index_servers and not config.index:
         raise UsageError("--index-servers needs --index")
+    progress(radius_line(config.radius, saved_args.get("radius"), config.index))
     with ray_cluster(args.address):
         try:
             generate(config, placement, saved_args)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import manifest_hash, read_manifest
+from spellshield.jobs.checks import check_finite, check_index_pin, check_num_images, check_out_path, check_seeds
 from spellshield.jobs.run_record import RUN_FILE, read_run_json
 from spellshield.jobs.runtime import UsageError
 from spellshield.pipeline.invoke import takes_prompt
@@ -66,7 +67,7 @@ def _positive(name: str, value, allow_none: bool = False):
 
 ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbours", "correction_iterations",
              "batch_radius", "history_radius", "history_size", "on_breach", "max_attempts", "guidance_scale",
-             "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
+             "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend", "index_sha256")
 
 
 def validate(args, check_out: bool = True) -> GenerateConfig:
@@ -80,6 +81,8 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
         raise UsageError(str(exc)) from None
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    check_num_images(args.num_images)
+    check_finite(args)
     for name in ("batch_size", "steps"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--unit-size", args.unit_size, allow_none=True)
@@ -103,6 +106,7 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
     radius = None
     if args.index is not None:
         manifest = read_manifest(args.index)
+        check_index_pin(args.index, getattr(args, "index_sha256", None))
         if tuple(manifest.latent.shape) != tuple(model.latent_shape):
             raise UsageError(
                 f"index latent shape {tuple(manifest.latent.shape)} differs from the model's {tuple(model.latent_shape)}"
@@ -127,10 +131,12 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
             raise UsageError(f"{model.pipeline_class} is unconditional: use --num-images, not --prompts")
     else:
         requests = (PromptRequest(None, args.num_images if args.num_images is not None else 16),)
+    check_seeds(args.seed, sum(r.num_images for r in requests if r.seeds is None))
     guidance_scale = getattr(args, "guidance_scale", None)
     if guidance_scale is not None and not conditional:
         raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     if check_out:
+        check_out_path(args.out)
         check_run_dir(args.out)
     return GenerateConfig(
         model=os.path.abspath(args.model),

@@ -2,6 +2,7 @@
 writes the same index, byte for byte, as an uninterrupted build; float16 storage; the chunking
 that makes encoder batches independent of which tars a run encodes."""
 
+import io
 import json
 import os
 import signal
@@ -57,11 +58,9 @@ def cleanup_group(proc):
         pass
 
 
-def test_killed_build_resumes_to_the_same_index(ray_session, digits_corpus, reference, tmp_path, capsys):
-    out = tmp_path / "index"
-    corpus = ",".join(digits_corpus[:6])
-    argv = ["--corpus", corpus, "--out", str(out), "--resolution", "8", "--batch-size", "100", "--shard-size", "250"]
-    env = {**os.environ, CRASH_AFTER_PARTS: "3", "RAY_AUTH_MODE": "disabled"}
+def crash_build(argv, after_parts):
+    """Run build-index in a real subprocess that SIGKILLs itself after ``after_parts`` parts."""
+    env = {**os.environ, CRASH_AFTER_PARTS: str(after_parts), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -70,6 +69,13 @@ def test_killed_build_resumes_to_the_same_index(ray_session, digits_corpus, refe
     finally:
         cleanup_group(proc)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_build_resumes_to_the_same_index(ray_session, digits_corpus, reference, tmp_path, capsys):
+    out = tmp_path / "index"
+    corpus = ",".join(digits_corpus[:6])
+    argv = ["--corpus", corpus, "--out", str(out), "--resolution", "8", "--batch-size", "100", "--shard-size", "250"]
+    crash_build(argv, after_parts=3)
     parts_dir = tmp_path / "index.partial" / PARTS
     finished = sorted(n for n in os.listdir(parts_dir) if n.endswith(".json"))
     assert finished == [f"part-{i:05d}.json" for i in range(3)]
@@ -149,3 +155,48 @@ def test_encoder_pool_takes_every_gpu_or_one_cpu_actor():
     assert pool(4, num_encoders=2) == (2, 1, 0.25, "cuda")
     assert pool(2, num_encoders=8) == (2, 1, 0.25, "cuda")  # never more actors than GPUs
     assert pool(0) == (1, 0, 0.25, "cpu") and pool(0, num_encoders=3) == (3, 0, 0.25, "cpu")
+
+
+def ppm_tar(path, colours):
+    """A tar of 8x8 one-colour PPMs: its size depends only on the number of images, not their colours."""
+    from PIL import Image
+
+    from tests.conftest import add_tar_members
+
+    members = []
+    for i, colour in enumerate(colours):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PPM")
+        members.append((f"img_{i:03d}.ppm", buffer.getvalue()))
+    add_tar_members(str(path), members)
+
+
+@pytest.mark.slow
+def test_a_tar_swapped_for_same_size_content_after_a_crash_is_encoded_again(ray_session, tmp_path, capsys):
+    """Resume by content: the part of a tar whose bytes changed (same size) between the crash and the
+    rerun is not reused; the index is the one of the corpus as it is now, and records its checksums."""
+    tars = [tmp_path / f"c-{n:03d}.tar" for n in range(3)]
+    for n, path in enumerate(tars):
+        ppm_tar(path, [(10 * n + i, 0, 0) for i in range(5)])
+    out = tmp_path / "index"
+    argv = ["--corpus", ",".join(map(str, tars)), "--out", str(out), "--resolution", "8", "--batch-size", "2"]
+    crash_build(argv, after_parts=2)
+    parts_dir = tmp_path / "index.partial" / PARTS
+    assert sorted(n for n in os.listdir(parts_dir) if n.endswith(".json")) == ["part-00000.json", "part-00001.json"]
+
+    size = os.path.getsize(tars[0])
+    ppm_tar(tars[0], [(200 + i, 0, 0) for i in range(5)])  # other pixels, the same bytes count
+    assert os.path.getsize(tars[0]) == size
+    manifest = build_index(",".join(map(str, tars)), str(out), EncodeOptions(resolution=8, batch_size=2))
+    err = capsys.readouterr().err
+    assert f"{tars[0]} changed since its part was written (sha256 differs): encoding it again" in err
+    assert manifest["build"]["resumed_parts"] == 1  # part 1 only
+    reds = np.round((open_index(str(out)).vectors(range(15)).numpy().reshape(15, 3, 8, 8)[:, 0, 0, 0] + 1) * 127.5)
+    assert reds.astype(int).tolist() == [200, 201, 202, 203, 204, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24]
+    assert [s["sha256"] for s in manifest["build"]["sources"]] == [file_sha256(str(p)) for p in tars]
+    assert main(["index", "verify", str(out)]) == 0
+    # the corpus changing after the build is what `index verify` now catches
+    ppm_tar(tars[2], [(99, 0, 0)] * 5)
+    capsys.readouterr()
+    assert main(["index", "verify", str(out)]) == 2
+    assert f"corpus tar {os.path.abspath(tars[2])} changed since the index was built" in capsys.readouterr().err
