@@ -56,7 +56,8 @@ class PartialBuildError(ValueError):
 class BuildConfig:
     """Everything a part's content depends on. Batch size and worker counts are not in it."""
 
-    sources: tuple[tuple[str, int], ...]  # (absolute path, size in bytes) of each tar, corpus order
+    sources: tuple[tuple[str, int], ...]  # (absolute path, size in bytes) of each tar, corpus order; only
+    # the paths must match to resume: content is checked per part (finished_parts)
     encoder: str
     fingerprint: str
     resolution: int
@@ -80,11 +81,14 @@ class BuildConfig:
             if mine == theirs:
                 continue
             if f.name == "sources":
+                # The corpus is the same list of tar paths; a tar whose bytes changed (size or
+                # content) is not another config: its part fails the content check and is re-encoded.
                 if len(mine) != len(theirs):
                     return f"corpus has {len(mine)} shards, the partial build {len(theirs)}"
-                for (p, n), (q, m) in zip(mine, theirs):
-                    if (p, n) != (q, m):
-                        return f"corpus shard {p} ({n} bytes) is {q} ({m} bytes) in the partial build"
+                for (p, _), (q, _) in zip(mine, theirs):
+                    if p != q:
+                        return f"corpus shard {p} is {q} in the partial build"
+                continue
             return f"{f.name} is {mine!r}, the partial build's is {theirs!r}"
         return None
 

@@ -175,24 +175,27 @@ def ppm_tar(path, colours):
 def test_a_tar_swapped_for_same_size_content_after_a_crash_is_encoded_again(ray_session, tmp_path, capsys):
     """Resume by content: the part of a tar whose bytes changed (same size) between the crash and the
     rerun is not reused; the index is the one of the corpus as it is now, and records its checksums."""
-    tars = [tmp_path / f"c-{n:03d}.tar" for n in range(3)]
+    tars = [tmp_path / f"c-{n:03d}.tar" for n in range(4)]
     for n, path in enumerate(tars):
         ppm_tar(path, [(10 * n + i, 0, 0) for i in range(5)])
     out = tmp_path / "index"
     argv = ["--corpus", ",".join(map(str, tars)), "--out", str(out), "--resolution", "8", "--batch-size", "2"]
-    crash_build(argv, after_parts=2)
+    crash_build(argv, after_parts=3)
     parts_dir = tmp_path / "index.partial" / PARTS
-    assert sorted(n for n in os.listdir(parts_dir) if n.endswith(".json")) == ["part-00000.json", "part-00001.json"]
+    assert sorted(n for n in os.listdir(parts_dir) if n.endswith(".json")) == [f"part-{i:05d}.json" for i in range(3)]
 
     size = os.path.getsize(tars[0])
     ppm_tar(tars[0], [(200 + i, 0, 0) for i in range(5)])  # other pixels, the same bytes count
     assert os.path.getsize(tars[0]) == size
+    ppm_tar(tars[1], [(100 + i, 0, 0) for i in range(12)])  # more images: another size, re-encoded too
+    assert os.path.getsize(tars[1]) != size
     manifest = build_index(",".join(map(str, tars)), str(out), EncodeOptions(resolution=8, batch_size=2))
     err = capsys.readouterr().err
-    assert f"{tars[0]} changed since its part was written (sha256 differs): encoding it again" in err
-    assert manifest["build"]["resumed_parts"] == 1  # part 1 only
-    reds = np.round((open_index(str(out)).vectors(range(15)).numpy().reshape(15, 3, 8, 8)[:, 0, 0, 0] + 1) * 127.5)
-    assert reds.astype(int).tolist() == [200, 201, 202, 203, 204, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24]
+    for changed in tars[:2]:
+        assert f"{changed} changed since its part was written (sha256 differs): encoding it again" in err
+    assert manifest["build"]["resumed_parts"] == 1 and manifest["count"] == 27  # part 2 only; tar 3 never had one
+    reds = np.round((open_index(str(out)).vectors(range(27)).numpy().reshape(27, 3, 8, 8)[:, 0, 0, 0] + 1) * 127.5)
+    assert reds.astype(int).tolist() == [*range(200, 205), *range(100, 112), *range(20, 25), *range(30, 35)]
     assert [s["sha256"] for s in manifest["build"]["sources"]] == [file_sha256(str(p)) for p in tars]
     assert main(["index", "verify", str(out)]) == 0
     # the corpus changing after the build is what `index verify` now catches
