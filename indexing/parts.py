@@ -8,10 +8,13 @@ A build encodes its corpus into ``<out>.partial/parts/`` before it assembles any
     <out>.partial/parts/part-00003.rows.parquet  key, shard, sha256, reason of every sample of the
                                               tar, in tar order (reason "" = indexed, in latent order)
     <out>.partial/parts/part-00003.json       written last: count, rejects, dtype, dim, sha256 of the
-                                              two files. Its presence marks the part finished.
+                                              two files and of the source tar as it was read.
+                                              Its presence marks the part finished.
 
-A rerun with the same config keeps every finished part whose checksums still hold and encodes
-only the other tars (img2dataset's resume-by-what-exists; FAISS big_batch_search's
+A rerun with the same config keeps every finished part whose checksums still hold *and whose
+source tar still has the sha256 it had when it was read* (resume by content, not by size: a tar
+replaced by other bytes of the same length between a crash and the rerun is encoded again), and
+encodes only the other tars (img2dataset's resume-by-what-exists; FAISS big_batch_search's
 write-then-rename checkpoints). Part names depend only on the tar's position in the corpus, so
 a rerun overwrites instead of duplicating, and global ids (assigned at assembly, in part order)
 are the same whether or not the build was interrupted.
@@ -29,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .corpus import DEFAULT_MAX_MEMBER_BYTES
 from .manifest import file_sha256, write_json_atomic
 
 PARTS = "parts"
@@ -52,12 +56,14 @@ class PartialBuildError(ValueError):
 class BuildConfig:
     """Everything a part's content depends on. Batch size and worker counts are not in it."""
 
-    sources: tuple[tuple[str, int], ...]  # (absolute path, size in bytes) of each tar, corpus order
+    sources: tuple[tuple[str, int], ...]  # (absolute path, size in bytes) of each tar, corpus order; only
+    # the paths must match to resume: content is checked per part (finished_parts)
     encoder: str
     fingerprint: str
     resolution: int
     min_size: int
     dtype: str
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -75,11 +81,14 @@ class BuildConfig:
             if mine == theirs:
                 continue
             if f.name == "sources":
+                # The corpus is the same list of tar paths; a tar whose bytes changed (size or
+                # content) is not another config: its part fails the content check and is re-encoded.
                 if len(mine) != len(theirs):
                     return f"corpus has {len(mine)} shards, the partial build {len(theirs)}"
-                for (p, n), (q, m) in zip(mine, theirs):
-                    if (p, n) != (q, m):
-                        return f"corpus shard {p} ({n} bytes) is {q} ({m} bytes) in the partial build"
+                for (p, _), (q, _) in zip(mine, theirs):
+                    if p != q:
+                        return f"corpus shard {p} is {q} in the partial build"
+                continue
             return f"{f.name} is {mine!r}, the partial build's is {theirs!r}"
         return None
 
@@ -130,6 +139,7 @@ class PartInfo:
     dtype: str
     latents_sha256: str
     rows_sha256: str
+    source_sha256: str = ""  # of the whole source tar as read; "" (a part of an older build): re-encoded
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -167,7 +177,8 @@ class PartWriter:
         for name, values in (("key", keys), ("shard", shards), ("sha256", sha256s), ("reason", reasons)):
             self._rows[name].extend(str(v) for v in values)
 
-    def finish(self) -> PartInfo:
+    def finish(self, source_sha256: str) -> PartInfo:
+        """``source_sha256``: of the tar whose samples were added (``read_chunks`` computes it as it reads)."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -177,7 +188,8 @@ class PartWriter:
         os.replace(self._tmp, self.latents_path)
         info = PartInfo(number=self.number, source=self.source, count=self.count,
                         rejects=sum(1 for r in self._rows["reason"] if r != ""), dim=self.dim, dtype=self.dtype.name,
-                        latents_sha256=self._digest.hexdigest(), rows_sha256=file_sha256(self.rows_path))
+                        latents_sha256=self._digest.hexdigest(), rows_sha256=file_sha256(self.rows_path),
+                        source_sha256=source_sha256)
         write_json_atomic(self.info_path, info.to_json())  # last: the part now exists
         return info
 
@@ -187,11 +199,13 @@ class PartWriter:
             os.remove(self._tmp)
 
 
-def finished_parts(parts_dir: str, config: BuildConfig, dim: int) -> dict[int, PartInfo]:
-    """Parts whose marker, sizes and checksums hold; anything else of theirs is deleted.
+def finished_parts(parts_dir: str, config: BuildConfig, dim: int, changed: list | None = None) -> dict[int, PartInfo]:
+    """Parts whose marker, sizes and checksums hold and whose source tar's sha256 is still the
+    one recorded; anything else of theirs is deleted. The sources of parts dropped because their
+    tar's content changed are appended to ``changed``, if given.
 
     Temporary files of an interrupted writer are removed too, so the tars they belong to are
-    simply encoded again.
+    simply encoded again. Every reused tar is read once here to checksum it.
     """
     for tmp in glob.glob(os.path.join(parts_dir, "*.tmp-*")):
         os.remove(tmp)
@@ -199,6 +213,10 @@ def finished_parts(parts_dir: str, config: BuildConfig, dim: int) -> dict[int, P
     for number, (source, _) in enumerate(config.sources):
         latents_path, rows_path, info_path = part_paths(parts_dir, number)
         info = _valid_part(latents_path, rows_path, info_path, number, source, config.dtype, dim)
+        if info is not None and (not os.path.isfile(source) or file_sha256(source) != info.source_sha256):
+            if changed is not None:
+                changed.append(source)
+            info = None
         if info is None:
             for path in (info_path, latents_path, rows_path):
                 if os.path.exists(path):

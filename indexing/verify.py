@@ -4,7 +4,18 @@
 the manifest (readable, format version, dtype, metric, shard list), then per shard the files'
 existence and sha256, the FAISS index (type for the dtype, dimension, metric, count), the id
 table (count, ids unique and contiguous from the shard's first id, equal to the FAISS id map),
-then the totals (the shards tile ids 0..count-1 exactly) and rejects.parquet (row count).
+then the totals (the shards tile ids 0..count-1 exactly) and rejects.parquet (row count),
+then the manifest's own content:
+
+- its calibration is recomputed (same seed and sample size; the corpus 1-NN quantiles and the
+  radius the rule gives) and must match: an edited ``suggested_radius`` (a shield quietly
+  disabled) fails. A held-out sample's quantiles cannot be recomputed without its images, but
+  the suggested radius must still follow the rule from the recorded numbers; pin the whole
+  manifest with ``generate --index-sha256`` (the sha256 this check prints) against any edit.
+- each corpus tar recorded by the build (path, size, sha256) that is still at its path must
+  still have that sha256: an index that no longer matches its corpus fails. Tars no longer at
+  their paths (an index moved to another machine) are counted, not failed.
+
 Memory is one shard.
 """
 
@@ -16,12 +27,14 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from .manifest import REJECTS, IndexFormatError, file_sha256, read_manifest
+from .calibrate import calibrate_index
+from .manifest import REJECTS, IndexFormatError, file_sha256, manifest_hash, read_manifest
 from .writer import DTYPES
 
 
-def verify_index(index_dir: str) -> dict:
-    """Every check above; returns a summary (count, shards, rejects) when all hold."""
+def verify_index(index_dir: str, check_corpus: bool = True) -> dict:
+    """Every check above; returns a summary (count, shards, rejects, manifest_sha256, corpus tars
+    checked and absent) when all hold. ``check_corpus=False`` skips reading the corpus tars."""
     manifest = read_manifest(index_dir)
     if manifest.dtype not in DTYPES:
         raise IndexFormatError(f"manifest dtype {manifest.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -50,7 +63,56 @@ def verify_index(index_dir: str) -> dict:
     radius = manifest.calibration.get("suggested_radius")
     if radius is not None and not radius > 0:
         raise IndexFormatError(f"manifest suggested_radius {radius!r} is not > 0")
-    return {"count": manifest.count, "shards": len(manifest.shards), "rejects": manifest.rejects, "dtype": manifest.dtype}
+    verify_calibration(index_dir, manifest)
+    checked, absent = verify_corpus(manifest) if check_corpus else (0, 0)
+    return {"count": manifest.count, "shards": len(manifest.shards), "rejects": manifest.rejects, "dtype": manifest.dtype,
+            "manifest_sha256": manifest_hash(index_dir), "corpus_checked": checked, "corpus_absent": absent}
+
+
+def _close(a, b, rtol: float = 1e-4) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(float(a) - float(b)) <= rtol * max(abs(float(a)), abs(float(b)), 1e-30)
+
+
+def verify_calibration(index_dir: str, manifest) -> None:
+    """The manifest's calibration, recomputed from the index, must be the one it records."""
+    recorded = manifest.calibration
+    if not recorded:
+        return
+    try:
+        sample_size, seed = int(recorded["sample_size"]), int(recorded["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise IndexFormatError("manifest calibration has no sample_size/seed: it cannot be reproduced "
+                               "(run `index calibrate` again)") from None
+    fresh = calibrate_index(index_dir, manifest, sample_size, seed)
+    quantiles = recorded.get("nn_distance_quantiles", {})
+    for q, value in fresh["nn_distance_quantiles"].items():
+        if not _close(quantiles.get(q), value):
+            raise IndexFormatError(f"manifest calibration quantile {q} is {quantiles.get(q)!r}, the index gives {value!r} "
+                                   f"(the manifest was edited or belongs to another index)")
+    expected = fresh["suggested_radius"]
+    held = recorded.get("holdout", {}).get("nn_distance_quantiles", {}).get("0.01")
+    if held is not None and (expected is None or held < expected):
+        expected = held  # the held-out rule (calibrate.HOLDOUT_RULE) from its recorded quantile
+    if not _close(recorded.get("suggested_radius"), expected):
+        raise IndexFormatError(f"manifest suggested_radius {recorded.get('suggested_radius')!r} is not what its calibration "
+                               f"gives ({expected!r}; rule: {recorded.get('rule', fresh['rule'])})")
+
+
+def verify_corpus(manifest) -> tuple[int, int]:
+    """(tars checked, tars absent) of the corpus the build recorded; raises on a changed tar."""
+    checked = absent = 0
+    for source in manifest.build.get("sources", []):
+        path, size, sha256 = source.get("path"), source.get("bytes"), source.get("sha256")
+        if not path or not os.path.isfile(path):
+            absent += 1
+            continue
+        if (size is not None and os.path.getsize(path) != size) or file_sha256(path) != sha256:
+            raise IndexFormatError(f"corpus tar {path} changed since the index was built (sha256 differs): "
+                                   f"the index no longer matches its corpus; rebuild it")
+        checked += 1
+    return checked, absent
 
 
 def verify_checksums(index_dir: str, manifest, shards=None) -> None:

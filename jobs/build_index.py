@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
 
 from spellshield.indexing.calibrate import calibrate_index
-from spellshield.indexing.corpus import CorpusError, expand_shards
+from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES, CorpusError, expand_shards
 from spellshield.indexing.encoders import Encoder, LatentSpec
 from spellshield.indexing.manifest import MANIFEST
 from spellshield.indexing.parts import (PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts, open_staging,
                             sources_of)
 from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
+from spellshield.jobs.checks import check_out_path, weight_load_errors
 from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.workers.encode import chunk_latents
@@ -47,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer QT_fp16); default float32")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"vectors per FAISS shard (default {DEFAULT_SHARD_SIZE}); assembly holds one shard in memory")
+    parser.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                        help=f"tar members larger than this (tar header size) are rejected unread, with a row in "
+                             f"rejects.parquet (default {DEFAULT_MAX_MEMBER_BYTES}, 256 MiB)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
@@ -78,16 +83,34 @@ def encode_options(args) -> EncodeOptions:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_encoders < 0:
         raise UsageError(f"--num-encoders must be >= 0, got {args.num_encoders}")
+    max_member_bytes = getattr(args, "max_member_bytes", DEFAULT_MAX_MEMBER_BYTES)
+    if max_member_bytes < 1:
+        raise UsageError(f"--max-member-bytes must be >= 1, got {max_member_bytes}")
     return EncodeOptions(encoder=args.encoder, resolution=args.resolution, batch_size=args.batch_size,
-                         num_encoders=args.num_encoders, dtype=getattr(args, "dtype", "float32"))
+                         num_encoders=args.num_encoders, dtype=getattr(args, "dtype", "float32"),
+                         max_member_bytes=max_member_bytes)
 
 
 def encoder_latent_spec(options: EncodeOptions) -> LatentSpec:
-    """The latent spec of ``--encoder`` at ``--resolution``; an encoder that cannot load is a usage error."""
+    """The latent spec of ``--encoder`` at ``--resolution``; an encoder that cannot load is a usage error.
+
+    Weights that do not decode (a truncated or foreign .pth/.bin/.safetensors) are one line too;
+    diffusers' own log lines about them are silenced while it tries, so that line is the only one."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 10)
     try:
         return Encoder(options.encoder).latent_spec(options.resolution)
     except ValueError as exc:
         raise UsageError(f"--encoder: {exc}") from None
+    except weight_load_errors() as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "not a weights-only torch file"
+        raise UsageError(f"--encoder {options.encoder}: its weights cannot be loaded ({type(exc).__name__}: {first})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def _check(options: EncodeOptions, shard_size: int) -> None:
@@ -110,10 +133,13 @@ def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -
     """Validate everything that can be checked before any encoding; creates nothing."""
     _check(options, shard_size)
     shards = expand_shards(corpus)
+    # A symlinked OUT would be replaced by the finished index's rename only at the very end.
+    check_out_path(out, allow_symlink=False)
     check_output_dir(out, MANIFEST, "index")
     latent = encoder_latent_spec(options)
     config = BuildConfig(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
-                         resolution=options.resolution, min_size=options.min_size, dtype=options.dtype)
+                         resolution=options.resolution, min_size=options.min_size, dtype=options.dtype,
+                         max_member_bytes=options.max_member_bytes)
     partial = os.path.abspath(out) + ".partial"
     try:
         resuming = check_staging(partial, config)
@@ -130,7 +156,10 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
     shards, latent = list(plan.shards), plan.latent
     open_staging(plan.partial, plan.config)
     parts_dir = os.path.join(plan.partial, PARTS)
-    parts = finished_parts(parts_dir, plan.config, latent.dim)
+    changed: list[str] = []
+    parts = finished_parts(parts_dir, plan.config, latent.dim, changed)
+    for source in changed:
+        progress(f"build-index: {source} changed since its part was written (sha256 differs): encoding it again")
     if plan.resuming:
         progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
     reused = len(parts)
@@ -139,11 +168,19 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
     images = sum(p.count + p.rejects for p in parts.values())
     manifest = _assemble(out, plan.partial, parts_dir, latent, options, shard_size, list(parts.values()),
                          {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__, "resumed_parts": reused,
-                          "encode_seconds": round(time.time() - encode_started, 3)})
+                          "encode_seconds": round(time.time() - encode_started, 3),
+                          "sources": source_records(parts, plan.config.sources)})
     elapsed = time.time() - started
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
              f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
     return manifest.to_json()
+
+
+def source_records(parts: dict, sources) -> list[dict]:
+    """The manifest's record of the corpus: each tar's path, size and sha256 as it was read, in
+    corpus order (``index verify`` compares them with the tars where they still are)."""
+    return [{"path": path, "bytes": size, "sha256": parts[number].source_sha256}
+            for number, (path, size) in enumerate(sources)]
 
 
 def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeOptions, on_chunk=None) -> int:
@@ -164,7 +201,7 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
             keys = row["keys"]
             writer.add(keys, [row["shard"]] * len(keys), row["sha256"], row["reasons"], chunk_latents(row, options.dtype))
             if row["last"]:
-                info = writer.finish()
+                info = writer.finish(row["tar_sha256"])
                 parts[info.number] = info
                 writer = None
                 written += 1

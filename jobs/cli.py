@@ -22,6 +22,14 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad number, an unknown choice, a missing option) as one line that
+    points to --help, like every other bad input, instead of the whole usage block; exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -46,11 +54,11 @@ def build_parser(only: str | None = None, options_of=None) -> argparse.ArgumentP
     torch, Ray...): ``spellshield --help`` imports none."""
     if only is not None:
         module_name, help_text = COMMANDS[only]
-        parser = argparse.ArgumentParser(prog=f"spellshield {only}", description=help_text)
+        parser = Parser(prog=f"spellshield {only}", description=help_text)
         importlib.import_module(module_name).add_arguments(parser)
         add_output_arguments(parser)
         return parser
-    parser = argparse.ArgumentParser(prog="spellshield", description="Copyright shielding for diffusion models (SPELL).")
+    parser = Parser(prog="spellshield", description="Copyright shielding for diffusion models (SPELL).")
     parser.add_argument("--version", action="version", version=f"spellshield {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import ray
 
+from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES
 from spellshield.workers.encode import ChunkEncoder, read_chunks
 
 
@@ -35,6 +36,7 @@ class EncodeOptions:
     batch_size: int = 256  # images per encoder call, and per chunk of a tar
     num_encoders: int = 0  # 0: one actor per GPU, or one CPU actor when there is no GPU
     min_size: int = 8
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are rejected unread
     dtype: str = "float32"  # storage of latents: float32 or float16
 
 
@@ -65,7 +67,8 @@ def encode_chunks(tars: list[tuple[int, str]], options: EncodeOptions) -> Iterat
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(
         read_chunks,
-        fn_kwargs={"resolution": options.resolution, "chunk_size": options.batch_size, "min_size": options.min_size},
+        fn_kwargs={"resolution": options.resolution, "chunk_size": options.batch_size, "min_size": options.min_size,
+                   "max_member_bytes": options.max_member_bytes},
         num_cpus=0.5,
     )
     ds = ds.map(

@@ -23,6 +23,7 @@ from spellshield.jobs.run_config import GenerateConfig, check_run_dir, config_fr
 from spellshield.jobs.run_record import (Progress, discard_unstarted, read_run_json, remove_stale_temporaries, run_lock,
                                          write_run_json)
 from spellshield.jobs.runtime import progress, ray_cluster
+from spellshield.jobs.checks import radius_line
 from spellshield.jobs.unit_pool import UnitFailed, run_units
 from spellshield.pipeline import config as run_options
 from spellshield.workers.unit_writer import unit_done
@@ -104,11 +105,7 @@ def generate(config: GenerateConfig) -> dict:
     return info
 
 
-def radius_source(given: GenerateConfig) -> str:
-    return "--radius" if given.shield.radius is not None else "the index's suggested radius"
-
-
-def run_job(config: GenerateConfig, address: str | None = None, resume: bool = False) -> dict:
+def run_job(config: GenerateConfig, address: str | None = None, resume: bool = False, announce: str | None = None) -> dict:
     """A validated run, start to end, as the CLI and ``spellshield.generate`` run it: hold the
     run directory's lock, start Ray, run the units. A failure before any unit is written leaves
     no run behind (the same command can simply be run again); a later one marks the run failed
@@ -119,6 +116,8 @@ def run_job(config: GenerateConfig, address: str | None = None, resume: bool = F
     with run_lock(config.out):
         if not resume:
             check_run_dir(config.out)  # again, under the lock: another driver may have just started it
+        if announce:
+            progress(announce)
         try:
             with ray_cluster(address):
                 return generate(config)
@@ -150,10 +149,9 @@ def run(args) -> int:
     else:
         given = config_from_args(args)
         config = validate(given)
-        if config.shield.index:
-            progress(f"generate: shield radius {config.shield.radius:g} ({radius_source(given)})")
+    announce = None if args.resume else radius_line(config.shield.radius, given.shield.radius, config.shield.index)
     try:
-        run_job(config, args.address, resume=args.resume is not None)
+        run_job(config, args.address, resume=args.resume is not None, announce=announce)
     except (UnitFailed, ShieldUnavailable, FailedStart) as exc:
         kept = "" if isinstance(exc, FailedStart) else f" (finished units are kept; rerun with --resume {config.out})"
         print(f"spellshield generate: failed: {exc}{kept}", file=sys.stderr)

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text = "check checksums, counts, id uniqueness and contiguity, and manifest consistency; exit 2 naming the first problem"
     ver = sub.add_parser("verify", help=text, description=text)
     ver.add_argument("index_dir", metavar="INDEX_DIR", help="a finished index directory")
+    ver.add_argument("--no-corpus-check", action="store_true",
+                     help="do not read the corpus tars the build recorded (by default each one still at its path must "
+                          "have its recorded sha256)")
 
 
 def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 1000, sample_size: int = 2000,
@@ -68,9 +71,13 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
 
 def run(args) -> int:
     if args.index_command == "verify":
-        summary = verify_index(args.index_dir)
+        summary = verify_index(args.index_dir, check_corpus=not args.no_corpus_check)
+        corpus = (f"{summary['corpus_checked']} corpus tar(s) unchanged" if not args.no_corpus_check else "corpus not checked")
+        if summary["corpus_absent"]:
+            corpus += f", {summary['corpus_absent']} not at their recorded paths (not checked)"
         progress(f"index verify: {args.index_dir} is consistent: {summary['count']} vectors ({summary['dtype']}) in "
-                 f"{summary['shards']} shard(s), {summary['rejects']} rejects")
+                 f"{summary['shards']} shard(s), {summary['rejects']} rejects, calibration reproduced, {corpus}; "
+                 f"manifest sha256 {summary['manifest_sha256']} (pin it with generate --index-sha256)")
         return 0
     calibration = calibrate(args.index_dir, args.holdout, args.holdout_size, args.sample_size, args.seed,
                             args.batch_size, args.device)

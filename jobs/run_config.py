@@ -18,15 +18,13 @@ import os
 from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
+from spellshield.jobs.checks import check_index_pin, check_out_path
 from spellshield.jobs.runtime import UsageError
 from spellshield.workers.run_layout import LOCK_FILE
-from spellshield.pipeline.config import ConfigError, GenerateConfig, PromptRequest
+from spellshield.pipeline.config import DEFAULT_NUM_IMAGES, ConfigError, GenerateConfig, PromptRequest
 from spellshield.pipeline.invoke import takes_prompt
 from spellshield.pipeline.loading import ModelSpec, ModelDirError, describe_model, pipeline_class
 from spellshield.workers.units import PromptsError, read_prompts
-
-DEFAULT_NUM_IMAGES = 16
-
 
 def config_from_args(args) -> GenerateConfig:
     """The command-line edge: options -> config; a bad value is one line naming its flag."""
@@ -65,6 +63,7 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     radius = shield.radius
     if shield.index is not None:
         manifest = check_model_fits_index(model, shield.index)
+        check_index_pin(shield.index, shield.index_sha256)
         if radius is None:
             radius = manifest.suggested_radius
             if radius is None:
@@ -84,6 +83,7 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     if sampling.guidance_scale is not None and not conditional:
         raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     if check_out:
+        check_out_path(config.out)
         check_run_dir(config.out)
     try:
         return dataclasses.replace(

@@ -26,15 +26,19 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 from spellshield.indexing.search import BACKENDS
 
-# Seeds are int64 Parquet columns and torch.Generator seeds: keep them in [0, 2^63).
-SEED_LIMIT = 1 << 63
-# A run plans every sample before it starts (units are fixed by the request, so retries and
-# resumes reproduce them); this bounds that plan's memory (about 200 bytes a sample in the driver).
-MAX_SAMPLES = 10_000_000
+# Seeds are int64 Parquet columns and torch.Generator seeds: keep them in 0..2^63 - 1.
+SEED_BITS = 63
+MAX_SEED = (1 << SEED_BITS) - 1
+# A run's samples are planned up front and listed in its units (so that retries and resumes
+# reproduce them): their number is bounded, refused at once rather than planned for minutes.
+# Split bigger jobs into several runs.
+MAX_IMAGES = 1_000_000
+DEFAULT_NUM_IMAGES = 16  # unconditional runs without --num-images
 POLICIES = ("resample", "drop", "flag")  # workers.breach implements them
 
 
@@ -70,10 +74,30 @@ def _int(name: str, value, low: int | None = None, high: int | None = None, none
 
 
 def _positive_finite(name: str, value, none: bool = False) -> None:
+    """inf and nan parse as floats; as a radius or a push they would disable or break the shield."""
     if value is None and none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-        raise ConfigError(name, f"must be > 0 and finite, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    if not value > 0:
+        raise ConfigError(name, f"must be > 0, got {value!r}")
+
+
+def check_seed(seed, count: int | None) -> None:
+    """Sample i of a run uses seed + i: every one must be a seed (0..MAX_SEED)."""
+    _int("seed", seed)
+    count = max(count or 1, 1)
+    if not 0 <= seed <= MAX_SEED - count + 1:
+        raise ConfigError("seed", f"must be in 0..{MAX_SEED - count + 1} for {count} image(s) "
+                                  f"(sample i uses seed + i, at most {MAX_SEED}), got {seed}")
+
+
+def _image_count(name: str, value) -> None:
+    _int(name, value, low=1)
+    if value > MAX_IMAGES:
+        raise ConfigError(name, f"{value} is over the limit of {MAX_IMAGES} per run; split it into several runs")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -98,6 +122,8 @@ class ShieldConfig:
 
     index: str | None = option(None, "shield index directory; without it the run is unshielded", metavar="INDEX_DIR")
     radius: float | None = option(None, "shield radius (default: the index's suggested radius)", type=float)
+    index_sha256: str | None = option(None, "refuse the index unless its manifest.json has this sha256 (pins shards, ids "
+                                            "and calibration; `spellshield index verify` prints it)", metavar="HEX")
     search_backend: str = option("exact", "index search backend (docs/commands.md: search backends)", choices=BACKENDS)
     batch_radius: float | None = option(
         None, "also repel the other samples of the same prompt in the batch within this radius (diversity)", type=float)
@@ -110,8 +136,12 @@ class ShieldConfig:
             _positive_finite(name, getattr(self, name), none=True)
         _choice("search_backend", self.search_backend, BACKENDS)
         _int("history_size", self.history_size, low=1)
-        if self.radius is not None and self.index is None:
-            raise ConfigError("radius", "needs --index")
+        if self.index_sha256 is not None and not (isinstance(self.index_sha256, str)
+                                                  and re.fullmatch(r"[0-9a-fA-F]{64}", self.index_sha256)):
+            raise ConfigError("index_sha256", f"must be 64 hex digits, got {self.index_sha256!r}")
+        for name in ("radius", "index_sha256"):
+            if getattr(self, name) is not None and self.index is None:
+                raise ConfigError(name, "needs --index")
 
 
 @dataclass(frozen=True)
@@ -141,10 +171,10 @@ class PromptRequest:
     seeds: tuple[int, ...] | None = None  # explicit seeds; else base seed + running counter
 
     def __post_init__(self):
-        _int("num_images", self.num_images, low=1, high=MAX_SAMPLES + 1)
+        _image_count("num_images", self.num_images)
         if self.seeds is not None:
             for seed in self.seeds:
-                _int("seeds", seed, low=0, high=SEED_LIMIT)
+                _int("seeds", seed, low=0, high=MAX_SEED + 1)
             if len(self.seeds) != self.num_images:
                 raise ConfigError("seeds", f"holds {len(self.seeds)} seeds for num_images={self.num_images}")
 
@@ -165,20 +195,22 @@ class SamplingConfig:
     requests: tuple[PromptRequest, ...] | None = None
 
     def __post_init__(self):
-        _int("num_images", self.num_images, low=1, high=MAX_SAMPLES + 1, none=True)
+        if self.num_images is not None:
+            _image_count("num_images", self.num_images)
         if self.num_images is not None and self.prompts is not None:
             raise ConfigError("num_images", "and --prompts exclude each other")
         _int("batch_size", self.batch_size, low=1)
         _int("unit_size", self.unit_size, low=1, none=True)
         _int("steps", self.steps, low=1)
-        _int("seed", self.seed, low=0, high=SEED_LIMIT)
         _positive_finite("guidance_scale", self.guidance_scale, none=True)
         if self.requests is not None:
             total = sum(r.num_images for r in self.requests)
-            if total > MAX_SAMPLES:
-                raise ConfigError("num_images", f"in all must be <= {MAX_SAMPLES}, got {total}")
-            if any(r.seeds is None for r in self.requests) and self.seed + total > SEED_LIMIT:
-                raise ConfigError("seed", f"+ {total} samples must stay below 2^63, got {self.seed}")
+            if total > MAX_IMAGES:
+                raise ConfigError("num_images", f"{total} in all is over the limit of {MAX_IMAGES} per run; "
+                                                f"split it into several runs")
+            check_seed(self.seed, sum(r.num_images for r in self.requests if r.seeds is None))
+        else:
+            check_seed(self.seed, None if self.prompts else (self.num_images or DEFAULT_NUM_IMAGES))
 
     @property
     def samples_per_unit(self) -> int:

@@ -44,6 +44,7 @@ def describe_model(model_dir: str) -> ModelSpec:
     if not os.path.isdir(model_dir):
         raise ModelDirError(f"model directory {model_dir} does not exist")
     index = _read_json(os.path.join(model_dir, "model_index.json"))
+    check_components(model_dir, index)
     denoiser = next((c for c in DENOISER_COMPONENTS if isinstance(index.get(c), list) and index[c][0]), None)
     if denoiser is None:
         raise ModelDirError(f"{model_dir}: model_index.json names no unet or transformer")
@@ -65,7 +66,7 @@ def describe_model(model_dir: str) -> ModelSpec:
 
 
 def pipeline_class(spec: ModelSpec):
-    """The class that loads ``spec``: this package's own, or diffusers' by name."""
+    """The class that loads ``spec``: this package's own, or diffusers' by name; a DiffusionPipeline."""
     import diffusers
 
     from . import memorizer
@@ -74,7 +75,49 @@ def pipeline_class(spec: ModelSpec):
     cls = ours.get(spec.pipeline_class) or getattr(diffusers, spec.pipeline_class, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ModelDirError(f"{spec.path}: unknown pipeline class {spec.pipeline_class!r}")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ModelDirError(f"{spec.path}: model_index.json _class_name {spec.pipeline_class!r} is not a diffusers pipeline class")
     return cls
+
+
+# Libraries a model_index.json component may come from. diffusers imports the module a component
+# names before it looks the class up, so any other name would import arbitrary code on load.
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def check_components(model_dir: str, index) -> None:
+    """model_index.json's shape, before anything is imported from it: a string ``_class_name``,
+    and each component ``[library, class]`` (or ``[null, null]``) with the library diffusers,
+    transformers or this package, and the class found in it. Raises ModelDirError naming the entry."""
+    import importlib
+
+    where = f"{model_dir}/model_index.json"
+    if not isinstance(index, dict):
+        raise ModelDirError(f"{where} is not a JSON object")
+    if not isinstance(index.get("_class_name"), str):
+        raise ModelDirError(f"{where}: _class_name must be a string naming a pipeline class, got {index.get('_class_name')!r}")
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if value == [None, None]:
+            continue
+        if len(value) != 2 or not all(isinstance(v, str) for v in value):
+            raise ModelDirError(f"{where}: component {name!r} must be [library, class], got {value!r}")
+        library, class_name = value
+        root = library.split(".")[0]
+        if root in (OWN_PACKAGE, *LEGACY_PACKAGES):
+            module_name = library if root == OWN_PACKAGE else f"{OWN_PACKAGE}.{library}"
+        elif library in COMPONENT_LIBRARIES:
+            module_name = library
+        else:
+            raise ModelDirError(f"{where}: component {name!r} comes from library {library!r}; only "
+                                f"{', '.join(COMPONENT_LIBRARIES)} and {OWN_PACKAGE} components are loaded")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            found = None
+        if not isinstance(found, type):
+            raise ModelDirError(f"{where}: component {name!r} names {library}.{class_name}, which is not a class of {library}")
 
 
 def absent_components(model_dir: str) -> list[str]:

@@ -1,8 +1,10 @@
 """One build over real tars holding every kind of bad input: each bad sample is a rejects row with
 its reason, every other sample is indexed with the right pixels, odd image modes included."""
 
+import gzip
 import io
 import os
+import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,3 +99,49 @@ def test_the_rest_is_indexed_with_the_right_pixels(built):
     assert pixel("palette_000", 3, 0) == [255, 255, 255]              # transparent index: white
     assert pixel("palette_000", 3, 7) == [0, 0, 255]                  # opaque index: its colour
     assert all(abs(c - 128) <= 1 for c in pixel("la_000", 3, 3))      # black at alpha 128 over white
+
+
+@pytest.fixture(scope="module")
+def hostile(ray_session, tmp_path_factory):
+    """A gzipped tar of what a WebDataset reader loses silently (issue 13), built with a small member limit."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    colours = {name: c for c, name in enumerate(["dup1", "dup2", "pair_jpg", "pair_png", "ok"], start=1)}
+    image = {name: encoded(Image.new("RGB", (16, 16), (30 * c, 0, 0)), "PNG") for name, c in colours.items()}
+    raw = tmp / "hostile.tar"
+    with tarfile.open(raw, "w") as tar:
+        def add(name, data=None, kind=None):
+            info = tarfile.TarInfo(name)
+            if kind is None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = kind, "ok.png"
+                tar.addfile(info)
+        add("dup.png", image["dup1"]), add("dup.png", image["dup2"])
+        add("pair.jpg", image["pair_jpg"]), add("pair.png", image["pair_png"])  # PNG bytes named .jpg decode too
+        add("ok.png", image["ok"])
+        add("soft.png", kind=tarfile.SYMTYPE), add("hard.png", kind=tarfile.LNKTYPE)
+        add("big.png", bytes(5000))
+    path = str(tmp / "hostile-000000.tar.gz")
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw.read_bytes()))
+    out = str(tmp / "index")
+    build_index(path, out, EncodeOptions(resolution=RES, batch_size=3, max_member_bytes=4096), shard_size=10)
+    return out, colours
+
+
+def test_hostile_members_are_each_indexed_or_rejected(hostile):
+    out, colours = hostile
+    manifest = read_manifest(out)
+    shield = open_index(out)
+    keys = shield.keys(range(manifest.count))
+    assert keys == ["dup", "dup.png#2", "pair", "pair.png", "ok"]
+    reds = np.round((shield.vectors(range(manifest.count)).numpy().reshape(-1, 3, RES, RES)[:, 0, 0, 0] + 1) * 127.5)
+    assert reds.astype(int).tolist() == [30 * colours[n] for n in ("dup1", "dup2", "pair_jpg", "pair_png", "ok")]
+    rejects = {r["key"]: r["reason"] for r in pq.read_table(os.path.join(out, "rejects.parquet")).to_pylist()}
+    assert rejects == {
+        "soft": "symbolic link member soft.png -> ok.png: links are not followed (store the file itself)",
+        "hard": "hard link member hard.png -> ok.png: links are not followed (store the file itself)",
+        "big": "member big.png is 5000 bytes, over the 4096-byte limit (--max-member-bytes); not read",
+    }
+    assert manifest.count + manifest.rejects == 8  # every member of the tar has its row

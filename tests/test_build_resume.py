@@ -2,6 +2,7 @@
 writes the same index, byte for byte, as an uninterrupted build; float16 storage; the chunking
 that makes encoder batches independent of which tars a run encodes."""
 
+import io
 import json
 import os
 import signal
@@ -73,23 +74,29 @@ def kill_after_parts(proc, parts_dir, n, timeout=240.0):
     raise AssertionError(f"the build did not write {n} parts within {timeout} s (returncode {proc.poll()})")
 
 
+def crash_build(argv, parts_dir, after_parts, log_path):
+    """Run build-index in a real subprocess and SIGKILL it once ``after_parts`` parts are finished;
+    returns the part files finished at the kill (a further one may have landed first)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=ROOT, env=env,
+                                stdout=log, stderr=log, start_new_session=True)
+        try:
+            kill_after_parts(proc, str(parts_dir), after_parts)
+        finally:
+            cleanup_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    return sorted(n for n in os.listdir(parts_dir) if n.endswith(".json"))
+
+
 def test_killed_build_resumes_to_the_same_index(ray_session, digits_corpus, reference, tmp_path, capsys):
     out = tmp_path / "index"
     corpus = ",".join(digits_corpus[:6])
     argv = ["--corpus", corpus, "--out", str(out), "--resolution", "8", "--batch-size", "100", "--shard-size", "250"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
     parts_dir = tmp_path / "index.partial" / PARTS
-    with open(tmp_path / "build.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=ROOT, env=env,
-                                stdout=log, stderr=log, start_new_session=True)
-        try:
-            kill_after_parts(proc, str(parts_dir), 3)
-        finally:
-            cleanup_group(proc)
-    assert proc.returncode == -signal.SIGKILL
+    finished = crash_build(argv, parts_dir, 3, tmp_path / "build.log")
     # killed mid-encode: parts 0-2 finished (a fourth may have finished before the kill landed), not all six
-    finished = sorted(n for n in os.listdir(parts_dir) if n.endswith(".json"))
     assert 3 <= len(finished) < 6
     assert {f"part-{i:05d}.json" for i in range(3)} <= set(finished)
     assert not out.exists()
@@ -168,3 +175,52 @@ def test_encoder_pool_takes_every_gpu_or_one_cpu_actor():
     assert pool(4, num_encoders=2) == (2, 1, 0.25, "cuda")
     assert pool(2, num_encoders=8) == (2, 1, 0.25, "cuda")  # never more actors than GPUs
     assert pool(0) == (1, 0, 0.25, "cpu") and pool(0, num_encoders=3) == (3, 0, 0.25, "cpu")
+
+
+def ppm_tar(path, colours):
+    """A tar of 8x8 one-colour PPMs: its size depends only on the number of images, not their colours."""
+    from PIL import Image
+
+    from tests.conftest import add_tar_members
+
+    members = []
+    for i, colour in enumerate(colours):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PPM")
+        members.append((f"img_{i:03d}.ppm", buffer.getvalue()))
+    add_tar_members(str(path), members)
+
+
+@pytest.mark.slow
+def test_a_tar_swapped_for_same_size_content_after_a_crash_is_encoded_again(ray_session, tmp_path, capsys):
+    """Resume by content: the part of a tar whose bytes changed (same size) between the crash and the
+    rerun is not reused; the index is the one of the corpus as it is now, and records its checksums."""
+    tars = [tmp_path / f"c-{n:03d}.tar" for n in range(4)]
+    for n, path in enumerate(tars):
+        ppm_tar(path, [(10 * n + i, 0, 0) for i in range(5)])
+    out = tmp_path / "index"
+    argv = ["--corpus", ",".join(map(str, tars)), "--out", str(out), "--resolution", "8", "--batch-size", "2"]
+    parts_dir = tmp_path / "index.partial" / PARTS
+    finished = crash_build(argv, parts_dir, 3, tmp_path / "build.log")
+    assert finished[:3] == [f"part-{i:05d}.json" for i in range(3)] and len(finished) <= 4 and not out.exists()
+
+    size = os.path.getsize(tars[0])
+    ppm_tar(tars[0], [(200 + i, 0, 0) for i in range(5)])  # other pixels, the same bytes count
+    assert os.path.getsize(tars[0]) == size
+    ppm_tar(tars[1], [(100 + i, 0, 0) for i in range(12)])  # more images: another size, re-encoded too
+    assert os.path.getsize(tars[1]) != size
+    manifest = build_index(",".join(map(str, tars)), str(out), EncodeOptions(resolution=8, batch_size=2))
+    err = capsys.readouterr().err
+    for changed in tars[:2]:
+        assert f"{changed} changed since its part was written (sha256 differs): encoding it again" in err
+    # parts 0 and 1 were of the changed tars; part 2 (and part 3, if it finished before the kill) reused
+    assert manifest["build"]["resumed_parts"] == len(finished) - 2 and manifest["count"] == 27
+    reds = np.round((open_index(str(out)).vectors(range(27)).numpy().reshape(27, 3, 8, 8)[:, 0, 0, 0] + 1) * 127.5)
+    assert reds.astype(int).tolist() == [*range(200, 205), *range(100, 112), *range(20, 25), *range(30, 35)]
+    assert [s["sha256"] for s in manifest["build"]["sources"]] == [file_sha256(str(p)) for p in tars]
+    assert main(["index", "verify", str(out)]) == 0
+    # the corpus changing after the build is what `index verify` now catches
+    ppm_tar(tars[2], [(99, 0, 0)] * 5)
+    capsys.readouterr()
+    assert main(["index", "verify", str(out)]) == 2
+    assert f"corpus tar {os.path.abspath(tars[2])} changed since the index was built" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 import io
 import os
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from spellshield.indexing.corpus import CorpusError, Reject, Sample, decode_image, expand_shards, iter_shard
+from spellshield.indexing.corpus import (DEFAULT_MAX_MEMBER_BYTES, CorpusError, Reject, Sample, decode_image, expand_shards,
+                                         iter_shard)
 from tests.conftest import add_tar_members, jpeg_bytes
 
 
@@ -110,3 +112,121 @@ def test_modes_without_a_faithful_rgb_rendering_are_rejected_by_name(image):
     image.save(buffer, format="TIFF")
     with pytest.raises(ValueError, match=f"unsupported image mode {image.mode}:"):
         decode_image(buffer.getvalue(), 8)
+
+
+# ---- hostile tars (issue 13): every image member is indexed or rejected with a reason ----
+
+def rows(path, **kw):
+    return [(i.key, "ok" if isinstance(i, Sample) else i.reason) for i in iter_shard(str(path), **kw)]
+
+
+def distinct_jpegs(n):
+    return [jpeg_bytes(np.full((16, 16, 3), 10 + 40 * i, np.uint8)) for i in range(n)]
+
+
+def test_the_same_member_twice_keeps_both_images(tmp_path):
+    a, b = distinct_jpegs(2)
+    add_tar_members(str(tmp_path / "dup.tar"), [("dup.jpg", a), ("dup.jpg", b), ("dup.cls", b"1")])
+    items = list(iter_shard(str(tmp_path / "dup.tar")))
+    assert [(i.key, i.image) for i in items] == [("dup", a), ("dup.jpg#2", b)]
+    assert items[0].extras == {"cls": b"1"} and items[1].extras == {}
+
+
+def test_two_image_members_under_one_key_are_both_indexed(tmp_path):
+    a, b, c = distinct_jpegs(3)
+    add_tar_members(str(tmp_path / "pair.tar"), [("pair.jpg", a), ("pair.png", b), ("other.jpg", c)])
+    items = list(iter_shard(str(tmp_path / "pair.tar")))
+    assert [(i.key, i.ext, i.image) for i in items] == [("pair", "jpg", a), ("pair.png", "png", b), ("other", "jpg", c)]
+
+
+def test_a_key_seen_again_later_in_the_tar_gets_its_member_name(tmp_path):
+    a, b, c, d = distinct_jpegs(4)
+    add_tar_members(str(tmp_path / "again.tar"), [("k.jpg", a), ("x.jpg", b), ("k.jpg", c), ("k.png", d)])
+    items = list(iter_shard(str(tmp_path / "again.tar")))
+    assert [(i.key, i.image) for i in items] == [("k", a), ("x", b), ("k.jpg#2", c), ("k.png", d)]
+    assert len({i.key for i in items}) == 4  # keys unique in the tar
+
+
+def test_link_members_are_rejected_with_a_reason(tmp_path):
+    a, b = distinct_jpegs(2)
+    path = str(tmp_path / "links.tar")
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("real.jpg", a), ("other.jpg", b)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("soft.jpg", tarfile.SYMTYPE), ("hard.jpg", tarfile.LNKTYPE), ("real.png", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "real.jpg"
+            tar.addfile(info)
+        info = tarfile.TarInfo("subdir")  # a directory entry: no sample, no row
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    assert rows(path) == [
+        ("real", "ok"), ("other", "ok"),
+        ("soft", "symbolic link member soft.jpg -> real.jpg: links are not followed (store the file itself)"),
+        ("hard", "hard link member hard.jpg -> real.jpg: links are not followed (store the file itself)"),
+        ("real.png", "symbolic link member real.png -> real.jpg: links are not followed (store the file itself)"),
+    ]
+
+
+def test_a_member_over_the_size_limit_is_rejected_unread(tmp_path):
+    small, big = distinct_jpegs(1)[0], bytes(5000)
+    add_tar_members(str(tmp_path / "big.tar"), [("a.jpg", small), ("b.png", big), ("b.cls", b"7"), ("c.jpg", small)])
+    assert rows(tmp_path / "big.tar", max_member_bytes=4096) == [
+        ("a", "ok"), ("b", "member b.png is 5000 bytes, over the 4096-byte limit (--max-member-bytes); not read"), ("c", "ok")]
+
+
+def test_the_digest_is_the_tar_files_sha256(tmp_path):
+    import gzip
+    import hashlib
+
+    add_tar_members(str(tmp_path / "a.tar"), [(f"k{i}.jpg", d) for i, d in enumerate(distinct_jpegs(3))])
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:1500])
+    (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "a.tar.gz").read_bytes()[:300])
+    for name in ("a.tar", "a.tar.gz", "cut.tar", "cut.tar.gz"):
+        digest = hashlib.sha256()
+        items = list(iter_shard(str(tmp_path / name), digest=digest))
+        assert digest.hexdigest() == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert [type(i) for i in items] == ([Sample] * 3 if "cut" not in name else [Reject])  # cut in its first member
+        assert "cut" not in name or "unreadable tar after 0 samples" in items[0].reason
+
+
+def write_gzip_bomb(path, member_size):
+    """A .tar.gz whose one member is ``member_size`` zero bytes, written streaming (never in memory)."""
+    import gzip
+
+    info = tarfile.TarInfo("bomb.png")
+    info.size = member_size
+    chunk = bytes(16 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        left = member_size
+        while left:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= min(left, len(chunk))
+        f.write(bytes(-member_size % 512) + bytes(1024))  # padding to a block, then the end-of-archive blocks
+
+
+def test_a_gzip_bomb_member_is_rejected_in_bounded_memory(tmp_path):
+    """2 GiB of zeros in a ~9 MB .tar.gz: rejected from its header size, and the read's peak RSS stays small
+    (tarfile's own "r|gz" stream reads peaked at 4.4 GB on it)."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "bomb.tar.gz")
+    write_gzip_bomb(path, 2 << 30)
+    assert os.path.getsize(path) < 20 << 20
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big
+    # pytest process would report the parent's peak.
+    script = ("import sys; from spellshield.indexing.corpus import iter_shard; "
+              "items = list(iter_shard(sys.argv[1])); "
+              "print(repr([(i.key, i.reason) for i in items])); "
+              "print([int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])")
+    proc = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    listing, peak_mib = proc.stdout.strip().splitlines()
+    assert eval(listing) == [("bomb", f"member bomb.png is {2 << 30} bytes, over the {DEFAULT_MAX_MEMBER_BYTES}-byte limit "
+                                      "(--max-member-bytes); not read")]
+    assert int(peak_mib) < 400, f"peak RSS {peak_mib} MiB"

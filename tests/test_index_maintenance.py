@@ -47,7 +47,47 @@ def edit_manifest(path, change):
 
 def test_a_sound_index_verifies(index, capsys):
     code, err = verify(capsys, index)
-    assert code == 0 and err == [f"index verify: {index} is consistent: 675 vectors (float32) in 3 shard(s), 0 rejects"]
+    sha = file_sha256(os.path.join(index, "manifest.json"))
+    assert code == 0 and err == [f"index verify: {index} is consistent: 675 vectors (float32) in 3 shard(s), 0 rejects, "
+                                 f"calibration reproduced, 3 corpus tar(s) unchanged; manifest sha256 {sha} "
+                                 f"(pin it with generate --index-sha256)"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    # the attack of issue 13: a shield quietly disabled by a tiny radius in an otherwise sound index
+    (lambda c: c.update(suggested_radius=1e-6), "manifest suggested_radius 1e-06 is not what its calibration gives"),
+    # the radius kept consistent with an edited median: the recomputed quantiles catch it
+    (lambda c: c.update(suggested_radius=1e-6, nn_distance_quantiles={**c["nn_distance_quantiles"], "0.5": 2e-6}),
+     "manifest calibration quantile 0.5 is 2e-06, the index gives"),
+    (lambda c: c.pop("seed"), "manifest calibration has no sample_size/seed"),
+])
+def test_tampered_calibration(copy, capsys, edit, message):
+    edit_manifest(copy, lambda m: edit(m["calibration"]))
+    code, err = verify(capsys, copy)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_index_no_longer_matching_its_corpus(copy, tmp_path, capsys):
+    """A corpus tar changed after the build (same size): verify says the index no longer matches it."""
+    manifest = read_manifest(copy)
+    sources = manifest.build["sources"]
+    assert [s["sha256"] for s in sources] == [file_sha256(s["path"]) for s in sources]
+    moved = str(tmp_path / "moved.tar")
+    shutil.copyfile(sources[1]["path"], moved)  # the test's own copy of the tar: the shared corpus stays intact
+    edit_manifest(copy, lambda m: m["build"]["sources"][1].update(path=moved))
+    assert verify(capsys, copy)[0] == 0
+    with open(moved, "r+b") as f:
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    code, err = verify(capsys, copy)
+    assert code == 2 and err == [f"spellshield index: error: corpus tar {moved} changed since the index was built "
+                                 "(sha256 differs): the index no longer matches its corpus; rebuild it"]
+    # without the corpus at its recorded paths (an index moved elsewhere), verify says it did not check it
+    os.remove(moved)
+    code, err = verify(capsys, copy)
+    assert code == 0 and "2 corpus tar(s) unchanged, 1 not at their recorded paths (not checked)" in err[0]
 
 
 def test_corrupted_shard_bytes(copy, capsys):

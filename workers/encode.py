@@ -15,33 +15,39 @@ the same bits back. A chunk row:
     part (int)   the tar's position in the corpus       chunk (int), last (bool)
     shard (str)  the tar's base name                      keys, sha256, reasons (lists, every sample)
     pixels (bytes)  uint8 (n_ok, H, W, 3) of the samples whose reason is "" (OK), in order
+    tar_sha256 (str)  sha256 of the whole tar file, in the last chunk ("" in the others): what a
+                    resumed build compares before it trusts the tar's part (resume by content)
     latents (bytes) after the encoder: (n_ok, dim) in the build's dtype; dim (int)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterator
 
 import numpy as np
 
-from spellshield.indexing.corpus import DEFAULT_MIN_SIZE, Reject, decode_image, iter_shard
+from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MIN_SIZE, Reject, decode_image, iter_shard
 
 OK = ""  # the reason of a sample that is fine
 
 
-def read_chunks(row: dict, resolution: int, chunk_size: int, min_size: int = DEFAULT_MIN_SIZE) -> Iterator[dict]:
+def read_chunks(row: dict, resolution: int, chunk_size: int, min_size: int = DEFAULT_MIN_SIZE,
+                max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Every sample of the tar at ``row["path"]``, decoded, in chunks of ``chunk_size`` samples."""
     shard = os.path.basename(row["path"])
     number = 0
     keys, hashes, reasons, pixels = [], [], [], []
+    tar_digest = hashlib.sha256()
 
     def chunk(last: bool) -> dict:
         stacked = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
         return {"part": int(row["part"]), "chunk": number, "last": last, "shard": shard, "keys": list(keys),
-                "sha256": list(hashes), "reasons": list(reasons), "pixels": stacked.tobytes(), "resolution": resolution}
+                "sha256": list(hashes), "reasons": list(reasons), "pixels": stacked.tobytes(), "resolution": resolution,
+                "tar_sha256": tar_digest.hexdigest() if last else ""}
 
-    for item in iter_shard(row["path"]):
+    for item in iter_shard(row["path"], max_member_bytes, digest=tar_digest):
         if isinstance(item, Reject):
             keys.append(item.key), hashes.append(""), reasons.append(item.reason)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from spellshield.pipeline.config import PromptRequest
+from spellshield.pipeline.config import MAX_IMAGES, MAX_SEED, PromptRequest
 from spellshield.workers.run_layout import unit_name
 
 
@@ -37,15 +37,25 @@ class PromptsError(ValueError):
     """A prompts file that cannot be read; the message names the line."""
 
 
-def read_prompts(path: str) -> list[PromptRequest]:
-    """JSONL: each line a JSON string, or an object with "prompt" and optional "num_images"/"seeds"."""
+def read_prompts(path: str, max_images: int = MAX_IMAGES) -> list[PromptRequest]:
+    """JSONL: each line a JSON string, or an object with "prompt" and optional "num_images"/"seeds".
+
+    Refused with the line named: invalid UTF-8, not JSON, seeds that are not integers in
+    0..MAX_SEED (JSON ``true`` is not a seed), and a running total of images above ``max_images``
+    (checked as the lines are read: a huge "num_images" is refused before anything is planned).
+    """
     requests = []
+    total = 0
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as exc:
         raise PromptsError(f"cannot read prompts file {path}: {exc.strerror}") from None
     with f:
-        for number, line in enumerate(f, start=1):
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptsError(f"{path} line {number} is not valid UTF-8 (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -57,20 +67,29 @@ def read_prompts(path: str) -> list[PromptRequest]:
             if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
                 raise PromptsError(f"{path} line {number}: expected a string or an object with a \"prompt\" string")
             seeds = value.get("seeds")
-            if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
-                raise PromptsError(f"{path} line {number}: \"seeds\" must be a list of integers")
+            if seeds is not None and not (isinstance(seeds, list) and all(is_seed(s) for s in seeds)):
+                raise PromptsError(f"{path} line {number}: \"seeds\" must be a list of integers in 0..{MAX_SEED}")
             num = value.get("num_images", len(seeds) if seeds else 1)
-            if not isinstance(num, int) or num < 1:
+            if type(num) is not int or num < 1:
                 raise PromptsError(f"{path} line {number}: \"num_images\" must be a positive integer")
             if seeds is not None and len(seeds) != num:
                 raise PromptsError(f"{path} line {number}: {len(seeds)} seeds for num_images={num}")
+            total += num
+            if total > max_images:
+                raise PromptsError(f"{path} line {number}: {total} images in all so far, over the limit of {max_images} "
+                                   f"per run; split the prompts into several runs")
             try:
                 requests.append(PromptRequest(value["prompt"], num, tuple(seeds) if seeds else None))
-            except ValueError as exc:  # the request's own checks: seed range, booleans, the sample limit
+            except ValueError as exc:  # the request's own checks
                 raise PromptsError(f"{path} line {number}: {exc}") from None
     if not requests:
         raise PromptsError(f"prompts file {path} has no prompts")
     return requests
+
+
+def is_seed(value) -> bool:
+    """An integer seed in 0..MAX_SEED (bool is an int in Python, but true is not a seed)."""
+    return type(value) is int and 0 <= value <= MAX_SEED
 
 
 def plan_samples(requests: list[PromptRequest], base_seed: int) -> list[SampleSpec]:
