@@ -25,11 +25,10 @@ from spellshield.indexing.search import BACKENDS
 from spellshield.jobs.run_config import ARG_NAMES, DEFAULT_SPELL, GenerateConfig, resume_config, validate  # noqa: F401
 from spellshield.jobs.run_record import Progress, read_run_json, remove_stale_temporaries, write_run_json
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
-from spellshield.jobs.unit_pool import UnitFailed, run_units
 from spellshield.workers.breach import POLICIES
-from spellshield.workers.generation import ShieldUnavailable, WorkerSettings
-from spellshield.workers.unit_writer import unit_done
 from spellshield.workers.units import plan_samples, plan_units
+# The workers, Ray and torch are imported inside the functions that run a job: --help imports
+# this module, and must stay under 2 s (benchmarks/cli_startup.py).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_settings(config: GenerateConfig, torch_threads: int | None) -> WorkerSettings:
+    from spellshield.workers.generation import WorkerSettings
+
     return WorkerSettings(
         model_dir=config.model, run_dir=config.out, index_dir=config.index, radius=config.radius, spell=config.spell,
         steps=config.steps, batch_size=config.batch_size, search_backend=config.search_backend, torch_threads=torch_threads,
@@ -132,7 +133,9 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
     """
     import ray
 
+    from spellshield.jobs.unit_pool import UnitFailed, run_units
     from spellshield.workers.generation import GenerationWorker
+    from spellshield.workers.unit_writer import unit_done
 
     placement = placement or Placement()
     args = args if args is not None else {}
@@ -175,6 +178,9 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
 
 
 def run(args) -> int:
+    from spellshield.jobs.unit_pool import UnitFailed
+    from spellshield.workers.generation import ShieldUnavailable
+
     if args.max_unit_attempts < 1:
         raise UsageError(f"--max-unit-attempts must be >= 1, got {args.max_unit_attempts}")
     if args.index_servers < 0:

@@ -14,13 +14,10 @@ import os
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, read_run_json
 from spellshield.jobs.runtime import UsageError
-from spellshield.pipeline.invoke import takes_prompt
-from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
-from spellshield.pipeline.scheduler import SpellConfig
+from spellshield.pipeline.spell_config import SpellConfig
 from spellshield.workers.breach import POLICIES
 from spellshield.workers.units import PromptRequest, PromptsError, read_prompts
 
@@ -71,6 +68,11 @@ ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbo
 
 def validate(args, check_out: bool = True) -> GenerateConfig:
     """Every check that can fail on bad input, before anything is written."""
+    # here, not at the top: they import torch, and generate --help imports this module
+    from spellshield.indexing.encoders import autoencoder_fingerprint
+    from spellshield.pipeline.invoke import takes_prompt
+    from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
+
     if not args.model or not args.out:
         raise UsageError("--model and --out are required (or --resume RUN_DIR)")
     try:
