@@ -56,8 +56,8 @@ def costliest_imports(argv: list[str], most: int = 6) -> list[dict]:
         if "." in module or module.startswith(("spellshield", "_")) or micros < 50_000:
             continue
         importer = next((r[1] for r in rows[i + 1:] if r[0] == depth - 1), None)  # its parent in the import tree
-        if importer is not None and not importer.startswith("spellshield"):
-            continue  # a dependency of a package already counted
+        if importer is None or not importer.startswith("spellshield"):
+            continue  # the interpreter's own start-up, or a dependency of a package already counted
         found.append({"package": module, "seconds": round(micros / 1e6, 3), "first_imported_by": importer})
     return sorted(found, key=lambda r: -r["seconds"])[:most]
 

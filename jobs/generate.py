@@ -24,10 +24,11 @@ from spellshield.jobs.run_record import (Progress, discard_unstarted, read_run_j
                                          write_run_json)
 from spellshield.jobs.runtime import progress, ray_cluster
 from spellshield.jobs.checks import radius_line
-from spellshield.jobs.unit_pool import UnitFailed, run_units
 from spellshield.pipeline import config as run_options
-from spellshield.workers.unit_writer import unit_done
 from spellshield.workers.units import plan_samples, plan_units
+
+# Ray, torch, pyarrow and the workers are imported inside the functions that run a job: --help
+# imports this module, and must stay under 2 s (benchmarks/cli_startup.py, tests/test_cli_help.py).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,9 @@ def generate(config: GenerateConfig) -> dict:
     """
     import ray
 
+    from spellshield.jobs.unit_pool import UnitFailed, run_units
     from spellshield.workers.generation import GenerationWorker, WorkerRuntime
+    from spellshield.workers.unit_writer import unit_done
 
     placement = config.placement
     units = plan_units(plan_samples(list(config.sampling.requests), config.sampling.seed), config.sampling.unit_size)
@@ -110,6 +113,7 @@ def run_job(config: GenerateConfig, address: str | None = None, resume: bool = F
     run directory's lock, start Ray, run the units. A failure before any unit is written leaves
     no run behind (the same command can simply be run again); a later one marks the run failed
     and keeps its finished units for ``--resume``."""
+    from spellshield.jobs.unit_pool import UnitFailed
     from spellshield.workers.generation import ShieldUnavailable
 
     created = not os.path.exists(config.out)
@@ -138,6 +142,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def run(args) -> int:
+    from spellshield.jobs.unit_pool import UnitFailed
     from spellshield.workers.generation import ShieldUnavailable
 
     if args.resume is not None:

@@ -15,15 +15,12 @@ import dataclasses
 import json
 import os
 
-from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
 from spellshield.jobs.checks import check_index_pin, check_out_path
 from spellshield.jobs.runtime import UsageError
 from spellshield.workers.run_layout import LOCK_FILE
 from spellshield.pipeline.config import DEFAULT_NUM_IMAGES, ConfigError, GenerateConfig, PromptRequest
-from spellshield.pipeline.invoke import takes_prompt
-from spellshield.pipeline.loading import ModelSpec, ModelDirError, describe_model, pipeline_class
 from spellshield.workers.units import PromptsError, read_prompts
 
 def config_from_args(args) -> GenerateConfig:
@@ -36,8 +33,11 @@ def config_from_args(args) -> GenerateConfig:
         raise UsageError(exc.flag) from None
 
 
-def check_model_fits_index(model: ModelSpec, index_dir: str) -> Manifest:
-    """The index was built in the model's latent space: same shape, same encoder weights."""
+def check_model_fits_index(model, index_dir: str) -> Manifest:
+    """The index was built in the model's latent space (``model``: a ``pipeline.loading.ModelSpec``):
+    same shape, same encoder weights."""
+    from spellshield.indexing.encoders import autoencoder_fingerprint
+
     manifest = read_manifest(index_dir)
     if tuple(manifest.latent.shape) != tuple(model.latent_shape):
         raise UsageError(
@@ -54,6 +54,10 @@ def check_model_fits_index(model: ModelSpec, index_dir: str) -> Manifest:
 
 def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     """Every check that reads a file, before anything is written; returns the resolved config."""
+    # torch and diffusers only here, not at import: --help imports this module
+    from spellshield.pipeline.invoke import takes_prompt
+    from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
+
     try:
         model = describe_model(config.model)
         conditional = takes_prompt(pipeline_class(model))

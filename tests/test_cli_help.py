@@ -36,6 +36,12 @@ def test_top_level_help_imports_no_job():
         assert command in result["help"]
 
 
+def test_generate_help_imports_neither_torch_nor_ray():
+    result = probe("generate", "--help")
+    assert result["code"] == 0 and "--overcompensation" in result["help"] and "(default 10.0" in result["help"]
+    assert not {"torch", "ray", "pandas", "faiss", "diffusers"} & set(result["imported"]), result["imported"]
+
+
 @pytest.mark.slow
 def test_command_help_imports_that_command_only():
     result = probe("build-index", "--help")
