@@ -28,7 +28,7 @@ from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.jobs.unit_pool import UnitFailed, run_units
 from spellshield.workers.breach import POLICIES
 from spellshield.workers.generation import ShieldUnavailable, WorkerSettings
-from spellshield.workers.unit_writer import unit_done
+from spellshield.workers.unit_writer import missing_units, units_to_run
 from spellshield.workers.units import plan_samples, plan_units
 
 
@@ -139,7 +139,7 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
     units = plan_units(plan_samples(list(config.requests), config.seed), config.unit_size)
     os.makedirs(config.out, exist_ok=True)
     remove_stale_temporaries(config.out)
-    todo = [u for u in units if not unit_done(config.out, u.name)]
+    todo = units_to_run(config.out, units)  # every unit verified on disk against the plan, whatever run.json says
     info = {"units_total": len(units), "units_done": len(units) - len(todo),
             "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo)}
     write_run_json(config, "running", info, args)
@@ -186,8 +186,12 @@ def run(args) -> int:
     if args.resume is not None:
         config, saved_args = resume_config(args)
         if read_run_json(args.resume).get("status") == "finished":
-            progress(f"generate: {args.resume} is already finished; nothing to do")
-            return 0
+            broken = missing_units(config.out, plan_units(plan_samples(list(config.requests), config.seed), config.unit_size))
+            if not broken:
+                progress(f"generate: {args.resume} is already finished and every unit is whole on disk; nothing to do")
+                return 0
+            progress(f"generate: {args.resume} is marked finished, but {len(broken)} unit(s) are not whole on disk "
+                     f"({'; '.join(f'{u.name}: {problems[0]}' for u, problems in broken[:5])}): regenerating them")
     else:
         config = validate(args)
         saved_args = {k: getattr(args, k) for k in ARG_NAMES}

@@ -90,3 +90,14 @@ def plan_units(samples: list[SampleSpec], unit_size: int) -> list[Unit]:
         raise ValueError(f"unit size must be >= 1, got {unit_size}")
     return [Unit(index=i, samples=tuple(samples[start : start + unit_size]))
             for i, start in enumerate(range(0, len(samples), unit_size))]
+
+
+def plan_from_record(config: dict) -> list[Unit]:
+    """The unit plan of a run from its run.json ``config`` (requests, seed, unit size): the same
+    units ``generate`` planned, so the audit can check what is on disk against them."""
+    try:
+        requests = [PromptRequest(r.get("prompt"), int(r["num_images"]), tuple(r["seeds"]) if r.get("seeds") else None)
+                    for r in config["requests"]]
+        return plan_units(plan_samples(requests, int(config["seed"])), int(config["unit_size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"run.json's config does not describe a unit plan ({type(exc).__name__}: {exc})") from None
