@@ -34,6 +34,7 @@ from spellshield.indexing.parts import (PARTS, BuildConfig, PartialBuildError, P
                             sources_of)
 from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
 from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.workers.encode import chunk_latents
 
@@ -155,7 +156,8 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
     todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
     crash_after = int(os.environ.get(CRASH_AFTER_PARTS, "0") or 0)
     writer: PartWriter | None = None
-    written, last_report = 0, time.time()
+    written, images = 0, 0
+    bar = ProgressBar("build-index", total=len(todo), unit="tars")
     try:
         for row in encode_chunks(todo, options):
             if on_chunk is not None:
@@ -165,6 +167,8 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
                 writer = PartWriter(parts_dir, number, os.path.abspath(shards[number]), dim, options.dtype)
             keys = row["keys"]
             writer.add(keys, [row["shard"]] * len(keys), row["sha256"], row["reasons"], chunk_latents(row, options.dtype))
+            images += len(keys)
+            detail = f"{images} images encoded, {os.path.basename(shards[int(row['part'])])}"
             if row["last"]:
                 info = writer.finish()
                 parts[info.number] = info
@@ -172,9 +176,10 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
                 written += 1
                 if crash_after and written >= crash_after:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if time.time() - last_report > 10 or written == len(todo):
-                    progress(f"build-index: {len(parts)} of {len(shards)} parts encoded")
-                    last_report = time.time()
+                bar.advance(1, detail=detail + " done")
+            else:
+                bar.advance(0, detail=detail)  # a line at most every 10 s (a bar on a terminal) between tars
+        bar.close()
     finally:
         if writer is not None:
             writer.abort()
