@@ -1,104 +1,197 @@
-"""audit: near-duplicate rates, per-step sparsity and a report for a generation run.
+"""audit: near-duplicate rates, completeness, the collapse warning, a gate and a report for a run.
 
     spellshield audit RUN_DIR [--index INDEX_DIR] [--radius R] [--top N] [--compare RUN_B]
+                              [--fail-above RATE [--fail-on upper|rate]]
 
-With ``--index`` every written image is re-encoded from its PNG and searched exactly (one Ray
-task per unit tar): the rate is the share of samples strictly within the radius of an indexed
-latent, with a 95% Wilson interval, overall and per prompt. Without it, the rate comes from the
-sample rows the generator wrote, when they have one. Writes RUN_DIR/audit/summary.json,
-report.html and its PNGs; with ``--compare RUN_B`` also RUN_DIR/audit/compare.html.
+With an index (``--index``, else the run's own) every image file of ``images/*.tar`` is
+re-encoded from its bytes and searched exactly (one Ray task per tar): the rate is the share of
+images strictly within the radius of an indexed latent, with a 95% Wilson interval, overall and
+per prompt. Images no sample row names are audited too and make the run incomplete. Without an
+index, the rate comes from the sample rows the generator wrote, when they have one.
+
+The run on disk is checked against its plan (auditing.completeness), the collapse criteria are
+evaluated (auditing.collapse), and with ``--fail-above`` the verdict decides the exit status:
+0 pass, 1 fail (rate above the limit, or the run incomplete), 2 bad input. Writes
+RUN_DIR/audit/summary.json (with ``schema_version`` and ``verdict``), report.html and its
+PNGs; with ``--compare RUN_B`` also RUN_DIR/audit/compare.html. The gate applies to RUN_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import pandas as pd
 
-from spellshield.indexing.manifest import read_manifest, write_json_atomic
+from spellshield.auditing.collapse import assess_collapse
+from spellshield.auditing.completeness import EXAMPLES, check_completeness
+from spellshield.auditing.corpus_images import corpus_image
+from spellshield.auditing.report import (comparison_warnings, plot_corrected_share, plot_correction_ratios,
+                                         plot_nearest_distances, rate_text, save_pair, write_comparison, write_report)
+from spellshield.auditing.run_files import RunError, image_tars, load_run, read_tar_images, resolve_image_ref
+from spellshield.auditing.stats import correction_ratios, written_attempt_hits
+from spellshield.auditing.summary import FAIL_ON, Gate, summarize, verdict
+from spellshield.indexing.manifest import manifest_hash, read_manifest, write_json_atomic
+from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
-from spellshield.workers.audit import (
-    RunError,
-    corpus_image,
-    correction_ratios,
-    load_run,
-    read_tar_images,
-    recheck_unit,
-    resolve_image_ref,
-    summarize,
-    written_attempt_hits,
-)
-from spellshield.workers.report import plot_correction_ratios, plot_corrected_share, save_pair, write_comparison, write_report
+from spellshield.workers.run_layout import AUDIT_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("exit status: 0 audited (and, with --fail-above, passed); 1 the gate failed: the rate is above "
+                     "--fail-above, or the run is incomplete (units missing against its plan, images no sample row "
+                     "names, images that do not decode); 2 bad input")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by generate")
-    parser.add_argument("--index", default=None, help="recompute every image's nearest neighbour in this index")
+    parser.add_argument("--index", default=None, help="recompute every image's nearest neighbour in this index (default: the run's)")
     parser.add_argument("--radius", type=float, default=None, help="near-duplicate radius (default: the run's, else the index's)")
     parser.add_argument("--top", type=int, default=12, help="offending corpus images shown in the report (default 12)")
     parser.add_argument("--compare", default=None, metavar="RUN_B", help="a second run to put side by side")
+    parser.add_argument("--fail-above", type=float, default=None, metavar="RATE",
+                        help="gate: exit 1 when the rate (see --fail-on) is above RATE (0..1) or the run is incomplete")
+    parser.add_argument("--fail-on", default="upper", choices=list(FAIL_ON),
+                        help="what --fail-above compares: the upper bound of the 95%% interval (upper, default) or the rate")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
-def audit(run_dir: str, index: str | None = None, radius: float | None = None, top: int = 12) -> dict:
-    """Python API: audit ``run_dir``; returns the summary. Uses Ray when an index is given."""
+def _radius(radius, run: dict, manifest) -> tuple[float | None, str | None]:
+    if radius is not None:
+        return radius, "--radius"
+    shield = (run.get("config") or {}).get("shield") or {}
+    if shield.get("radius"):
+        return shield["radius"], "the run's shield radius"
+    if manifest is not None and manifest.suggested_radius:
+        return manifest.suggested_radius, "the index's suggested radius"
+    return None, None
+
+
+def audit(run_dir: str, index: str | None = None, radius: float | None = None, top: int = 12, gate: Gate | None = None,
+          quiet: bool = False) -> dict:
+    """Python API: audit ``run_dir``; returns the summary (also written to audit/summary.json).
+    Uses Ray when there is an index."""
+    if radius is not None and not (radius > 0 and math.isfinite(radius)):
+        raise UsageError(f"--radius must be a finite number > 0, got {radius}")
     try:
-        run, samples, hits = load_run(run_dir)
-        if radius is not None and not radius > 0:
-            raise UsageError(f"--radius must be > 0, got {radius}")
-        shield = run.get("config", {}).get("shield") or {}
-        index = index or shield.get("index")
+        run, rows, hits = load_run(run_dir)
+        index = index or ((run.get("config") or {}).get("shield") or {}).get("index")
         manifest = read_manifest(index) if index else None
-        radius = radius or shield.get("radius") or (manifest.suggested_radius if manifest else None)
-        samples = samples[samples["image"].notna()].reset_index(drop=True)
+        radius, radius_source = _radius(radius, run, manifest)
+        samples = rows[rows["image"].notna()].reset_index(drop=True)
         for ref in samples["image"]:
             resolve_image_ref(run_dir, ref)  # refuse before any work: a reference must stay inside the run
-        inside = None
+        if gate is not None and index is None and not (len(samples) and samples["inside_shield"].notna().all()):
+            raise UsageError("--fail-above needs a near-duplicate rate: pass --index (the run has no index and its rows no verdict)")
+        completeness = check_completeness(run_dir, run, rows)
+        inside, extra_inside, checked = None, None, None
         if index is not None:
             if radius is None:
                 raise UsageError("no radius: pass --radius (the run and the index have none)")
-            samples = samples.merge(_recheck(run_dir, samples, index, radius), on="sample", how="left")
+            checked, undecodable, missing = _recheck(run_dir, samples, index, radius, quiet)
+            is_listed = checked["listed"].astype(bool)
+            listed = checked.loc[is_listed].drop(columns=["image", "listed"])
+            samples = samples.merge(listed, on="sample", how="inner")  # a sample whose image is gone is not audited
             inside = samples["audit_inside"].astype(bool)
-        elif len(samples) and samples["inside_shield"].notna().all():
-            inside = samples["inside_shield"].astype(bool)
+            extra_inside = list(checked.loc[~is_listed, "audit_inside"].astype(bool))
+            distances = list(checked["audit_nearest_distance"])
+            _note_unaudited(completeness, undecodable, missing)
+        else:
+            if len(samples) and samples["inside_shield"].notna().all():
+                inside = samples["inside_shield"].astype(bool)
+            distances = list(samples["nearest_distance"].dropna())
     except RunError as exc:
         raise UsageError(str(exc)) from None
-    summary = summarize(run, samples, hits, radius, inside)
-    summary["index"] = os.path.abspath(index) if index else None
+    summary = summarize(run, samples, hits, radius, inside, extra_inside)
+    calibration = manifest.calibration if manifest is not None else None
+    summary["audit"] = {"index": os.path.basename(os.path.normpath(index)) if index else None,
+                        "index_manifest_sha256": manifest_hash(index) if index else None, "radius_source": radius_source}
+    summary["index"] = summary["audit"]["index"]
     summary["recomputed_from_images"] = index is not None
-    audit_dir = os.path.join(run_dir, "audit")
+    summary["completeness"] = completeness
+    # every attempt counts here: a policy that drops or resamples every bent sample must not hide the bending
+    all_steps = float(rows["steps"].sum())
+    summary["collapse"] = assess_collapse(float(rows["active_steps"].sum() / all_steps) if all_steps else 0.0, distances, calibration)
+    summary["verdict"] = verdict(summary, gate)
+
+    audit_dir = os.path.join(run_dir, AUDIT_DIR)
     os.makedirs(audit_dir, exist_ok=True)
-    plot_corrected_share({summary["run"] or "run": summary["corrected_share_per_step"]},
-                         os.path.join(audit_dir, "corrected_per_step.png"),
-                         f"{summary['num_samples']} samples, radius {radius if radius is None else round(radius, 4)}")
-    plot_correction_ratios(correction_ratios(written_attempt_hits(samples, hits)), os.path.join(audit_dir, "correction_ratio.png"))
-    offenders = _offenders(run_dir, samples, index, top, audit_dir) if index is not None else []
+    quantiles = (calibration or {}).get("nn_distance_quantiles") or {}
+    plots = {
+        "distances": plot_nearest_distances(distances, radius, os.path.join(audit_dir, "nearest_distance.png"),
+                                            quantiles.get("0.5"), summary["collapse"]["far_threshold"]),
+        "per_step": plot_corrected_share({summary["run"] or "run": summary["corrected_share_per_step"]},
+                                         os.path.join(audit_dir, "corrected_per_step.png"),
+                                         f"{summary['num_samples']} samples, radius {radius if radius is None else round(radius, 4)}"),
+        "ratios": plot_correction_ratios(correction_ratios(written_attempt_hits(samples, hits)),
+                                         os.path.join(audit_dir, "correction_ratio.png")),
+    }
+    names = {"distances": "nearest_distance.png", "per_step": "corrected_per_step.png", "ratios": "correction_ratio.png"}
+    for key, name in names.items():
+        if not plots[key] and os.path.exists(os.path.join(audit_dir, name)):
+            os.remove(os.path.join(audit_dir, name))  # a stale plot of an earlier audit must not stand in
+    offenders = _offenders(run_dir, checked, index, top, audit_dir) if checked is not None else []
     summary["top_offenders"] = [{k: v for k, v in o.items() if k != "thumbnail"} for o in offenders]
-    summary["report"] = write_report(audit_dir, summary, offenders)
+    summary["report"] = write_report(audit_dir, summary, offenders, {k: names[k] if plots[k] else None for k in names})
     write_json_atomic(os.path.join(audit_dir, "summary.json"), summary)
     return summary
 
 
-def _recheck(run_dir: str, samples: pd.DataFrame, index: str, radius: float) -> pd.DataFrame:
+def _note_unaudited(completeness: dict, undecodable: dict, missing: list[str]) -> None:
+    """Images the recheck could not audit make the run incomplete, in words."""
+    if missing:
+        completeness["problems"].append(f"{len(missing)} written image(s) named by sample rows are not in their tar "
+                                        f"(not audited), e.g. {missing[0]}")
+    if undecodable:
+        first = next(iter(undecodable.items()))
+        completeness["problems"].append(f"{len(undecodable)} image file(s) do not decode (not audited), e.g. {first[0]}: {first[1]}")
+    completeness["missing_images"] = len(missing)
+    completeness["undecodable_images"] = sorted(undecodable)[:EXAMPLES]
+    completeness["complete"] = not completeness["problems"]
+
+
+def _recheck(run_dir: str, samples: pd.DataFrame, index: str, radius: float, quiet: bool = False):
+    """(rows of every image file, {ref: why undecodable}, [listed refs missing]), one Ray task per tar."""
     import ray
 
-    task = ray.remote(recheck_unit).options(num_cpus=0.5)
+    from spellshield.auditing.run_files import tar_image_names
+    from spellshield.workers.audit import recheck_tar
+
+    listed: dict[str, list[tuple[str, str]]] = {tar: [] for tar in image_tars(run_dir)}
+    for sample, ref in zip(samples["sample"], samples["image"]):
+        tar_ref, member = ref.split("#")
+        listed.setdefault(tar_ref, []).append((sample, member))
+    sizes = {}
+    for tar_ref in listed:
+        try:
+            sizes[tar_ref] = len(tar_image_names(os.path.join(run_dir, *tar_ref.split("/"))))
+        except Exception:  # noqa: BLE001 - a missing or unreadable tar: the task reports it
+            sizes[tar_ref] = 0
+    bar = ProgressBar("audit", total=sum(sizes.values()), unit="images", quiet=quiet)
+    task = ray.remote(recheck_tar).options(num_cpus=0.5)
+    results = []
     with ray_cluster():
-        parts = ray.get([
-            task.remote(os.path.abspath(run_dir), list(zip(group["sample"], group["image"])), os.path.abspath(index), radius)
-            for _, group in samples.groupby("unit")
-        ])
-    return pd.DataFrame([row for part in parts for row in part])
+        pending = {task.remote(os.path.abspath(run_dir), tar_ref, pairs, os.path.abspath(index), radius): tar_ref
+                   for tar_ref, pairs in sorted(listed.items())}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            tar_ref = pending.pop(ready[0])
+            results.append(ray.get(ready[0]))
+            bar.advance(sizes[tar_ref], detail=f"{tar_ref} done, {len(pending)} tars left")
+    bar.close()
+    rows = [r for part in results for r in part["rows"]]
+    columns = ["sample", "image", "listed", "audit_nearest_id", "audit_nearest_key", "audit_nearest_distance", "audit_inside"]
+    undecodable = {k: v for part in results for k, v in part["undecodable"].items()}
+    missing = [m for part in results for m in part["missing"]]
+    return pd.DataFrame(rows, columns=columns), undecodable, missing
 
 
-def _offenders(run_dir: str, samples: pd.DataFrame, index: str, top: int, audit_dir: str) -> list[dict]:
-    """Corpus images most copied: those with samples inside the radius first, then the closest."""
+def _offenders(run_dir: str, checked: pd.DataFrame, index: str, top: int, audit_dir: str) -> list[dict]:
+    """Protected images with audited images inside their radius, most copied first."""
     from spellshield.indexing.search import open_index
 
-    if top <= 0 or not len(samples):
+    inside = checked.loc[checked["audit_inside"].astype(bool)] if len(checked) else checked
+    if top <= 0 or not len(inside):
         return []
-    grouped = samples.groupby("audit_nearest_id").agg(
+    grouped = inside.groupby("audit_nearest_id").agg(
         corpus_key=("audit_nearest_key", "first"), samples_inside=("audit_inside", "sum"),
         min_distance=("audit_nearest_distance", "min"))
     grouped = grouped.sort_values(["samples_inside", "min_distance"], ascending=[False, True]).head(top)
@@ -107,53 +200,75 @@ def _offenders(run_dir: str, samples: pd.DataFrame, index: str, top: int, audit_
     os.makedirs(thumbs, exist_ok=True)
     out = []
     for rank, (corpus_id, row) in enumerate(grouped.iterrows()):
-        closest = samples[samples["audit_nearest_id"] == corpus_id].nsmallest(1, "audit_nearest_distance").iloc[0]
+        closest = inside[inside["audit_nearest_id"] == corpus_id].nsmallest(1, "audit_nearest_distance").iloc[0]
         tar_path, member = resolve_image_ref(run_dir, closest["image"])
-        generated = read_tar_images(tar_path)[member]
+        generated = read_tar_images(tar_path, [member])[0][member]
         name = f"offender-{rank:03d}.png"
         save_pair(generated, corpus_image(index, shield, int(corpus_id)), os.path.join(thumbs, name))
         out.append({"corpus_id": int(corpus_id), "corpus_key": str(row["corpus_key"]), "samples_inside": int(row["samples_inside"]),
-                    "min_distance": float(row["min_distance"]), "closest_sample": str(closest["sample"]),
+                    "min_distance": float(row["min_distance"]),
+                    "closest_sample": closest["image"] if pd.isna(closest["sample"]) else str(closest["sample"]),
                     "thumbnail": f"thumbs/{name}"})
     return out
 
 
 def compare(run_a: str, run_b: str, summary_a: dict, summary_b: dict) -> str:
-    """RUN_A/audit/compare.html: the two summaries side by side, per-step shares overlaid."""
-    audit_dir = os.path.join(run_a, "audit")
+    """RUN_A/audit/compare.html: the two summaries side by side, per-step shares overlaid, and a
+    warning when the runs are not like for like (index, radius, model)."""
+    audit_dir = os.path.join(run_a, AUDIT_DIR)
     name_a = summary_a["run"] or "A"
     name_b = summary_b["run"] or "B"
     if name_b == name_a:
         name_b += " (B)"
-    plot_corrected_share({name_a: summary_a["corrected_share_per_step"], name_b: summary_b["corrected_share_per_step"]},
-                         os.path.join(audit_dir, "compare_corrected_per_step.png"), "share of trajectories corrected")
+    plot = "compare_corrected_per_step.png"
+    drawn = plot_corrected_share({name_a: summary_a["corrected_share_per_step"], name_b: summary_b["corrected_share_per_step"]},
+                                 os.path.join(audit_dir, plot), "share of trajectories corrected")
     return write_comparison(os.path.join(audit_dir, "compare.html"), {name_a: summary_a, name_b: summary_b},
-                            "compare_corrected_per_step.png")
+                            plot if drawn else None, comparison_warnings(summary_a, summary_b))
 
 
-def _describe(summary: dict) -> str:
-    rate = summary["near_duplicate_rate"]
-    if rate is None:
-        return f"{summary['num_samples']} samples, near-duplicate rate n/a"
-    low, high = summary["near_duplicate_rate_ci95"]
-    return (f"{summary['num_samples']} samples, near-duplicate rate {rate:.3%} (95% CI {low:.3%} to {high:.3%}), "
-            f"active step fraction {summary['active_step_fraction']:.3%}")
+def describe(summary: dict) -> list[str]:
+    """The audit's result in a few lines: rate, completeness, collapse, verdict."""
+    completeness = summary.get("completeness") or {}
+    lines = [f"{summary['num_images']} images, near-duplicate rate {rate_text(summary)}; "
+             f"steps corrected {summary['active_step_fraction']:.1%}"]
+    verdict_ = summary.get("verdict") or {}
+    lines += [f"warning: {w}" for w in verdict_.get("warnings", [])]
+    if verdict_.get("status") == "fail":
+        lines += [f"FAIL: {r}" for r in verdict_.get("reasons", [])]
+    elif verdict_.get("status") == "pass":
+        gate = verdict_["gate"]
+        lines.append(f"PASS: {gate['on']} {gate['value']:.2%} <= {gate['fail_above']:.2%}, run complete")
+    elif completeness.get("complete"):
+        lines.append("run complete: every planned unit whole, every image file named by a sample row")
+    return lines
 
 
 def run(args) -> int:
-    if args.radius is not None and not args.radius > 0:
-        raise UsageError(f"--radius must be > 0, got {args.radius}")
+    if args.radius is not None and not (args.radius > 0 and math.isfinite(args.radius)):
+        raise UsageError(f"--radius must be a finite number > 0, got {args.radius}")
+    gate = None
+    if args.fail_above is not None:
+        try:
+            gate = Gate(args.fail_above, args.fail_on)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     for path in filter(None, (args.run_dir, args.compare)):
         if not os.path.isfile(os.path.join(path, "run.json")):
             raise UsageError(f"{path} is not a run directory: no run.json")
     with ray_cluster(args.address):
-        summary = audit(args.run_dir, args.index, args.radius, args.top)
-        progress(f"audit: {args.run_dir}: {_describe(summary)}; report: {summary['report']}")
+        summary = audit(args.run_dir, args.index, args.radius, args.top, gate)
+        for line in describe(summary):
+            progress(f"audit: {args.run_dir}: {line}")
+        progress(f"audit: report: {summary['report']}")
         if args.compare:
             other = audit(args.compare, args.index, args.radius, args.top)
-            progress(f"audit: {args.compare}: {_describe(other)}")
+            for line in describe(other):
+                progress(f"audit: {args.compare}: {line}")
+            for warning in comparison_warnings(summary, other):
+                progress(f"audit: compare: warning: {warning}")
             progress(f"audit: comparison: {compare(args.run_dir, args.compare, summary, other)}")
-    return 0
+    return summary["verdict"]["exit_status"]
 
 
 def main(argv=None) -> int:

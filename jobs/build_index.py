@@ -35,6 +35,7 @@ from spellshield.indexing.parts import (PARTS, BuildConfig, PartialBuildError, P
 from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
 from spellshield.jobs.checks import check_out_path, weight_load_errors
 from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.workers.encode import chunk_latents
 
@@ -190,7 +191,8 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
     """
     todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
     writer: PartWriter | None = None
-    written, last_report = 0, time.time()
+    written, images = 0, 0
+    bar = ProgressBar("build-index", total=len(todo), unit="tars")
     try:
         for row in encode_chunks(todo, options):
             if on_chunk is not None:
@@ -200,14 +202,17 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
                 writer = PartWriter(parts_dir, number, os.path.abspath(shards[number]), dim, options.dtype)
             keys = row["keys"]
             writer.add(keys, [row["shard"]] * len(keys), row["sha256"], row["reasons"], chunk_latents(row, options.dtype))
+            images += len(keys)
+            detail = f"{images} images encoded, {os.path.basename(shards[int(row['part'])])}"
             if row["last"]:
                 info = writer.finish(row["tar_sha256"])
                 parts[info.number] = info
                 writer = None
                 written += 1
-                if time.time() - last_report > 10 or written == len(todo):
-                    progress(f"build-index: {len(parts)} of {len(shards)} parts encoded")
-                    last_report = time.time()
+                bar.advance(1, detail=detail + " done")
+            else:
+                bar.advance(0, detail=detail)  # a line at most every 10 s (a bar on a terminal) between tars
+        bar.close()
     finally:
         if writer is not None:
             writer.abort()

@@ -25,7 +25,7 @@ from spellshield.jobs.run_record import (Progress, discard_unstarted, read_run_j
 from spellshield.jobs.runtime import progress, ray_cluster
 from spellshield.jobs.checks import radius_line
 from spellshield.pipeline import config as run_options
-from spellshield.workers.units import plan_samples, plan_units
+from spellshield.workers.units import plan_of
 
 # Ray, torch, pyarrow and the workers are imported inside the functions that run a job: --help
 # imports this module, and must stay under 2 s (benchmarks/cli_startup.py, tests/test_cli_help.py).
@@ -66,13 +66,13 @@ def generate(config: GenerateConfig) -> dict:
 
     from spellshield.jobs.unit_pool import UnitFailed, run_units
     from spellshield.workers.generation import GenerationWorker, WorkerRuntime
-    from spellshield.workers.unit_writer import unit_done
+    from spellshield.workers.unit_writer import units_to_run
 
     placement = config.placement
-    units = plan_units(plan_samples(list(config.sampling.requests), config.sampling.seed), config.sampling.unit_size)
+    units = plan_of(config)
     os.makedirs(config.out, exist_ok=True)
     remove_stale_temporaries(config.out)
-    todo = [u for u in units if not unit_done(config.out, u.name)]
+    todo = units_to_run(config.out, units)  # every unit verified on disk against the plan, whatever run.json says
     info = {"units_total": len(units), "units_done": len(units) - len(todo),
             "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo),
             "samples_done": sum(len(u.samples) for u in units) - sum(len(u.samples) for u in todo)}
@@ -149,8 +149,14 @@ def run(args) -> int:
         with run_lock(args.resume):  # reading the run while another driver writes it is refused too
             config = resume_config(args)
             if read_run_json(args.resume).get("status") == "finished":
-                progress(f"generate: {args.resume} is already finished; nothing to do")
-                return 0
+                from spellshield.workers.unit_writer import missing_units
+
+                broken = missing_units(config.out, plan_of(config))
+                if not broken:
+                    progress(f"generate: {args.resume} is already finished and every unit is whole on disk; nothing to do")
+                    return 0
+                progress(f"generate: {args.resume} is marked finished, but {len(broken)} unit(s) are not whole on disk "
+                         f"({'; '.join(f'{u.name}: {problems[0]}' for u, problems in broken[:5])}): regenerating them")
     else:
         given = config_from_args(args)
         config = validate(given)

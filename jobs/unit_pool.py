@@ -78,13 +78,16 @@ def run_units(
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
                 reason = failure_message(exc)
+                if attempts[unit.index] >= max_attempts:
+                    # No replacement actor first: one created only to be dropped has its creation
+                    # cancelled at shutdown, and Ray logs that after the job's failure line.
+                    _kill(actor)
+                    raise UnitFailed(f"unit {unit.index} failed {attempts[unit.index]} times; last: {reason}") from None
                 if isinstance(exc, ray.exceptions.RayActorError):
                     # The process is gone (killed, node lost, constructor failed): a new actor.
                     _kill(actor)
                     actor = make_actor()
                     stats.actors_replaced += 1
-                if attempts[unit.index] >= max_attempts:
-                    raise UnitFailed(f"unit {unit.index} failed {attempts[unit.index]} times; last: {reason}") from None
                 stats.retries += 1
                 queue.appendleft(unit)
                 idle.append(actor)

@@ -1,15 +1,19 @@
-"""A real Ray head for job-submission tests: started with ``ray start --head`` on 127.0.0.1 and
-stopped by process id (the whole process tree), never with ``ray stop``, which would also stop
-every other Ray instance on the machine."""
+"""A real Ray head for tests: started with ``ray start --head`` on 127.0.0.1 with free ports and
+its own temporary directory, and stopped by process id (the whole process tree), never with
+``ray stop``, which would also stop every other Ray instance on the machine. Every process of
+the cluster (GCS, raylet, workers) descends from ``RayHead.proc``, so a test finds its own
+workers with ``own_processes`` and never touches another cluster's."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -39,6 +43,20 @@ def kill_tree(pid: int, grace: float = 5.0) -> None:
             pass
 
 
+def processes_with(title: bytes, among=None) -> list[int]:
+    """Processes whose command line starts with ``title`` (a Ray worker's title, e.g.
+    ``ray::GenerationWorker.run_unit``), restricted to the pids in ``among``."""
+    out = []
+    for pid in (among if among is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(title):
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -55,13 +73,21 @@ class RayHead:
     """``with RayHead(num_cpus=2) as head: head.submit([...])``; ``head.add_node(...)`` starts
     another node (``ray start --address``) on this machine, with its own custom resources."""
 
-    def __init__(self, num_cpus: int = 2, resources: str | None = None):
+    def __init__(self, num_cpus: int = 2, resources: str | None = None, dashboard: bool = True):
         self.num_cpus = num_cpus
         self.resources = resources
+        self.dashboard = dashboard
         self.port = free_port()
         self.dashboard_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
+        # Short (unix socket paths are limited to 107 bytes) and ours alone: not /tmp/ray.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+
+    def own_processes(self, title: bytes) -> list[int]:
+        """This cluster's processes whose command line starts with ``title``."""
+        roots = [p.pid for p in [self.proc, *self.nodes] if p is not None]
+        return processes_with(title, among=[pid for root in roots for pid in descendants(root)])
 
     @property
     def address(self) -> str:
@@ -73,12 +99,17 @@ class RayHead:
                "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
                # Another Ray instance on this machine (the tests' own local cluster) holds the
                # default agent port; the job agent then never starts and submissions fail.
-               "--dashboard-agent-listen-port", str(free_port())]
+               "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()), "--temp-dir", self.temp_dir,
+               "--include-dashboard", "true" if self.dashboard else "false"]
         if self.resources:
             cmd += ["--resources", self.resources]
         self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 90
+        if not self.dashboard:
+            return self._wait_without_dashboard(deadline)
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as r:
@@ -90,6 +121,22 @@ class RayHead:
                 raise RuntimeError(f"ray start --head exited with {self.proc.returncode}")
         self.__exit__(None, None, None)
         raise RuntimeError("the Ray dashboard did not come up in 90 s")
+
+    def _wait_without_dashboard(self, deadline: float) -> "RayHead":
+        """Up when the GCS answers and the raylet has its socket (then ``ray.init`` attaches)."""
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {self.proc.returncode}")
+            raylet = os.path.join(self.temp_dir, "session_latest", "sockets", "raylet")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    if os.path.exists(raylet):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.__exit__(None, None, None)
+        raise RuntimeError("ray start --head did not come up in 90 s")
 
     def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
         cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
@@ -108,7 +155,9 @@ class RayHead:
     def add_node(self, num_cpus: int = 2, resources: str | None = None, timeout: float = 60) -> subprocess.Popen:
         """Start a worker node and wait until the cluster counts it."""
         cmd = [_ray_bin(), "start", "--block", "--address", self.gcs_address, "--node-ip-address", "127.0.0.1",
-               "--num-cpus", str(num_cpus), "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
+               "--num-cpus", str(num_cpus), "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats",
+               "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()), "--temp-dir", self.temp_dir]
         if resources:
             cmd += ["--resources", resources]
         before = self.alive_nodes()
@@ -175,3 +224,4 @@ class RayHead:
             self.proc.wait(timeout=10)
             self.log.close()
             self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -25,12 +25,24 @@ needs_shared = pytest.mark.skipif(not os.path.isdir(CIFAR_DIR), reason="../share
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray cluster for the whole session (address="local": never a stale cluster)."""
+def ray_head():
+    """The session's own Ray cluster: ``ray start --head`` with free ports and its own temporary
+    directory (another Ray on the machine, on the default ports or in /tmp/ray, is never
+    touched), stopped by process id at the end. ``ray_head.own_processes(title)`` finds this
+    cluster's workers, for tests that kill one."""
+    from tests.cluster import RayHead
+
+    with RayHead(num_cpus=2, dashboard=False) as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """A driver attached to the session's own cluster (never a stale or foreign one)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=ray_head.gcs_address, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -10,9 +10,8 @@ import os
 import pandas as pd
 import pytest
 
-from tests.cluster import RayHead, descendants
+from tests.cluster import RayHead, descendants, processes_with
 from tests.conftest import ROOT
-from tests.test_exactly_once import processes_with
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +59,7 @@ def test_two_node_cluster(digits_corpus, memorizer_model, tmp_path):
 
         t0 = time.time()
         while time.time() - t0 < 180:
-            on_b = set(processes_with(b"ray::GenerationWorker")) & set(descendants(node_b.pid))
+            on_b = processes_with(b"ray::GenerationWorker", among=descendants(node_b.pid))
             if on_b and deadline_units() >= 1:
                 break
             time.sleep(0.1)

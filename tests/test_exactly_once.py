@@ -65,19 +65,6 @@ def assert_same_as_clean(run_dir, clean_dir):
     assert not glob.glob(os.path.join(run_dir, "**", "*.tmp-*"), recursive=True)
 
 
-def processes_with(title: bytes) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(title):
-                        out.append(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 def driver(args, gcs_address):
     env = {**os.environ, "RAY_ADDRESS": gcs_address, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "spellshield.jobs.generate"] + args, cwd=ROOT, env=env,
@@ -111,19 +98,21 @@ def interrupted_run(ray_session, args, out, interrupt) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def kill_all(title: bytes) -> None:
-    victims = processes_with(title)
-    assert victims, f"no {title!r} process"
+def kill_all(head, title: bytes) -> None:
+    """SIGKILL this test cluster's processes titled ``title`` (by pid, found in the cluster's own
+    process tree): never another cluster's worker of the same name."""
+    victims = head.own_processes(title)
+    assert victims, f"no {title!r} process in the test cluster"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_worker_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
+def test_worker_killed_mid_unit(ray_session, ray_head, memorizer_model, protected_index, clean_run, tmp_path):
     out = tmp_path / "run"
 
     def kill_worker_mid_unit():
-        wait_for(lambda: processes_with(b"ray::GenerationWorker.run_unit"), what="a unit in progress")
-        kill_all(b"ray::GenerationWorker.run_unit")
+        wait_for(lambda: ray_head.own_processes(b"ray::GenerationWorker.run_unit"), what="a unit in progress")
+        kill_all(ray_head, b"ray::GenerationWorker.run_unit")
 
     code, output = interrupted_run(ray_session, cli_args(memorizer_model, protected_index, out), out, kill_worker_mid_unit)
     assert code == 0, output[-3000:]
@@ -182,19 +171,19 @@ def test_unsearchable_shield_fails_closed(ray_session, memorizer_model, protecte
     assert run["status"] == "failed" and expected in run["error"]
 
 
-def test_index_server_killed_mid_unit(ray_session, memorizer_model, protected_index, clean_run, tmp_path):
+def test_index_server_killed_mid_unit(ray_session, ray_head, memorizer_model, protected_index, clean_run, tmp_path):
     # The shield served by an index-shard actor: killing it fails the units that were searching
     # (nothing of them is written), Ray brings the server back, the units are retried.
     out = tmp_path / "run"
     args = cli_args(memorizer_model, protected_index, out) + ["--index-servers", "1"]
-    code, output = interrupted_run(ray_session, args, out, lambda: kill_all(b"ray::IndexShardServer"))
+    code, output = interrupted_run(ray_session, args, out, lambda: kill_all(ray_head, b"ray::IndexShardServer"))
     assert code == 0, output[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["progress"]["index_servers"]
     assert_same_as_clean(str(out), clean_run)
 
 
-def test_index_server_that_cannot_come_back_fails_the_job(ray_session, memorizer_model, protected_index, tmp_path):
+def test_index_server_that_cannot_come_back_fails_the_job(ray_session, ray_head, memorizer_model, protected_index, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(protected_index, index)
     out = tmp_path / "run"
@@ -204,7 +193,7 @@ def test_index_server_that_cannot_come_back_fails_the_job(ray_session, memorizer
         data = bytearray(shard.read_bytes())
         data[-5] ^= 0xFF
         shard.write_bytes(bytes(data))  # the restarted server will refuse this shard
-        kill_all(b"ray::IndexShardServer")
+        kill_all(ray_head, b"ray::IndexShardServer")
 
     args = cli_args(memorizer_model, str(index), out) + ["--index-servers", "1", "--max-unit-attempts", "2"]
     code, output = interrupted_run(ray_session, args, out, corrupt_then_kill_server)

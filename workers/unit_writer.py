@@ -55,3 +55,69 @@ def write_unit(run_dir: str, unit_name: str, images: list[tuple[str, bytes, dict
                 os.remove(tmp)
     return paths
 
+
+
+def unit_problems(run_dir: str, unit) -> list[str]:
+    """What is wrong with a unit's files on disk against its plan (a ``workers.units.Unit``);
+    empty when the unit is whole: its three files exist and read, every planned sample has a row
+    and no other sample does, each sample's first attempt used its planned seed, and every
+    written sample's image is a member of the unit's tar.
+
+    Whole, not merely marked done: a finished run may since have lost files (a disk problem, a
+    partial copy), and both ``generate --resume`` and ``audit`` check every unit this way."""
+    import tarfile
+
+    paths = unit_paths(run_dir, unit.name)
+    missing = [kind for kind, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        return [f"{kind} file missing" for kind in missing]
+    try:
+        rows = pq.read_table(paths["samples"], columns=["sample", "attempt", "seed", "image"]).to_pandas()
+        pq.read_metadata(paths["hits"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable Parquet file is the same finding
+        return [f"audit rows unreadable ({type(exc).__name__})"]
+    problems = []
+    planned = {s.key: s.seed for s in unit.samples}
+    absent = sorted(set(planned) - set(rows["sample"]))
+    extra = sorted(set(rows["sample"]) - set(planned))
+    if absent:
+        problems.append(f"{len(absent)} planned sample(s) without a row, e.g. {absent[0]}")
+    if extra:
+        problems.append(f"{len(extra)} row(s) of samples not in the plan, e.g. {extra[0]}")
+    first = rows[(rows["attempt"] == 1) & rows["sample"].isin(planned)]
+    wrong_seed = sorted(s for s, seed in zip(first["sample"], first["seed"]) if planned[s] != seed)
+    if wrong_seed:
+        problems.append(f"{len(wrong_seed)} sample(s) whose first attempt is not the planned seed, e.g. {wrong_seed[0]}")
+    try:
+        with tarfile.open(paths["images"]) as tar:
+            members = {m.name for m in tar if m.isfile()}
+    except (tarfile.TarError, OSError) as exc:
+        return problems + [f"image tar unreadable ({type(exc).__name__})"]
+    named = [ref.split("#", 1)[-1] for ref in rows["image"].dropna()]
+    lost = sorted(m for m in named if m not in members)
+    if lost:
+        problems.append(f"{len(lost)} written image(s) missing from its tar, e.g. {lost[0]}")
+    return problems
+
+
+def missing_units(run_dir: str, units) -> list[tuple[object, list[str]]]:
+    """(unit, problems) for every planned unit that is not whole on disk (``unit_problems``)."""
+    out = []
+    for unit in units:
+        problems = unit_problems(run_dir, unit)
+        if problems:
+            out.append((unit, problems))
+    return out
+
+
+def units_to_run(run_dir: str, units) -> list:
+    """The planned units that are not whole on disk, in plan order. A broken unit's samples file
+    (its done marker) is removed first, so that until the unit is rewritten, whole, nothing
+    counts it as done; its other files are overwritten by the rewrite (same seeds, same images)."""
+    todo = []
+    for unit, _ in missing_units(run_dir, units):
+        marker = unit_paths(run_dir, unit.name)["samples"]
+        if os.path.exists(marker):
+            os.remove(marker)
+        todo.append(unit)
+    return todo

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from spellshield.pipeline.config import MAX_IMAGES, MAX_SEED, PromptRequest
+from spellshield.pipeline.config import MAX_IMAGES, MAX_SEED, GenerateConfig, PromptRequest
 from spellshield.workers.run_layout import unit_name
 
 
@@ -108,3 +108,21 @@ def plan_units(samples: list[SampleSpec], unit_size: int) -> list[Unit]:
         raise ValueError(f"unit size must be >= 1, got {unit_size}")
     return [Unit(index=i, samples=tuple(samples[start : start + unit_size]))
             for i, start in enumerate(range(0, len(samples), unit_size))]
+
+
+def plan_of(config: GenerateConfig) -> list[Unit]:
+    """The units of a resolved run config: what generate runs, resume checks and the audit expects."""
+    sampling = config.sampling
+    return plan_units(plan_samples(list(sampling.requests), sampling.seed), sampling.samples_per_unit)
+
+
+def plan_from_record(config: dict) -> list[Unit]:
+    """The unit plan of a run from its run.json ``config``: the same units ``generate`` planned,
+    so the audit can check what is on disk against them."""
+    try:
+        resolved = GenerateConfig.from_json(config)
+        if resolved.sampling.requests is None:
+            raise ValueError("no requests")
+        return plan_of(resolved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"run.json's config does not describe a unit plan ({type(exc).__name__}: {exc})") from None
