@@ -119,7 +119,7 @@ def start_shield_servers(config: GenerateConfig, placement: Placement, gpus: int
     options = {"num_cpus": 0.25, "max_restarts": -1}  # a lost server comes back; its callers' units are retried
     if placement.index_resources:
         options["resources"] = placement.index_resources
-    backend = config.search_backend if config.search_backend in ("exact", "faiss", "projected") else "exact"
+    backend = config.search_backend if config.search_backend in ("exact", "faiss", "projected", "ivf") else "exact"
     return start_index_servers(config.index, parts=placement.index_servers, backend=backend, device="cpu",
                                actor_options=options)
 
