@@ -351,7 +351,7 @@ class IvfScan(ProjectedScan):
         with full_precision_matmul():
             for start in range(0, len(positions), self.chunk_rows):
                 pos = positions[start:start + self.chunk_rows]
-                block = torch.from_numpy(np.asarray(self.codes[pos], np.float32)).to(self.device)
+                block = self._codes_at(pos)
                 zsq = self.code_sq[torch.from_numpy(pos).to(self.device)]
                 thr = round_up_float32(t2 + float32_margin(self.dims, qsq_host, float(zsq.max())))
                 d2 = qsq32[:, None] + zsq[None, :] - 2.0 * (p32 @ block.T)
@@ -362,6 +362,14 @@ class IvfScan(ProjectedScan):
         if not pairs_q:
             return torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64), probed
         return torch.cat(pairs_q), self.rows[np.concatenate(pairs_p)], probed
+
+    def _codes_at(self, pos: np.ndarray) -> torch.Tensor:
+        """float32 codes at sorted positions: a slice (no gather) when they are contiguous, as when most lists are probed."""
+        if pos[-1] - pos[0] + 1 == len(pos):
+            codes = self.codes[pos[0]:pos[-1] + 1]
+        else:
+            codes = self.codes[pos]
+        return torch.from_numpy(np.asarray(codes)).to(self.device, torch.float32)
 
     # -- searches ------------------------------------------------------------------------------
 
