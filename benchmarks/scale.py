@@ -20,9 +20,10 @@ batches after one warm-up), lists probed and candidates per query (``stats``), p
 search phase. Then the same at 1/2, 1/4 and 1/8 of the radius: how the probed fraction depends
 on the radius, which the data's geometry decides.
 
-Baseline, in the same run: a plain float32 GEMM scan of all N vectors for one batch (read from
-the same file in chunks, upcast, ``|q|^2 + |z|^2 - 2 q.z``, threshold), the work every current
-backend does per batch.
+Baseline, in the same run: a plain float32 GEMM scan of all N vectors for one batch (the same
+memory-mapped file in chunks, upcast to float32, ``|q|^2 + |z|^2 - 2 q.z`` with the norms computed
+beforehand, threshold): the ``exact`` backend's CPU path for float16 storage, the work every
+current backend does per batch. The machine's load average is recorded at start and end.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def scan(path: str, fn) -> None:
             rows = min(step, count - start)
             f.seek(offset + start * dim * dtype.itemsize)
             block = np.fromfile(f, dtype=dtype, count=rows * dim).reshape(rows, dim)
-            fn(start, torch.from_numpy(block.astype(np.float32)))
+            fn(start, torch.from_numpy(block).to(torch.float32))  # torch's conversion (numpy's float16 one is slow)
 
 
 def gemm_sq(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -142,13 +143,23 @@ def truth(path: str, queries: np.ndarray, radius: float) -> list[dict]:
 
 
 def gemm_baseline(path: str, q: np.ndarray, radius: float, repeats: int) -> float:
-    """Seconds of a plain float32 GEMM scan of every vector for one batch (median of ``repeats``)."""
+    """Seconds of a plain float32 GEMM scan of every vector for one batch (median of ``repeats``):
+    the ``exact`` backend's CPU path for float16 storage (chunks upcast, norms computed beforehand)."""
+    norms = []
+    scan(path, lambda start, block: norms.append((block * block).sum(1)))
+    norms = torch.cat(norms)
+    vectors = np.load(path, mmap_mode="r")
+    step = max(1, SCAN_BYTES // (vectors.shape[1] * vectors.dtype.itemsize))
     qt = torch.from_numpy(q)
+    qsq = (qt * qt).sum(1)[:, None]
     times = []
     for _ in range(repeats):
         hits = []
         started = time.perf_counter()
-        scan(path, lambda start, block: hits.append(torch.nonzero(gemm_sq(qt, block) < radius * radius)))
+        for start in range(0, len(vectors), step):
+            block = torch.from_numpy(np.asarray(vectors[start:start + step])).to(torch.float32)
+            d2 = qsq + norms[None, start:start + len(block)] - 2.0 * (qt @ block.T)
+            hits.append(torch.nonzero(d2 < radius * radius))
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 
@@ -171,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scratch", default="/tmp/spellshield-scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--vectors", default=None, help="an existing (N, D) .npy instead of synthetic data "
+                        "(e.g. real TAEF2 CIFAR-10 latents cached by benchmarks/search.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.scratch, exist_ok=True)
@@ -179,15 +192,17 @@ def main(argv=None) -> int:
               "code_dtype": args.code_dtype, "load_average_start": os.getloadavg(), "machine": platform.platform(),
               "cpus": os.cpu_count(), "data": "synthetic, spectrum of 10,000 real TAEF2 CIFAR-10 latents, 10% near-duplicates"}
 
-    path = os.path.join(args.scratch, f"synthetic-{args.n}x{args.dim or 2048}-s{args.seed}.npy")
-    if not os.path.isfile(path):
+    path = args.vectors or os.path.join(args.scratch, f"synthetic-{args.n}x{args.dim or 2048}-s{args.seed}.npy")
+    if args.vectors:
+        result["data"] = f"{args.vectors} (given)"
+    elif not os.path.isfile(path):
         started = time.perf_counter()
         generate(path, args.n, args.dim, args.seed)
         result["generate_s"] = time.perf_counter() - started
         print(f"generated {path} in {result['generate_s']:.0f} s", flush=True)
     vectors = np.load(path, mmap_mode="r")
     count, dim = vectors.shape
-    result.update(dim=dim, vectors_file_gb=os.path.getsize(path) / 2**30)
+    result.update(n=count, dim=dim, vectors_file_gb=os.path.getsize(path) / 2**30)
 
     started = time.perf_counter()
     radius, median_nn = suggested_radius(path, count, rng)

@@ -146,9 +146,10 @@ def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int 
     if sample_size < lists:
         raise ValueError(f"a sample of {sample_size} cannot train {lists} lists")
     chosen = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
-    sample = np.concatenate([
-        project(torch.from_numpy(np.array(vectors[chosen[i:i + chunk_rows]])), basis64, mean64).numpy().astype(ctype)
-        for i in range(0, len(chosen), chunk_rows)]).astype(np.float32)
+    tdtype = getattr(torch, code_dtype)
+    sample = torch.cat([  # the codes' values (rounded to the code dtype), as float32
+        project(torch.from_numpy(np.array(vectors[chosen[i:i + chunk_rows]])), basis64, mean64).to(tdtype).to(torch.float32)
+        for i in range(0, len(chosen), chunk_rows)]).numpy()
     centroids = train_centroids(sample, lists, seed, niter)
     del sample
     trained = time.perf_counter()
@@ -169,8 +170,8 @@ def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int 
         chunk = torch.from_numpy(np.array(vectors[start:start + chunk_rows]))
         centered = chunk.to(torch.float64) - mean64
         p64 = centered @ basis64.T
-        codes = p64.numpy().astype(ctype)
-        c64 = torch.from_numpy(codes.astype(np.float64))
+        codes = p64.to(tdtype)  # torch's conversions: numpy's float16 ones are slow
+        c64 = codes.to(torch.float64)
         max_code_error = max(max_code_error, float(torch.linalg.vector_norm(c64 - p64, dim=1).max()))
         max_centered = max(max_centered, float(torch.linalg.vector_norm(centered, dim=1).max()))
         max_code_sq = max(max_code_sq, float((c64 * c64).sum(1).max()))
@@ -178,7 +179,7 @@ def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int 
             near = assign(c64.to(torch.float32), cent32, cent_sq.to(torch.float32))
         dist = torch.linalg.vector_norm(c64 - cent64[near], dim=1).numpy()
         np.maximum.at(radii, near.numpy(), dist)
-        row_codes[start:start + len(codes)] = codes
+        row_codes[start:start + len(codes)] = codes.numpy()
         owner[start:start + len(codes)] = near.numpy()
     row_codes.flush()
     say(f"assigned {count} vectors in {time.perf_counter() - trained:.1f} s")
@@ -286,8 +287,8 @@ class IvfScan(ProjectedScan):
         self.chunk_rows = max(1024, (64 << 20) // (4 * self.dims))  # ~64 MB of float32 codes at a time
         sq = np.empty(len(self.rows), np.float32)  # code norms in float64, stored in float32 (one rounding)
         for start in range(0, len(sq), self.chunk_rows):
-            block = np.asarray(codes[start:start + self.chunk_rows], np.float64)
-            sq[start:start + len(block)] = np.einsum("ij,ij->i", block, block)
+            block = torch.from_numpy(np.asarray(codes[start:start + self.chunk_rows])).to(torch.float64)
+            sq[start:start + len(block)] = (block * block).sum(1).numpy()
         self.code_sq = torch.from_numpy(sq).to(self.device)
 
     # -- which lists can hold a hit ------------------------------------------------------------
