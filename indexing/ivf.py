@@ -273,17 +273,17 @@ class IvfScan(ProjectedScan):
                  stats: SearchStats | None = None, recheck_bytes: int = 1 << 28, device="cpu"):
         self._setup(projection, device, store, stats, recheck_bytes)
         self.count = store.count
-        self.centroids64 = torch.from_numpy(np.asarray(centroids, np.float32)).to(self.device, torch.float64)
-        self.centroid_sq = (self.centroids64 * self.centroids64).sum(1)
+        self.centroids64 = np.asarray(centroids, np.float32).astype(np.float64)
+        self.centroid_sq = np.einsum("ij,ij->i", self.centroids64, self.centroids64)
         self.offsets = np.asarray(offsets, np.int64)
         self.sizes = np.diff(self.offsets)
         self.rows = np.asarray(rows, np.int64)
         self.codes = codes
-        self.radii = torch.from_numpy(np.asarray(radii, np.float64)).to(self.device)
+        self.radii = np.asarray(radii, np.float64)
         self.eps = float(eps)
         self._stored_error = float(stored_error)
         self.lists = len(self.sizes)
-        self._nonempty = torch.from_numpy(self.sizes > 0).to(self.device)
+        self._nonempty = self.sizes > 0
         self.chunk_rows = max(1024, (64 << 20) // (4 * self.dims))  # ~64 MB of float32 codes at a time
         sq = np.empty(len(self.rows), np.float32)  # code norms in float64, stored in float32 (one rounding)
         for start in range(0, len(sq), self.chunk_rows):
@@ -293,33 +293,36 @@ class IvfScan(ProjectedScan):
 
     # -- which lists can hold a hit ------------------------------------------------------------
 
-    def _centroid_geometry(self, p64: torch.Tensor):
-        """float64 distances (B, lists) from projected queries to centroids, and their error bound."""
-        qsq = (p64 * p64).sum(1)
-        d2 = (qsq[:, None] + self.centroid_sq[None, :] - 2.0 * (p64 @ self.centroids64.T)).clamp_min_(0)
+    # Small (batch x lists) float64 arithmetic runs in numpy: torch's thread pool costs more than
+    # the work on a loaded machine.
+
+    def _centroid_geometry(self, p64: np.ndarray):
+        """float64 squared distances (B, lists) from projected queries to centroids, and their error bound."""
+        qsq = np.einsum("ij,ij->i", p64, p64)
+        d2 = np.maximum(qsq[:, None] + self.centroid_sq[None, :] - 2.0 * (p64 @ self.centroids64.T), 0.0)
         # The expanded float64 formula's own bound (``float32_margin``'s argument with float64's unit).
         err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (qsq[:, None] + self.centroid_sq[None, :])
         return d2, err
 
-    def probe(self, p64: torch.Tensor, t: np.ndarray) -> torch.Tensor:
+    def probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
         """(B, lists) bool: the lists each query must scan (neither bound excludes them)."""
         d2, err = self._centroid_geometry(p64)
-        t64 = torch.from_numpy(np.asarray(t, np.float64)).to(self.device)[:, None] * (1 + SLACK64)
+        t64 = np.asarray(t, np.float64)[:, None] * (1 + SLACK64)
         # Covering radius: |p - mu_j| - R_j < t; |p - mu_j| >= sqrt(max(d2 - err, 0)).
-        low = torch.sqrt((d2 - err).clamp_min(0))
+        low = np.sqrt(np.maximum(d2 - err, 0.0))
         keep = (low - self.radii[None, :] * (1 + SLACK64) < t64) & self._nonempty[None, :]
         # Voronoi against each query's nearest centroids k: (f_jk - eps) / (2 |mu_j - mu_k|) < t.
-        near = torch.topk(d2 + torch.where(self._nonempty, 0.0, math.inf)[None, :],
-                          min(VORONOI_NEIGHBOURS, self.lists), dim=1, largest=False).indices
-        for n in range(near.shape[1]):
-            k = near[:, n]
-            f = d2 - d2.gather(1, k[:, None]) - err - err.gather(1, k[:, None]) - self.eps
-            # |mu_j - mu_k| overestimated (a smaller bound is the safe side when f > 0).
-            ck_sq = self.centroid_sq[k][:, None]
-            gap2 = ck_sq + self.centroid_sq[None, :] - 2.0 * (self.centroids64[k] @ self.centroids64.T)
-            gap2_err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (ck_sq + self.centroid_sq[None, :])
-            gap = torch.sqrt(gap2.clamp_min(0) + gap2_err) * (1 + SLACK64)
-            keep &= ~(f / (2.0 * gap) >= t64)
+        count = min(VORONOI_NEIGHBOURS, int(self._nonempty.sum()))
+        ranked = np.where(self._nonempty[None, :], d2, np.inf)
+        near = np.argpartition(ranked, count - 1, axis=1)[:, :count]  # (B, n)
+        rows = np.arange(len(d2))[:, None]
+        f = d2[:, None, :] - (d2[rows, near] + err[rows, near])[:, :, None] - err[:, None, :] - self.eps
+        # |mu_j - mu_k| overestimated (a smaller bound is the safe side when f > 0).
+        ck_sq = self.centroid_sq[near][:, :, None]
+        gap2 = ck_sq + self.centroid_sq[None, None, :] - 2.0 * (self.centroids64[near] @ self.centroids64.T)
+        gap2_err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (ck_sq + self.centroid_sq[None, None, :])
+        gap = np.sqrt(np.maximum(gap2, 0.0) + gap2_err) * (1 + SLACK64)
+        keep &= ~(f / (2.0 * gap) >= t64[:, :, None]).any(1)
         return keep
 
     def _positions(self, lists: np.ndarray) -> np.ndarray:
@@ -339,12 +342,12 @@ class IvfScan(ProjectedScan):
         chunk by chunk; a pair counts only when its list is probed for that query.
         """
         p32, t = self.filter_radii(q, radii)
-        p64 = (q.to(torch.float64) - self.mean64) @ self.basis64.T
-        keep = self.probe(p64, t)
-        probed = int(keep.sum())
-        lists = np.flatnonzero(keep.any(0).cpu().numpy())
+        keep_host = self.probe(self._project64(q), t)
+        probed = int(keep_host.sum())
+        lists = np.flatnonzero(keep_host.any(0))
         positions = self._positions(lists)
         owner = torch.from_numpy(np.repeat(lists, self.sizes[lists])).to(self.device)
+        keep = torch.from_numpy(keep_host).to(self.device)
         q64sq = (p32.to(torch.float64) ** 2).sum(1)
         qsq_host, qsq32 = q64sq.cpu().numpy(), q64sq.to(torch.float32)
         t2 = np.asarray(t, np.float64) ** 2
@@ -363,6 +366,9 @@ class IvfScan(ProjectedScan):
         if not pairs_q:
             return torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64), probed
         return torch.cat(pairs_q), self.rows[np.concatenate(pairs_p)], probed
+
+    def _project64(self, q: torch.Tensor) -> np.ndarray:
+        return ((q.to(torch.float64) - self.mean64) @ self.basis64.T).cpu().numpy()
 
     def _codes_at(self, pos: np.ndarray) -> torch.Tensor:
         """float32 codes at sorted positions: a slice (no gather) when they are contiguous, as when most lists are probed."""
@@ -386,10 +392,8 @@ class IvfScan(ProjectedScan):
 
     def knn64(self, q: torch.Tensor, k: int, take: bool = True):
         k = min(int(k), self.count)
-        p64 = (q.to(torch.float64) - self.mean64) @ self.basis64.T
-        d2, _ = self._centroid_geometry(p64)
-        d2 = d2 + torch.where(self._nonempty, 0.0, math.inf)[None, :]
-        order = torch.argsort(d2, dim=1).cpu().numpy()
+        d2, _ = self._centroid_geometry(self._project64(q))
+        order = np.argsort(np.where(self._nonempty[None, :], d2, np.inf), axis=1)
         qi, seed_rows = [], []
         for i in range(len(q)):
             lists = order[i, : np.searchsorted(np.cumsum(self.sizes[order[i]]), k) + 1]
