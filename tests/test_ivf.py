@@ -154,6 +154,7 @@ def test_sharded_equals_unsharded(random_ivf):
         b = sharded.range_search(queries, float(radius))
         assert [x[0].tolist() for x in a] == [x[0].tolist() for x in b]
         assert [x[1].tolist() for x in a] == [x[1].tolist() for x in b]
+    assert sharded.lists_per_query() > 0 and sharded.candidates_per_query() > 0
     assert [x[0].tolist() for x in one.knn(queries, 5)] == [x[0].tolist() for x in sharded.knn(queries, 5)]
     assert torch.equal(sharded.vectors([1499, 0, 650]), torch.from_numpy(base[[1499, 0, 650]]))
     # A server over two of the five shards answers for exactly their rows.
