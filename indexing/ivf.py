@@ -22,7 +22,7 @@ when either proof holds:
 The second holds because f_jk is affine with gradient 2 (mu_k - mu_j): f_jk(p_q) - f_jk(c_z) <=
 2 |mu_j - mu_k| |p_q - c_z|. Both sides are computed in float64 from the stored float32 values
 and given a float64 rounding allowance. In the lists that remain, the codes within t of p_q
-(float32 GEMM, widened by its own bound: ``ExactScan``) are the candidates, and each is decided
+(float32 GEMM, widened by ``exactness.float32_margin``) are the candidates, and each is decided
 against the full vectors (memory-mapped) in float64, as the ``projected`` backend does. When the
 candidates would cover half the rows, the re-check is the plain exact scan instead.
 
@@ -40,7 +40,10 @@ Files, in ``INDEX_DIR/projection-<d>/ivf-<lists>/`` (``write_ivf`` or ``spellshi
     radii.npy       float64 (lists,): covering radius R_j of each list (-inf when empty)
 
 Every sha256 is checked when the structure is opened: a changed file is refused
-(``IndexFormatError``), never searched.
+(``IndexFormatError``), never searched. ivf.json itself is the anchor (it also records the
+manifest's sha256, so a structure built for another version of the index is refused); a
+consistent rewrite of ivf.json together with a file is not detected until the manifest lists the
+structure. The projection's vectors.npy is, as for ``projected``, trusted as written.
 """
 
 from __future__ import annotations
