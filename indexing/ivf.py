@@ -344,8 +344,9 @@ class IvfScan(ProjectedScan):
         GEMM, widened by ``float32_margin`` (code norms computed in float64, stored in float32),
         chunk by chunk; a pair counts only when its list is probed for that query.
         """
-        p32, t = self.filter_radii(q, radii)
-        keep_host = self.probe(self._project64(q), t)
+        p64, t = self.project_queries(q, radii)
+        p32 = p64.to(torch.float32)
+        keep_host = self.probe(p64.cpu().numpy(), t)
         probed = int(keep_host.sum())
         lists = np.flatnonzero(keep_host.any(0))
         positions = self._positions(lists)

@@ -302,13 +302,18 @@ class ProjectedScan:
 
     def filter_radii(self, q: torch.Tensor, radii: np.ndarray):
         """The projected queries (float32) and the filter radius t of each (module doc)."""
+        p64, t = self.project_queries(q, radii)
+        return p64.to(torch.float32), t
+
+    def project_queries(self, q: torch.Tensor, radii: np.ndarray):
+        """The projected queries in float64 and the filter radius t of each (it covers their float32 rounding)."""
         centered = q.to(torch.float64) - self.mean64
         p64 = centered @ self.basis64.T
         p_norm = torch.linalg.vector_norm(p64, dim=1).cpu().numpy()
         c_norm = torch.linalg.vector_norm(centered, dim=1).cpu().numpy()
         query_error = FLOAT32_UNIT * (1 + 2 * FLOAT32_UNIT) * p_norm + self._e64 * c_norm
         t = (self.projection.sigma * np.asarray(radii, np.float64) + query_error + self._stored_error) * (1 + 1e-12)
-        return p64.to(torch.float32), t
+        return p64, t
 
     def recheck(self, q: torch.Tensor, rows: np.ndarray, radii: np.ndarray, max_k: int | None):
         """Exact search of every query against the union ``rows`` of the candidates, in bounded blocks."""
