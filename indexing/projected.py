@@ -131,6 +131,12 @@ def spectral_norm_bound(basis: torch.Tensor) -> float:
     return math.sqrt(top + slack)
 
 
+def projection_error_unit(projection: Projection) -> float:
+    """Bound on |P(x - m) computed in float64 - exact| per unit of |x - m| (module doc)."""
+    dims, dim = projection.basis.shape
+    return gamma(dim + 1, FLOAT64_UNIT) * math.sqrt(dims) * projection.sigma
+
+
 def project(vectors: torch.Tensor, basis64: torch.Tensor, mean64: torch.Tensor) -> torch.Tensor:
     """P (x - m) in float64 (rounded to float32 by the caller)."""
     return (vectors.to(torch.float64) - mean64) @ basis64.T
@@ -275,29 +281,39 @@ class ProjectedScan:
 
     def __init__(self, projection: Projection, projected: torch.Tensor, store, max_centered_norm: float,
                  max_projected_norm: float, stats: SearchStats | None = None, recheck_bytes: int = 1 << 28):
+        self._setup(projection, projected.device, store, stats, recheck_bytes)
+        self.filter = ExactScan(projected.to(torch.float32))
+        self.count = len(projected)
+        # The stored side's bound: float64 projection error plus one rounding to float32 (module doc).
+        self._stored_error = FLOAT32_UNIT * (1 + 2 * FLOAT32_UNIT) * max_projected_norm + self._e64 * max_centered_norm
+
+    def _setup(self, projection: Projection, device, store, stats: SearchStats | None, recheck_bytes: int) -> None:
+        """What every filter over this projection shares (``indexing.ivf`` reuses it)."""
         self.projection = projection
-        self.device = projected.device
+        self.device = torch.device(device)
         self.basis64 = torch.from_numpy(projection.basis).to(self.device, torch.float64)
         self.mean64 = torch.from_numpy(projection.mean).to(self.device, torch.float64)
-        self.filter = ExactScan(projected.to(torch.float32))
         self.store = store
-        self.count, self.dims = projected.shape
-        self.dim = projection.basis.shape[1]
+        self.dims, self.dim = projection.basis.shape
         self.stats = stats if stats is not None else SearchStats()
         self.recheck_bytes = recheck_bytes
-        # Float64 projection error per unit of |x - m| (module doc), and the stored side's bound.
-        self._e64 = gamma(self.dim + 1, FLOAT64_UNIT) * math.sqrt(self.dims) * projection.sigma
-        self._stored_error = FLOAT32_UNIT * (1 + 2 * FLOAT32_UNIT) * max_projected_norm + self._e64 * max_centered_norm
+        # Float64 projection error per unit of |x - m| (module doc).
+        self._e64 = projection_error_unit(projection)
 
     def filter_radii(self, q: torch.Tensor, radii: np.ndarray):
         """The projected queries (float32) and the filter radius t of each (module doc)."""
+        p64, t = self.project_queries(q, radii)
+        return p64.to(torch.float32), t
+
+    def project_queries(self, q: torch.Tensor, radii: np.ndarray):
+        """The projected queries in float64 and the filter radius t of each (it covers their float32 rounding)."""
         centered = q.to(torch.float64) - self.mean64
         p64 = centered @ self.basis64.T
         p_norm = torch.linalg.vector_norm(p64, dim=1).cpu().numpy()
         c_norm = torch.linalg.vector_norm(centered, dim=1).cpu().numpy()
         query_error = FLOAT32_UNIT * (1 + 2 * FLOAT32_UNIT) * p_norm + self._e64 * c_norm
         t = (self.projection.sigma * np.asarray(radii, np.float64) + query_error + self._stored_error) * (1 + 1e-12)
-        return p64.to(torch.float32), t
+        return p64, t
 
     def recheck(self, q: torch.Tensor, rows: np.ndarray, radii: np.ndarray, max_k: int | None):
         """Exact search of every query against the union ``rows`` of the candidates, in bounded blocks."""
@@ -354,6 +370,18 @@ def load_projection(index_dir: str, dims: int, create: bool = True, device="cpu"
     return path, meta
 
 
+def read_projection(path: str, meta: dict) -> Projection:
+    return Projection(np.load(os.path.join(path, "basis.npy")), np.load(os.path.join(path, "mean.npy")),
+                      float(meta["sigma"]), float(meta["explained_variance"]), int(meta["sample_size"]))
+
+
+def selected_rows(manifest, shards) -> np.ndarray:
+    """Rows of the projection's files that belong to ``shards`` (the files follow the manifest's order)."""
+    offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+    numbers = range(len(manifest.shards)) if shards is None else [int(s) for s in shards]
+    return np.concatenate([np.arange(offsets[n], offsets[n + 1]) for n in numbers])
+
+
 class ProjectedShield(Shield):
     """The ``projected`` backend over an index directory (module doc)."""
 
@@ -366,10 +394,7 @@ class ProjectedShield(Shield):
             raise ValueError(f"full must be one of {FULL}, got {full!r}")
         dims = min(int(dims), self.dim)
         path, meta = load_projection(index_dir, dims, create, device="cpu")
-        # Rows of the files that belong to the selected shards (files follow the manifest's order).
-        offsets = np.cumsum([0] + [s.count for s in manifest.shards])
-        numbers = range(len(manifest.shards)) if shards is None else [int(s) for s in shards]
-        rows = np.concatenate([np.arange(offsets[n], offsets[n + 1]) for n in numbers])
+        rows = selected_rows(manifest, shards)
         all_ids = np.load(os.path.join(path, "ids.npy"), mmap_mode="r")
         self.ids = np.asarray(all_ids[rows], np.int64)
         self.lookup = RowLookup(self.ids)
@@ -383,8 +408,7 @@ class ProjectedShield(Shield):
         else:
             array = np.array(vectors if subset is None else vectors[subset])  # a writable copy in memory
             store = DeviceStore(torch.from_numpy(array).to(self.device if full == "device" else "cpu"))
-        projection = Projection(np.load(os.path.join(path, "basis.npy")), np.load(os.path.join(path, "mean.npy")),
-                                float(meta["sigma"]), float(meta["explained_variance"]), int(meta["sample_size"]))
+        projection = read_projection(path, meta)
         self.full = full
         self.scan = ProjectedScan(projection, torch.from_numpy(projected).to(self.device), store,
                                   float(meta["max_centered_norm"]), float(meta["max_projected_norm"]), self.stats)

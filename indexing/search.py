@@ -12,6 +12,7 @@ re-check; the bounds are in ``indexing.exactness``):
     exact      indexing.exact         torch, CPU or GPU, float16 or float32 storage, chunked GEMM
     faiss      indexing.faiss_search  FAISS flat or IVF (complete probing) per shard; GPU top-k doubling
     projected  indexing.projected     PCA filter on d dims, exact re-check on (memory-mapped) full vectors
+    ivf        indexing.ivf           persisted inverted file over the projection: only provably useful lists
     sharded    indexing.sharded       any of the above per group of shards, fanned out, merged exactly
 
 Options by backend (all accept ``shards``: a subset of the manifest's shard numbers):
@@ -19,6 +20,8 @@ Options by backend (all accept ``shards``: a subset of the manifest's shard numb
     exact:     compute="auto"|"float32"|"float16", chunk_rows
     faiss:     index_type="flat"|"ivf", nlist, k0 (first k of the GPU top-k doubling)
     projected: dims=256, full="auto"|"disk"|"memory"|"device", create=True
+    ivf:       dims=256, lists (which ivf-<lists>/, default the only one), full="disk"|"memory",
+               codes="memory"|"disk"; never trains: ``spellshield project-index --lists K`` writes it
     sharded:   shard_backend="exact", parts (number of groups, default one per shard), devices,
                plus the options of shard_backend
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from .manifest import Manifest, read_manifest
 
-BACKENDS = ("exact", "faiss", "projected", "sharded")
+BACKENDS = ("exact", "faiss", "projected", "ivf", "sharded")
 
 
 def open_part(index_dir: str, manifest: Manifest, backend: str, device="cpu", shards=None, **options):
@@ -44,6 +47,10 @@ def open_part(index_dir: str, manifest: Manifest, backend: str, device="cpu", sh
         from .projected import ProjectedShield
 
         return ProjectedShield(index_dir, manifest, device=device, shards=shards, **options)
+    if backend == "ivf":
+        from .ivf import IvfShield
+
+        return IvfShield(index_dir, manifest, device=device, shards=shards, **options)
     raise ValueError(f"unknown search backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 

@@ -122,6 +122,11 @@ class ShardedShield(Shield):
         total = sum(s["candidates"] for s in self.part_stats())
         return total / self.stats.queries if self.stats.queries else 0.0
 
+    def lists_per_query(self) -> float:
+        """(query, list) pairs the parts' inverted files probed, per query of this shield (``ivf`` parts)."""
+        total = sum(s.get("lists_probed", 0) for s in self.part_stats())
+        return total / self.stats.queries if self.stats.queries else 0.0
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pool"] = None

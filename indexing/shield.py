@@ -34,22 +34,29 @@ class SearchStats:
     queries: int = 0
     candidates: int = 0  # (query, vector) pairs the fast pass or filter handed to the re-check
     hits: int = 0  # pairs the re-check kept
+    lists_probed: int = 0  # (query, list) pairs an inverted file scanned (``ivf`` only)
 
-    def add(self, queries: int, candidates: int, hits: int) -> None:
+    def add(self, queries: int, candidates: int, hits: int, lists_probed: int = 0) -> None:
         self.queries += int(queries)
         self.candidates += int(candidates)
         self.hits += int(hits)
+        self.lists_probed += int(lists_probed)
 
     @property
     def candidates_per_query(self) -> float:
         return self.candidates / self.queries if self.queries else 0.0
 
+    @property
+    def lists_per_query(self) -> float:
+        return self.lists_probed / self.queries if self.queries else 0.0
+
     def reset(self) -> None:
-        self.queries = self.candidates = self.hits = 0
+        self.queries = self.candidates = self.hits = self.lists_probed = 0
 
     def to_json(self) -> dict:
         return {"queries": self.queries, "candidates": self.candidates, "hits": self.hits,
-                "candidates_per_query": self.candidates_per_query}
+                "candidates_per_query": self.candidates_per_query, "lists_probed": self.lists_probed,
+                "lists_per_query": self.lists_per_query}
 
 
 def as_query_tensor(queries, dim: int, device) -> torch.Tensor:

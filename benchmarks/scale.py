@@ -1,0 +1,290 @@
+"""The ``ivf`` backend at scale on synthetic latents with the spectrum of real TAEF2 CIFAR-10 latents.
+
+    nice -n 10 python benchmarks/scale.py --n 1000000 --scratch /work/scratch/issue10 \
+        --out benchmarks/results/scale-1e6.json
+
+Data: ``benchmarks/synthetic_latents.py`` streams N vectors (D = 2,048, float16, the real
+latents' PCA variances, 10% near-duplicate rows) into a memory-mapped .npy under ``--scratch``
+(reused when present). The radius is the index's suggested one: half the median 1-NN distance of
+200 corpus vectors (self excluded), from a streaming float32 scan.
+
+Queries, like a sampler's x0_hat, in ``--batches`` batches of ``--batch``: half are corpus
+vectors moved by 10-50% of the radius (each has hits), half midpoints of two corpus vectors.
+The truth for every query is a streaming float32 scan of all N, widened by 1%, decided in
+float64: recall and precision of the backend are measured against it on every batch.
+
+Build: the PCA projection (``--dims``) fitted on 10,000 vectors, then ``indexing.ivf.build_ivf``
+streaming the memory-mapped vectors; wall time and peak RSS (VmHWM, reset before the phase).
+Search: codes in memory, full vectors memory-mapped; per batch the latency (median over the
+batches after one warm-up), lists probed and candidates per query (``stats``), peak RSS of the
+search phase. Then the same at 1/2, 1/4 and 1/8 of the radius: how the probed fraction depends
+on the radius, which the data's geometry decides.
+
+Baseline, in the same run: a plain float32 GEMM scan of all N vectors for one batch (the same
+memory-mapped file in chunks, upcast to float32, ``|q|^2 + |z|^2 - 2 q.z`` with the norms computed
+beforehand, threshold): the ``exact`` backend's CPU path for float16 storage, the work every
+current backend does per batch. The machine's load average is recorded at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from synthetic_latents import generate  # noqa: E402
+
+SCAN_BYTES = 256 << 20  # float16 bytes read per chunk of the streaming scans
+RADIUS_FACTORS = (1.0, 0.5, 0.25, 0.125)
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def scan(path: str, fn) -> None:
+    """Call ``fn(start, float32 block)`` over the vectors of a .npy, read in chunks (no memory map)."""
+    array = np.load(path, mmap_mode="r")
+    count, dim = array.shape
+    offset, dtype = array.offset, array.dtype
+    del array
+    step = max(1, SCAN_BYTES // (dim * dtype.itemsize))
+    with open(path, "rb") as f:
+        for start in range(0, count, step):
+            rows = min(step, count - start)
+            f.seek(offset + start * dim * dtype.itemsize)
+            block = np.fromfile(f, dtype=dtype, count=rows * dim).reshape(rows, dim)
+            fn(start, torch.from_numpy(block).to(torch.float32))  # torch's conversion (numpy's float16 one is slow)
+
+
+def gemm_sq(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    return (q * q).sum(1)[:, None] + (block * block).sum(1)[None, :] - 2.0 * (q @ block.T)
+
+
+def suggested_radius(path: str, count: int, rng) -> tuple[float, float]:
+    """Half the median 1-NN distance of 200 corpus vectors, self excluded; and that median."""
+    rows = np.sort(rng.choice(count, size=min(200, count - 1), replace=False))
+    sample = torch.from_numpy(np.asarray(np.load(path, mmap_mode="r")[rows], np.float32))
+    best = torch.full((len(rows),), math.inf, dtype=torch.float64)
+
+    def step(start, block):
+        d2 = gemm_sq(sample, block)
+        own = torch.from_numpy(rows[(rows >= start) & (rows < start + len(block))])
+        if len(own):  # self excluded
+            d2[torch.searchsorted(torch.from_numpy(rows), own), own - start] = math.inf
+        best.copy_(torch.minimum(best, d2.min(1).values.to(torch.float64)))
+
+    scan(path, step)
+    median = float(np.median(np.sqrt(best.clamp_min(0).numpy())))
+    return 0.5 * median, median
+
+
+def make_queries(path: str, count: int, batches: int, batch: int, radius: float, rng) -> np.ndarray:
+    vectors = np.load(path, mmap_mode="r")
+    dim = vectors.shape[1]
+    out = []
+    for _ in range(batches):
+        half = batch // 2
+        pick = np.sort(rng.choice(count, size=batch + batch - half, replace=False))
+        rng.shuffle(pick)
+        base = np.asarray(vectors[np.sort(pick[:half])], np.float64)
+        noise = rng.standard_normal((half, dim))
+        noise *= (rng.uniform(0.1, 0.5, half) * radius / np.linalg.norm(noise, axis=1))[:, None]
+        a = np.asarray(vectors[np.sort(pick[half:batch])], np.float64)
+        b = np.asarray(vectors[np.sort(pick[batch:])], np.float64)
+        out.append(np.concatenate([base + noise, 0.5 * (a + b)]).astype(np.float32))
+    return np.stack(out)
+
+
+def truth(path: str, queries: np.ndarray, radius: float) -> list[dict]:
+    """Every stored vector strictly within ``radius`` of each query, with its float64 distance."""
+    q = torch.from_numpy(queries)
+    pairs = []
+
+    def step(start, block):
+        d2 = gemm_sq(q, block)
+        qi, row = torch.nonzero(d2 <= (1.01 * radius) ** 2, as_tuple=True)  # 2% wider than any float32 error
+        pairs.append((qi.numpy(), row.numpy() + start))
+
+    scan(path, step)
+    qi = np.concatenate([p[0] for p in pairs])
+    rows = np.concatenate([p[1] for p in pairs])
+    vectors = np.load(path, mmap_mode="r")
+    out = [{} for _ in range(len(queries))]
+    for i, r in zip(qi, rows):
+        diff = np.asarray(vectors[r], np.float64) - queries[i].astype(np.float64)
+        distance = math.sqrt(float(diff @ diff))
+        if distance < radius:
+            out[i][int(r)] = distance
+    return out
+
+
+def gemm_baseline(path: str, q: np.ndarray, radius: float, repeats: int) -> float:
+    """Seconds of a plain float32 GEMM scan of every vector for one batch (median of ``repeats``):
+    the ``exact`` backend's CPU path for float16 storage (chunks upcast, norms computed beforehand)."""
+    norms = []
+    scan(path, lambda start, block: norms.append((block * block).sum(1)))
+    norms = torch.cat(norms)
+    vectors = np.load(path, mmap_mode="r")
+    step = max(1, SCAN_BYTES // (vectors.shape[1] * vectors.dtype.itemsize))
+    qt = torch.from_numpy(q)
+    qsq = (qt * qt).sum(1)[:, None]
+    times = []
+    for _ in range(repeats):
+        hits = []
+        started = time.perf_counter()
+        for start in range(0, len(vectors), step):
+            block = torch.from_numpy(np.asarray(vectors[start:start + step])).to(torch.float32)
+            d2 = qsq + norms[None, start:start + len(block)] - 2.0 * (qt @ block.T)
+            hits.append(torch.nonzero(d2 < radius * radius))
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, read_ivf
+    from spellshield.indexing.projected import MemmapStore, fit_projection
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100000)
+    parser.add_argument("--dim", type=int, default=None, help="default: the real latents' 2,048")
+    parser.add_argument("--dims", type=int, default=256, help="projected dimensions of the inverted file")
+    parser.add_argument("--lists", type=int, default=None, help="default: about 2 sqrt(N)")
+    parser.add_argument("--code-dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--fit-sample", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline-repeats", type=int, default=None, help="default 3 up to 10^6 vectors, else 1")
+    parser.add_argument("--scratch", default="/tmp/spellshield-scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--vectors", default=None, help="an existing (N, D) .npy instead of synthetic data "
+                        "(e.g. real TAEF2 CIFAR-10 latents cached by benchmarks/search.py)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.scratch, exist_ok=True)
+    rng = np.random.default_rng(args.seed + 1)
+    result = {"n": args.n, "dims": args.dims, "batch": args.batch, "batches": args.batches, "threads": args.threads,
+              "code_dtype": args.code_dtype, "load_average_start": os.getloadavg(), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "data": "synthetic, spectrum of 10,000 real TAEF2 CIFAR-10 latents, 10% near-duplicates"}
+
+    path = args.vectors or os.path.join(args.scratch, f"synthetic-{args.n}x{args.dim or 2048}-s{args.seed}.npy")
+    if args.vectors:
+        result["data"] = f"{args.vectors} (given)"
+    elif not os.path.isfile(path):
+        started = time.perf_counter()
+        generate(path, args.n, args.dim, args.seed)
+        result["generate_s"] = time.perf_counter() - started
+        print(f"generated {path} in {result['generate_s']:.0f} s", flush=True)
+    vectors = np.load(path, mmap_mode="r")
+    count, dim = vectors.shape
+    result.update(n=count, dim=dim, vectors_file_gb=os.path.getsize(path) / 2**30)
+
+    started = time.perf_counter()
+    radius, median_nn = suggested_radius(path, count, rng)
+    queries = make_queries(path, count, args.batches, args.batch, radius, rng)
+    widest = truth(path, queries.reshape(-1, dim), radius * max(RADIUS_FACTORS))  # one scan; the rest are subsets
+    radii_truth = {f: [{r for r, d in hits.items() if d < radius * f} for hits in widest] for f in RADIUS_FACTORS}
+    result.update(radius=radius, median_1nn=median_nn, truth_s=time.perf_counter() - started)
+    print(f"radius {radius:.3f} (median 1-NN {median_nn:.3f}); truth in {result['truth_s']:.0f} s", flush=True)
+
+    reps = args.baseline_repeats or (3 if count <= 1_000_000 else 1)
+    result["gemm_scan_ms"] = 1e3 * gemm_baseline(path, queries[0], radius, reps)
+    print(f"plain float32 GEMM scan of {count:,} vectors: {result['gemm_scan_ms']:.0f} ms per batch", flush=True)
+
+    # -- build --------------------------------------------------------------------------------------
+    lists = args.lists or default_lists(count)
+    out = os.path.join(args.scratch, f"ivf-{count}x{dim}-d{args.dims}-l{lists}-{args.code_dtype}")
+    reset_peak()
+    base_rss = peak_rss_gb()
+    started = time.perf_counter()
+    fit_rows = np.sort(rng.choice(count, size=min(args.fit_sample, count), replace=False))
+    projection = fit_projection(torch.from_numpy(np.asarray(vectors[fit_rows], np.float32)), min(args.dims, dim), args.seed)
+    meta = build_ivf(out, vectors, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
+                     log=lambda m: print("  " + m, flush=True))
+    result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,
+                       "lists": lists, "list_sizes": meta["list_sizes"], "explained_variance": projection.explained_variance,
+                       "stored_error": meta["stored_error"], "eps": meta["eps"],
+                       "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
+    print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
+    del vectors
+
+    # -- search -------------------------------------------------------------------------------------
+    reset_peak()
+    started = time.perf_counter()
+    meta = read_ivf(out)  # every sha256 checked, as on open
+    load = lambda name: np.load(os.path.join(out, name))  # noqa: E731
+    store = MemmapStore(np.load(path, mmap_mode="r"), None, "cpu")
+    scan_ = IvfScan(projection, load("centroids.npy"), load("offsets.npy"), load("rows.npy"), load("codes.npy"),
+                    load("radii.npy"), meta["eps"], meta["stored_error"], store)
+    result["open_s"] = time.perf_counter() - started
+    rows = []
+    for factor in RADIUS_FACTORS:
+        r = radius * factor
+        expected = radii_truth[factor]
+        times, lists_q, cands_q, found, missed, extra = [], [], [], 0, 0, 0
+        for b in range(-1, args.batches):  # -1: warm-up, not timed
+            q = torch.from_numpy(queries[max(b, 0)])
+            scan_.stats.reset()
+            t0 = time.perf_counter()
+            res = scan_.range_search64(q, np.full(len(q), r))
+            elapsed = time.perf_counter() - t0
+            if b < 0:
+                continue
+            times.append(elapsed)
+            lists_q.append(scan_.stats.lists_per_query)
+            cands_q.append(scan_.stats.candidates_per_query)
+            for i, (ids, _) in enumerate(res):
+                want = expected[b * args.batch + i]
+                got = set(ids.tolist())
+                found += len(got & want)
+                missed += len(want - got)
+                extra += len(got - want)
+        truth_hits = found + missed
+        row = {"radius_factor": factor, "radius": r, "median_ms": 1e3 * float(np.median(times)),
+               "ms": [1e3 * t for t in times], "lists_per_query": float(np.mean(lists_q)),
+               "probed_fraction": float(np.mean(lists_q)) / lists, "candidates_per_query": float(np.mean(cands_q)),
+               "hits": truth_hits, "recall": found / truth_hits if truth_hits else 1.0,
+               "precision": found / (found + extra) if found + extra else 1.0,
+               "vs_gemm_scan": 1e3 * float(np.median(times)) / result["gemm_scan_ms"]}
+        rows.append(row)
+        print(f"  r x {factor}: {row['median_ms']:.1f} ms/batch ({row['vs_gemm_scan']:.2f} x GEMM scan), "
+              f"{row['lists_per_query']:.0f}/{lists} lists, {row['candidates_per_query']:.1f} candidates/query, "
+              f"recall {row['recall']:.3f} precision {row['precision']:.3f} ({truth_hits} hits)", flush=True)
+    result["search"] = rows
+    result["search_peak_rss_gb"] = peak_rss_gb()
+    result["load_average_end"] = os.getloadavg()
+    print(f"search peak RSS {result['search_peak_rss_gb']:.2f} GB", flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(r["recall"] == 1.0 and r["precision"] == 1.0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

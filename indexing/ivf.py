@@ -1,0 +1,486 @@
+"""``ivf``: an inverted file over the ``projected`` space, trained once and persisted, whose per-list
+bounds prove which lists can hold a hit; only those are scanned, every candidate re-checked exactly.
+
+Why no hit is lost. Everything happens in the projected space of ``indexing.projected`` (P the
+stored basis, sigma its spectral-norm bound, m the mean). Each stored vector z has a code c_z
+(float16 or float32, the float64 projection rounded once) with |c_z - P(z - m)| <= E, where E is
+the largest |c_z - p64_z| measured at build time (float64, rounded up) plus the float64
+projection error bound (``projection_error_unit`` times |z - m|). The query's projection p_q is
+computed in float64, off by at most e_q. A hit (|q - z| < r) therefore has
+
+    |p_q - c_z| < t = sigma r + e_q + E                                                       (1)
+
+exactly as the ``projected`` filter. k-means centroids mu_j (float32, FAISS, on a sample of the
+codes) split the codes into lists; z sits in list j when mu_j was its nearest centroid in a
+float32 computation, so for every centroid k, f_jk(c_z) = |c_z - mu_j|^2 - |c_z - mu_k|^2 <= eps,
+eps twice the float32 bound of ``exactness.float32_margin``. A list j can be skipped for a query
+when either proof holds:
+
+    covering radius:  |p_q - mu_j| - R_j >= t,   R_j = max_{z in j} |c_z - mu_j| (float64, rounded up)
+    Voronoi:          (f_jk(p_q) - eps) / (2 |mu_j - mu_k|) >= t   for one of the query's nearest centroids k
+
+The second holds because f_jk is affine with gradient 2 (mu_k - mu_j): f_jk(p_q) - f_jk(c_z) <=
+2 |mu_j - mu_k| |p_q - c_z|. Both sides are computed in float64 from the stored float32 values
+and given a float64 rounding allowance. In the lists that remain, the codes within t of p_q
+(float32 GEMM, widened by ``exactness.float32_margin``) are the candidates, and each is decided
+against the full vectors (memory-mapped) in float64, as the ``projected`` backend does. When the
+candidates would cover half the rows, the re-check is the plain exact scan instead.
+
+knn: the k rows of the query's nearest non-empty lists give U, an upper bound on the k-th
+distance (re-checked in float64); a range search of radius just above U then holds the k nearest.
+
+Files, in ``INDEX_DIR/projection-<d>/ivf-<lists>/`` (``write_ivf`` or ``spellshield project-index
+--lists K``), written to a temporary directory and renamed into place; opening never trains:
+
+    ivf.json        lists, dims, count, eps, stored_error, code dtype, build stats, sha256 of every
+                    file below and of the projection's basis.npy, mean.npy, ids.npy, projection.json
+    centroids.npy   float32 (lists, d)                offsets.npy  int64 (lists + 1,)
+    rows.npy        int64 (N,): rows of the projection's files, list by list
+    codes.npy       (N, d) float16 or float32 codes in the order of rows.npy
+    radii.npy       float64 (lists,): covering radius R_j of each list (-inf when empty)
+
+Every sha256 is checked when the structure is opened: a changed file is refused
+(``IndexFormatError``), never searched. ivf.json itself is the anchor (it also records the
+manifest's sha256, so a structure built for another version of the index is refused); a
+consistent rewrite of ivf.json together with a file is not detected until the manifest lists the
+structure. The projection's vectors.npy is, as for ``projected``, trusted as written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from .exactness import (
+    full_precision_matmul,
+    round_up_float32,
+    float32_margin,
+    gamma,
+    inclusive_radius,
+    order_results,
+    recheck_pairs,
+    split_by_query,
+)
+from .manifest import IndexFormatError, file_sha256, manifest_hash, write_json_atomic
+from .projected import (
+    FLOAT64_UNIT,
+    DeviceStore,
+    MemmapStore,
+    Projection,
+    ProjectedScan,
+    load_projection,
+    project,
+    projection_dir,
+    projection_error_unit,
+    read_projection,
+    selected_rows,
+)
+from .shield import SearchStats, Shield
+from .store import RowLookup
+
+META = "ivf.json"
+FILES = ("centroids.npy", "offsets.npy", "rows.npy", "codes.npy", "radii.npy")
+PROJECTION_FILES = ("basis.npy", "mean.npy", "ids.npy", "projection.json")
+CODE_DTYPES = ("float16", "float32")
+VORONOI_NEIGHBOURS = 8  # nearest centroids each query tries as the k of the Voronoi bound
+SLACK64 = 1e-9  # relative allowance for float64 rounding in the list bounds (errors are ~1e-13)
+
+
+def ivf_dir(index_dir: str, dims: int, lists: int) -> str:
+    return os.path.join(projection_dir(index_dir, dims), f"ivf-{int(lists)}")
+
+
+def default_lists(count: int) -> int:
+    """About 2 sqrt(N) lists (a power of two), at least 1 and at most N / 8."""
+    target = 2.0 * math.sqrt(max(count, 1))
+    return int(max(1, min(2 ** round(math.log2(target)), max(count // 8, 1))))
+
+
+# -- building ------------------------------------------------------------------------------------
+
+
+def train_centroids(codes: np.ndarray, lists: int, seed: int = 0, niter: int = 10) -> np.ndarray:
+    """k-means (FAISS) on a sample of codes (S, d) float32 -> float32 (lists, d)."""
+    import faiss
+
+    kmeans = faiss.Kmeans(codes.shape[1], int(lists), niter=niter, seed=seed, verbose=False,
+                          max_points_per_centroid=max(256, len(codes) // max(lists, 1) + 1))
+    kmeans.train(np.ascontiguousarray(codes, np.float32))
+    return np.ascontiguousarray(kmeans.centroids, np.float32)
+
+
+def assign(codes32: torch.Tensor, centroids: torch.Tensor, centroid_sq: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of each code by the float32 expanded distance (the |x|^2 term is common)."""
+    d2 = centroid_sq[None, :] - 2.0 * (codes32 @ centroids.T)
+    return torch.argmin(d2, dim=1)
+
+
+def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int | None = None, *,
+              code_dtype: str = "float16", sample_size: int | None = None, seed: int = 0, niter: int = 10,
+              chunk_rows: int = 1 << 15, extra_meta: dict | None = None, log=None) -> dict:
+    """Write the structure (module doc) for ``vectors`` (N, D), any array (a memmap: read in chunks).
+
+    Memory: one chunk of vectors in float64, the k-means sample, and 12 bytes per vector (list and
+    row numbers); the codes go through a memory-mapped file. Returns the metadata written.
+    """
+    if code_dtype not in CODE_DTYPES:
+        raise ValueError(f"code dtype must be one of {CODE_DTYPES}, got {code_dtype!r}")
+    count, dim = vectors.shape
+    dims = projection.dims
+    if projection.basis.shape[1] != dim:
+        raise ValueError(f"projection is for {projection.basis.shape[1]}-d vectors, these are {dim}-d")
+    lists = default_lists(count) if lists is None else int(lists)
+    if not 1 <= lists <= count:
+        raise ValueError(f"lists must be in 1..{count} (the number of vectors), got {lists}")
+    started = time.perf_counter()
+    say = log or (lambda _msg: None)
+    basis64 = torch.from_numpy(projection.basis).to(torch.float64)
+    mean64 = torch.from_numpy(projection.mean).to(torch.float64)
+    ctype = np.dtype(code_dtype)
+
+    # 1. k-means on the projections of a sample (sorted rows: sequential reads of a memmap).
+    sample_size = min(count, max(32 * lists, 20000) if sample_size is None else int(sample_size))
+    if sample_size < lists:
+        raise ValueError(f"a sample of {sample_size} cannot train {lists} lists")
+    chosen = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
+    tdtype = getattr(torch, code_dtype)
+    sample = torch.cat([  # the codes' values (rounded to the code dtype), as float32
+        project(torch.from_numpy(np.array(vectors[chosen[i:i + chunk_rows]])), basis64, mean64).to(tdtype).to(torch.float32)
+        for i in range(0, len(chosen), chunk_rows)]).numpy()
+    centroids = train_centroids(sample, lists, seed, niter)
+    del sample
+    trained = time.perf_counter()
+    say(f"k-means: {lists} lists on {sample_size} codes in {trained - started:.1f} s")
+
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    row_codes = np.lib.format.open_memmap(os.path.join(tmp, "codes-by-row.npy"), mode="w+", dtype=ctype, shape=(count, dims))
+    owner = np.empty(count, np.int32)
+    cent32 = torch.from_numpy(centroids)
+    cent64 = cent32.to(torch.float64)
+    cent_sq = (cent64 * cent64).sum(1)
+    radii = np.full(lists, -np.inf)
+    max_code_error = max_centered = max_code_sq = 0.0
+    # 2. One streaming pass: project (float64), round to codes, measure the rounding, assign, radii.
+    for start in range(0, count, chunk_rows):
+        chunk = torch.from_numpy(np.array(vectors[start:start + chunk_rows]))
+        centered = chunk.to(torch.float64) - mean64
+        p64 = centered @ basis64.T
+        codes = p64.to(tdtype)  # torch's conversions: numpy's float16 ones are slow
+        c64 = codes.to(torch.float64)
+        max_code_error = max(max_code_error, float(torch.linalg.vector_norm(c64 - p64, dim=1).max()))
+        max_centered = max(max_centered, float(torch.linalg.vector_norm(centered, dim=1).max()))
+        max_code_sq = max(max_code_sq, float((c64 * c64).sum(1).max()))
+        with full_precision_matmul():
+            near = assign(c64.to(torch.float32), cent32, cent_sq.to(torch.float32))
+        dist = torch.linalg.vector_norm(c64 - cent64[near], dim=1).numpy()
+        np.maximum.at(radii, near.numpy(), dist)
+        row_codes[start:start + len(codes)] = codes.numpy()
+        owner[start:start + len(codes)] = near.numpy()
+    row_codes.flush()
+    say(f"assigned {count} vectors in {time.perf_counter() - trained:.1f} s")
+
+    # 3. Lists in order: rows sorted by list, codes scattered into list order chunk by chunk.
+    order = np.argsort(owner, kind="stable")
+    offsets = np.zeros(lists + 1, np.int64)
+    np.cumsum(np.bincount(owner, minlength=lists), out=offsets[1:])
+    del owner
+    position = np.empty(count, np.int64)
+    position[order] = np.arange(count)
+    listed = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), mode="w+", dtype=ctype, shape=(count, dims))
+    for start in range(0, count, chunk_rows):
+        block = np.asarray(row_codes[start:start + chunk_rows])
+        listed[position[start:start + len(block)]] = block
+    listed.flush()
+    del listed, row_codes, position
+    os.remove(os.path.join(tmp, "codes-by-row.npy"))
+    np.save(os.path.join(tmp, "rows.npy"), order.astype(np.int64))
+    np.save(os.path.join(tmp, "offsets.npy"), offsets)
+    np.save(os.path.join(tmp, "centroids.npy"), centroids)
+    # Rounded up: the radii come from float64 arithmetic on exact float16/float32 values.
+    np.save(os.path.join(tmp, "radii.npy"), np.where(np.isfinite(radii), radii * (1 + SLACK64), radii))
+
+    # eps: an assignment made in float32 is off by at most twice the float32 distance bound.
+    eps = 2.0 * float(float32_margin(dims, np.array([max_code_sq]), float(cent_sq.max()))[0])
+    stored_error = (max_code_error * (1 + SLACK64) + projection_error_unit(projection) * max_centered) * (1 + SLACK64)
+    sizes = np.diff(offsets)
+    meta = {
+        "lists": lists, "dims": dims, "dim": dim, "count": count, "code_dtype": code_dtype, "eps": eps,
+        "stored_error": stored_error, "max_code_rounding": max_code_error, "max_centered_norm": max_centered,
+        "sample_size": sample_size, "seed": seed, "niter": niter,
+        "list_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
+                       "empty": int((sizes == 0).sum())},
+        "build_seconds": time.perf_counter() - started,
+        "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in FILES},
+    }
+    meta.update(extra_meta or {})
+    write_json_atomic(os.path.join(tmp, META), meta)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    say(f"ivf written to {out} in {meta['build_seconds']:.1f} s")
+    return meta
+
+
+def write_ivf(index_dir: str, dims: int = 256, lists: int | None = None, overwrite: bool = False, **options) -> str:
+    """Build the structure over the index's ``projection-<dims>`` (which must exist); returns its dir."""
+    path, pmeta = load_projection(index_dir, dims, create=False)
+    lists = default_lists(int(pmeta["count"])) if lists is None else int(lists)
+    out = ivf_dir(index_dir, pmeta["dims"], lists)
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} exists already (pass overwrite=True to rebuild it)")
+    vectors = np.load(os.path.join(path, "vectors.npy"), mmap_mode="r")
+    anchors = {"manifest_sha256": manifest_hash(index_dir),
+               "projection_sha256": {name: file_sha256(os.path.join(path, name)) for name in PROJECTION_FILES}}
+    build_ivf(out, vectors, read_projection(path, pmeta), lists, extra_meta=anchors, **options)
+    return out
+
+
+# -- opening -------------------------------------------------------------------------------------
+
+
+def read_ivf(path: str, projection_path: str | None = None) -> dict:
+    """The metadata of a structure, after checking the sha256 of every file it names (fail closed)."""
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise IndexFormatError(f"{path} holds no inverted file ({META} missing)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    checks = [(os.path.join(path, n), h) for n, h in meta["sha256"].items()]
+    if projection_path is not None:
+        checks += [(os.path.join(projection_path, n), h) for n, h in meta.get("projection_sha256", {}).items()]
+    for file, expected in checks:
+        if not os.path.isfile(file):
+            raise IndexFormatError(f"{file} is missing: the inverted file cannot be searched")
+        if file_sha256(file) != expected:
+            raise IndexFormatError(f"{file} does not match the sha256 recorded in {meta_path}: refusing to search it")
+    return meta
+
+
+class IvfScan(ProjectedScan):
+    """Range search and knn over a store of full vectors through the inverted file (module doc).
+
+    ``codes`` (N, d) and ``offsets`` describe the lists of the rows this scan serves; ``rows``
+    (N,) are their rows in ``store``. Results carry store rows as ids.
+    """
+
+    def __init__(self, projection: Projection, centroids: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                 codes: np.ndarray, radii: np.ndarray, eps: float, stored_error: float, store,
+                 stats: SearchStats | None = None, recheck_bytes: int = 1 << 28, device="cpu"):
+        self._setup(projection, device, store, stats, recheck_bytes)
+        self.count = store.count
+        self.centroids64 = np.asarray(centroids, np.float32).astype(np.float64)
+        self.centroid_sq = np.einsum("ij,ij->i", self.centroids64, self.centroids64)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.sizes = np.diff(self.offsets)
+        self.rows = np.asarray(rows, np.int64)
+        self.codes = codes
+        self.radii = np.asarray(radii, np.float64)
+        self.eps = float(eps)
+        self._stored_error = float(stored_error)
+        self.lists = len(self.sizes)
+        self._nonempty = self.sizes > 0
+        self.chunk_rows = max(1024, (64 << 20) // (4 * self.dims))  # ~64 MB of float32 codes at a time
+        sq = np.empty(len(self.rows), np.float32)  # code norms in float64, stored in float32 (one rounding)
+        for start in range(0, len(sq), self.chunk_rows):
+            block = torch.from_numpy(np.asarray(codes[start:start + self.chunk_rows])).to(torch.float64)
+            sq[start:start + len(block)] = (block * block).sum(1).numpy()
+        self.code_sq = torch.from_numpy(sq).to(self.device)
+
+    # -- which lists can hold a hit ------------------------------------------------------------
+
+    # Small (batch x lists) float64 arithmetic runs in numpy: torch's thread pool costs more than
+    # the work on a loaded machine.
+
+    def _centroid_geometry(self, p64: np.ndarray):
+        """float64 squared distances (B, lists) from projected queries to centroids, and their error bound."""
+        qsq = np.einsum("ij,ij->i", p64, p64)
+        d2 = np.maximum(qsq[:, None] + self.centroid_sq[None, :] - 2.0 * (p64 @ self.centroids64.T), 0.0)
+        # The expanded float64 formula's own bound (``float32_margin``'s argument with float64's unit).
+        err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (qsq[:, None] + self.centroid_sq[None, :])
+        return d2, err
+
+    def probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """(B, lists) bool: the lists each query must scan (neither bound excludes them)."""
+        d2, err = self._centroid_geometry(p64)
+        t64 = np.asarray(t, np.float64)[:, None] * (1 + SLACK64)
+        # Covering radius: |p - mu_j| - R_j < t; |p - mu_j| >= sqrt(max(d2 - err, 0)).
+        low = np.sqrt(np.maximum(d2 - err, 0.0))
+        keep = (low - self.radii[None, :] * (1 + SLACK64) < t64) & self._nonempty[None, :]
+        # Voronoi against each query's nearest centroids k: (f_jk - eps) / (2 |mu_j - mu_k|) < t.
+        count = min(VORONOI_NEIGHBOURS, int(self._nonempty.sum()))
+        ranked = np.where(self._nonempty[None, :], d2, np.inf)
+        near = np.argpartition(ranked, count - 1, axis=1)[:, :count]  # (B, n)
+        rows = np.arange(len(d2))[:, None]
+        f = d2[:, None, :] - (d2[rows, near] + err[rows, near])[:, :, None] - err[:, None, :] - self.eps
+        # |mu_j - mu_k| overestimated (a smaller bound is the safe side when f > 0).
+        ck_sq = self.centroid_sq[near][:, :, None]
+        gap2 = ck_sq + self.centroid_sq[None, None, :] - 2.0 * (self.centroids64[near] @ self.centroids64.T)
+        gap2_err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (ck_sq + self.centroid_sq[None, None, :])
+        gap = np.sqrt(np.maximum(gap2, 0.0) + gap2_err) * (1 + SLACK64)
+        keep &= ~(f / (2.0 * gap) >= t64[:, :, None]).any(1)
+        return keep
+
+    def _positions(self, lists: np.ndarray) -> np.ndarray:
+        """Positions (in list order) of every row of ``lists``."""
+        starts, sizes = self.offsets[lists], self.sizes[lists]
+        total = int(sizes.sum())
+        if total == 0:
+            return np.zeros(0, np.int64)
+        base = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        return base + np.arange(total)
+
+    def candidates(self, q: torch.Tensor, radii: np.ndarray):
+        """(query index, store row) pairs that may be hits, and the number of (query, list) pairs probed.
+
+        The codes of the probed lists are compared with the float32 projected queries by a float32
+        GEMM, widened by ``float32_margin`` (code norms computed in float64, stored in float32),
+        chunk by chunk; a pair counts only when its list is probed for that query.
+        """
+        p64, t = self.project_queries(q, radii)
+        p32 = p64.to(torch.float32)
+        keep_host = self.probe(p64.cpu().numpy(), t)
+        probed = int(keep_host.sum())
+        lists = np.flatnonzero(keep_host.any(0))
+        positions = self._positions(lists)
+        owner = torch.from_numpy(np.repeat(lists, self.sizes[lists])).to(self.device)
+        keep = torch.from_numpy(keep_host).to(self.device)
+        q64sq = (p32.to(torch.float64) ** 2).sum(1)
+        qsq_host, qsq32 = q64sq.cpu().numpy(), q64sq.to(torch.float32)
+        t2 = np.asarray(t, np.float64) ** 2
+        pairs_q, pairs_p = [], []
+        with full_precision_matmul():
+            for start in range(0, len(positions), self.chunk_rows):
+                pos = positions[start:start + self.chunk_rows]
+                block = self._codes_at(pos)
+                zsq = self.code_sq[torch.from_numpy(pos).to(self.device)]
+                thr = round_up_float32(t2 + float32_margin(self.dims, qsq_host, float(zsq.max())))
+                d2 = qsq32[:, None] + zsq[None, :] - 2.0 * (p32 @ block.T)
+                mask = (d2 <= torch.from_numpy(thr).to(self.device)[:, None]) & keep[:, owner[start:start + len(pos)]]
+                qi, local = torch.nonzero(mask, as_tuple=True)
+                pairs_q.append(qi.cpu())
+                pairs_p.append(pos[local.cpu().numpy()])
+        if not pairs_q:
+            return torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64), probed
+        return torch.cat(pairs_q), self.rows[np.concatenate(pairs_p)], probed
+
+    def _project64(self, q: torch.Tensor) -> np.ndarray:
+        return ((q.to(torch.float64) - self.mean64) @ self.basis64.T).cpu().numpy()
+
+    def _codes_at(self, pos: np.ndarray) -> torch.Tensor:
+        """float32 codes at sorted positions: a slice (no gather) when they are contiguous, as when most lists are probed."""
+        if pos[-1] - pos[0] + 1 == len(pos):
+            codes = self.codes[pos[0]:pos[-1] + 1]
+        else:
+            codes = self.codes[pos]
+        return torch.from_numpy(np.asarray(codes)).to(self.device, torch.float32)
+
+    # -- searches ------------------------------------------------------------------------------
+
+    def range_search64(self, q: torch.Tensor, radii: np.ndarray, max_k: int | None = None):
+        qi, rows, probed = self.candidates(q, radii)
+        union = np.unique(rows)
+        if len(union) > self.count // 2:
+            out = self.store.full_scan(q, radii, max_k)
+        else:
+            out = self.recheck(q, union, radii, max_k)
+        self.stats.add(len(q), len(qi), sum(len(i) for i, _ in out), probed)
+        return out
+
+    def knn64(self, q: torch.Tensor, k: int, take: bool = True):
+        k = min(int(k), self.count)
+        d2, _ = self._centroid_geometry(self._project64(q))
+        order = np.argsort(np.where(self._nonempty[None, :], d2, np.inf), axis=1)
+        qi, seed_rows = [], []
+        for i in range(len(q)):
+            lists = order[i, : np.searchsorted(np.cumsum(self.sizes[order[i]]), k) + 1]
+            rows = self.rows[self._positions(lists)]
+            qi.append(np.full(len(rows), i))
+            seed_rows.append(rows)
+        qi, seed_rows = np.concatenate(qi), np.concatenate(seed_rows)
+        dist = recheck_pairs(q, torch.from_numpy(qi).to(q.device), self.store.gather, torch.from_numpy(seed_rows))
+        seeded = split_by_query(len(q), qi, seed_rows, dist.cpu().numpy(), None, k)
+        radii = np.array([inclusive_radius(d[-1]) for _, d in seeded])
+        return self.range_search64(q, radii, k if take else None)
+
+
+class IvfShield(Shield):
+    """The ``ivf`` backend over an index directory (module doc): reads, never trains."""
+
+    backend = "ivf"
+
+    def __init__(self, index_dir: str, manifest, device="cpu", shards=None, dims: int = 256, lists: int | None = None,
+                 full: str = "disk", codes: str = "memory"):
+        super().__init__(index_dir, manifest, shards, device)
+        dims = min(int(dims), self.dim)
+        ppath, pmeta = load_projection(index_dir, dims, create=False)
+        path = self._find(index_dir, dims, lists)
+        meta = read_ivf(path, ppath)
+        if meta.get("manifest_sha256") != manifest_hash(index_dir):
+            raise IndexFormatError(f"{path} was built for another version of the index: rebuild it (project-index --lists)")
+        subset = None if shards is None else selected_rows(manifest, shards)
+        all_ids = np.load(os.path.join(ppath, "ids.npy"), mmap_mode="r")
+        self.ids = np.asarray(all_ids if subset is None else all_ids[subset], np.int64)
+        self.lookup = RowLookup(self.ids)
+        vectors = np.load(os.path.join(ppath, "vectors.npy"), mmap_mode="r")
+        if full == "disk":
+            store = MemmapStore(vectors, subset, self.device)
+        elif full == "memory":
+            store = DeviceStore(torch.from_numpy(np.array(vectors if subset is None else vectors[subset])))
+        else:
+            raise ValueError(f"full must be 'disk' or 'memory', got {full!r}")
+        offsets = np.load(os.path.join(path, "offsets.npy"))
+        rows = np.load(os.path.join(path, "rows.npy"), mmap_mode="r")
+        code_file = np.load(os.path.join(path, "codes.npy"), mmap_mode="r")
+        if subset is None:
+            keep = None
+            rows = np.asarray(rows)
+        else:  # this part's rows of every list, renumbered to the part's store rows
+            local = np.full(int(pmeta["count"]), -1, np.int64)
+            local[subset] = np.arange(len(subset))
+            mapped = local[np.asarray(rows)]
+            keep = mapped >= 0
+            owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[keep]
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(offsets) - 1))])
+            rows = mapped[keep]
+        if codes == "memory":
+            code_array = np.array(code_file if keep is None else code_file[keep])
+        elif codes == "disk" and keep is None:
+            code_array = code_file
+        else:
+            raise ValueError(f"codes must be 'memory' (or 'disk' for an unsharded shield), got {codes!r}")
+        self.path = path
+        self.meta = meta
+        self.scan = IvfScan(read_projection(ppath, pmeta), np.load(os.path.join(path, "centroids.npy")), offsets, rows,
+                            code_array, np.load(os.path.join(path, "radii.npy")), meta["eps"], meta["stored_error"],
+                            store, self.stats, device=self.device)
+
+    @staticmethod
+    def _find(index_dir: str, dims: int, lists: int | None) -> str:
+        if lists is not None:
+            return ivf_dir(index_dir, dims, lists)
+        base = projection_dir(index_dir, dims)
+        found = sorted(n for n in os.listdir(base) if n.startswith("ivf-") and ".tmp-" not in n) if os.path.isdir(base) else []
+        if len(found) != 1:
+            what = "no inverted file" if not found else f"{len(found)} inverted files ({', '.join(found)}): pass lists="
+            raise IndexFormatError(f"{index_dir} has {what} for its {dims}-dim projection: run "
+                                   f"`spellshield project-index {index_dir} --dims {dims} --lists K`" if not found else
+                                   f"{index_dir} has {what}")
+        return os.path.join(base, found[0])
+
+    def range_search64(self, queries, radii, max_k):
+        return [order_results(self.ids[r], d, None, max_k) for r, d in self.scan.range_search64(queries, radii, None)]
+
+    def knn64(self, queries, k):
+        return [order_results(self.ids[r], d, None, k) for r, d in self.scan.knn64(queries, k, take=False)]
+
+    def vectors(self, ids) -> torch.Tensor:
+        return self.scan.vectors(self.lookup.rows(ids)).to(self.device)
+

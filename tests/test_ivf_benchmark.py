@@ -1,0 +1,42 @@
+"""The scale benchmark and its synthetic-latent generator run at toy size and check their own answers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import ROOT
+
+
+def test_scale_benchmark_at_toy_size(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--n", "3000", "--dim", "64", "--dims", "16", "--lists", "32", "--batches", "2", "--threads", "1",
+            "--scratch", str(tmp_path / "scratch"), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["n"] == 3000 and result["dim"] == 64 and result["build"]["lists"] == 32
+    assert result["gemm_scan_ms"] > 0 and result["build"]["peak_rss_gb"] > 0
+    assert [row["radius_factor"] for row in result["search"]] == [1.0, 0.5, 0.25, 0.125]
+    for row in result["search"]:
+        assert row["recall"] == 1.0 and row["precision"] == 1.0
+        assert 0 < row["probed_fraction"] <= 1 and row["candidates_per_query"] >= 0
+    assert result["search"][0]["hits"] >= 2 * 8  # the near half of every batch hits at the suggested radius
+
+
+def test_synthetic_latents_have_the_real_spectrum(tmp_path):
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    from synthetic_latents import generate, load_spectrum
+
+    var, mean = load_spectrum()
+    assert len(var) == 2048 and np.all(np.diff(var) <= 1e-9)  # the real TAEF2 latents' PCA variances
+    path = generate(str(tmp_path / "v.npy"), 6000, seed=3, dup_share=0.0, log=lambda _m: None)
+    x = np.load(path).astype(np.float64)
+    assert x.shape == (6000, 2048) and np.load(path, mmap_mode="r").dtype == np.float16
+    np.testing.assert_allclose(x.mean(0), mean, atol=0.1)
+    top = np.linalg.eigvalsh(np.cov((x - x.mean(0)).T))[::-1][:20]
+    np.testing.assert_allclose(top, var[:20], rtol=0.2)  # 6,000 samples: sampling error of a few %
+    np.testing.assert_allclose(((x - mean) ** 2).sum(1).mean(), var.sum(), rtol=0.02)
+    again = generate(str(tmp_path / "w.npy"), 6000, seed=3, dup_share=0.0, log=lambda _m: None)
+    assert np.array_equal(np.load(again), np.load(path))  # seeded: the same file
