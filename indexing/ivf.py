@@ -421,7 +421,7 @@ class IvfShield(Shield):
         super().__init__(index_dir, manifest, shards, device)
         dims = min(int(dims), self.dim)
         ppath, pmeta = load_projection(index_dir, dims, create=False)
-        path = self._find(index_dir, dims, lists)
+        path = self.locate(index_dir, dims, lists)
         meta = read_ivf(path, ppath)
         if meta.get("manifest_sha256") != manifest_hash(index_dir):
             raise IndexFormatError(f"{path} was built for another version of the index: rebuild it (project-index --lists)")
@@ -463,7 +463,9 @@ class IvfShield(Shield):
                             store, self.stats, device=self.device)
 
     @staticmethod
-    def _find(index_dir: str, dims: int, lists: int | None) -> str:
+    def locate(index_dir: str, dims: int = 256, lists: int | None = None) -> str:
+        """The inverted file this shield would open; IndexFormatError (naming the command that builds
+        it) when there is none, or several and no ``lists``."""
         if lists is not None:
             return ivf_dir(index_dir, dims, lists)
         base = projection_dir(index_dir, dims)

@@ -68,6 +68,10 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     if shield.index is not None:
         manifest = check_model_fits_index(model, shield.index)
         check_index_pin(shield.index, shield.index_sha256)
+        if shield.search_backend == "ivf":  # its structure is built once, by project-index: say so before Ray starts
+            from spellshield.indexing.ivf import IvfShield
+
+            IvfShield.locate(shield.index)
         if radius is None:
             radius = manifest.suggested_radius
             if radius is None:

@@ -74,6 +74,8 @@ GENERATE_CASES = {
     "out-unwritable": (["--out", "/proc/spellshield-no-such-run"], "--out /proc/spellshield-no-such-run: cannot write in /proc"),
     # the index pin
     "index-sha256-mismatch": (["--index", "{index}", "--index-sha256", "0" * 64], f"not the pinned --index-sha256 {'0' * 64}"),
+    # a backend whose structure was never built is refused up front, naming the command that builds it
+    "ivf-without-structure": (["--index", "{index}", "--search-backend", "ivf"], "has no inverted file for its 256-dim projection"),
     "index-sha256-not-hex": (["--index", "{index}", "--index-sha256", "xyz"], "--index-sha256 must be 64 hex digits, got 'xyz'"),
 }
 
