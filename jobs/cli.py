@@ -40,11 +40,12 @@ def _run(command: str, args) -> int:
     from spellshield.indexing.corpus import CorpusError
     from spellshield.indexing.manifest import IndexFormatError
     from spellshield.jobs.runtime import UsageError
+    from spellshield.storage import StorageError
 
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.run(args) or 0)
-    except (UsageError, CorpusError, IndexFormatError) as exc:
+    except (UsageError, CorpusError, IndexFormatError, StorageError) as exc:
         print(f"spellshield {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -396,19 +396,24 @@ def write_bytes(target: Location | str, data: bytes) -> None:
     """
     location = _loc(target)
     if not location.remote:
-        os.makedirs(os.path.dirname(location.path), exist_ok=True)
-        tmp = f"{location.path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, location.path)
+        os.replace(local_tmp_beside(location.path, data), location.path)
         return
     try:
         with location.fs.open_output_stream(location.path) as f:
             f.write(data)
     except OSError as exc:
         raise storage_error(exc, location, "write") from None
+
+
+def local_tmp_beside(path: str, data: bytes) -> str:
+    """A durable (fsynced) temporary file holding ``data`` in ``path``'s directory; its name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def write_json(target: Location | str, payload) -> None:
@@ -450,6 +455,18 @@ def get_file(target: Location | str, local_path: str) -> int:
     return copied
 
 
+def copy(source: Location | str, target: Location | str) -> None:
+    """Copy one file or object within one store, whole on arrival (S3: a server-side copy)."""
+    source, location = _loc(source), _loc(target)
+    if not location.remote:
+        put_file(source.path, location)
+        return
+    try:
+        location.fs.copy_file(source.path, location.path)
+    except OSError as exc:
+        raise storage_error(exc, location, "write") from None
+
+
 def copy_prefix_to_local(target: Location | str, local_dir: str) -> list[str]:
     """Every file under ``target`` copied to the same relative path under ``local_dir``."""
     location = _loc(target)
@@ -461,6 +478,23 @@ def copy_prefix_to_local(target: Location | str, local_dir: str) -> list[str]:
         get_file(item, destination)
         copied.append(destination)
     return copied
+
+
+def put_tree(local_dir: str, target: Location | str, last: str | None = None) -> list[str]:
+    """Every file under ``local_dir`` copied to the same relative path under ``target``.
+
+    ``last`` (a relative path) is copied after all the others: a reader that waits for it (a
+    manifest, a part's marker) never sees it before the files it describes.
+    """
+    location = _loc(target)
+    relative = sorted(os.path.relpath(os.path.join(d, n), local_dir) for d, _, names in os.walk(local_dir) for n in names)
+    if last is not None:
+        if last not in relative:
+            raise StorageError(f"{os.path.join(local_dir, last)} is missing")
+        relative = [r for r in relative if r != last] + [last]
+    for name in relative:
+        put_file(os.path.join(local_dir, name), location.child(*name.split(os.sep)))
+    return relative
 
 
 def delete(target: Location | str) -> None:
@@ -487,6 +521,15 @@ def delete_tree(target: Location | str) -> None:
         location.fs.delete_dir(location.path)  # SeaweedFS keeps a directory entry for a prefix
     except OSError:
         pass
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _remove_quietly(path: str) -> None:
