@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from spellshield.storage import file_sha256  # noqa: F401  (its home is the storage layer; kept importable here)
+
 from .latent import LatentSpec
 
 FORMAT_VERSION = 1
@@ -110,9 +112,3 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
