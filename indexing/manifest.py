@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from spellshield.storage import file_sha256  # noqa: F401  (its home is the storage layer; kept importable here)
+from spellshield.storage import file_sha256, is_remote  # noqa: F401  (file_sha256's home is the storage layer)
 
 from .latent import LatentSpec
 
@@ -84,6 +84,10 @@ class Manifest:
 
 
 def read_manifest(index_dir: str) -> Manifest:
+    if is_remote(index_dir):  # s3://, gs:// (issue 9): reads the manifest only, no shard
+        from .index_cache import read_remote_manifest
+
+        return read_remote_manifest(index_dir)[1]
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.isdir(index_dir):
         raise IndexFormatError(f"index directory {index_dir} does not exist")
@@ -97,6 +101,10 @@ def read_manifest(index_dir: str) -> Manifest:
 
 
 def manifest_hash(index_dir: str) -> str:
+    if is_remote(index_dir):
+        from .index_cache import read_remote_manifest
+
+        return hashlib.sha256(read_remote_manifest(index_dir)[0]).hexdigest()
     with open(os.path.join(index_dir, MANIFEST), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 

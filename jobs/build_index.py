@@ -79,13 +79,7 @@ def check_output_dir(path: str, marker: str, what: str) -> None:
 def _check_remote_output(uri: str, marker: str, what: str) -> None:
     """``check_output_dir`` on an object store: reachable, writable, no result, no other objects."""
     try:
-        out = storage.resolve(uri)
-        storage.probe(out, "write")
-        if storage.exists(out.child(marker)):
-            raise UsageError(f"{out.uri} already holds a finished {what}; choose another --out")
-        if storage.list_dir(out, recursive=True):
-            raise UsageError(f"{out.uri} is not empty; choose a new or empty prefix")
-        storage.check_writable(out)
+        storage.check_new_output(uri, marker, lambda out: f"{out.uri} already holds a finished {what}; choose another --out")
     except storage.StorageError as exc:
         raise UsageError(str(exc)) from None
 
@@ -188,7 +182,12 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
         progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
     reused = len(parts)
     encode_started = time.time()
-    encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=push_part)
+    try:
+        encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=push_part)
+    except BaseException:
+        if plan.remote_partial:
+            shutil.rmtree(partial, ignore_errors=True)  # a working copy: the finished parts are on the store
+        raise
     images = sum(p.count + p.rejects for p in parts.values())
     manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
                          {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__, "resumed_parts": reused,

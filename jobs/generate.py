@@ -20,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from spellshield import storage
+from spellshield.storage.commit import open_run
 from spellshield.indexing.search import BACKENDS
 # validate, GenerateConfig and DEFAULT_SPELL are part of this module's API (demo, tests, benchmarks)
 from spellshield.jobs.run_config import ARG_NAMES, DEFAULT_SPELL, GenerateConfig, resume_config, validate  # noqa: F401
@@ -137,7 +139,11 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
     placement = placement or Placement()
     args = args if args is not None else {}
     units = plan_units(plan_samples(list(config.requests), config.seed), config.unit_size)
-    os.makedirs(config.out, exist_ok=True)
+    lease = None
+    if storage.is_remote(config.out):
+        lease = open_run(config.out)  # this driver's lease (a second driver is refused), roll-forward
+    else:
+        os.makedirs(config.out, exist_ok=True)
     remove_stale_temporaries(config.out)
     todo = [u for u in units if not unit_done(config.out, u.name)]
     info = {"units_total": len(units), "units_done": len(units) - len(todo),
@@ -168,6 +174,8 @@ def generate(config: GenerateConfig, placement: Placement | None = None, args: d
     finally:
         if servers is not None:
             servers.close()
+        if lease is not None:
+            lease.release()
     info.update(attempts=stats.attempts, retries=stats.retries, actors_replaced=stats.actors_replaced,
                 seconds=round(time.time() - tracker.started, 3))
     write_run_json(config, "finished", info, args)
@@ -193,7 +201,7 @@ def run(args) -> int:
         saved_args = {k: getattr(args, k) for k in ARG_NAMES}
         for key in ("model", "out", "index", "prompts"):  # so that --resume works from any directory
             if saved_args[key] is not None:
-                saved_args[key] = os.path.abspath(saved_args[key])
+                saved_args[key] = storage.resolve(saved_args[key]).uri  # absolute path, or URI as it is
     if placement.index_servers and not config.index:
         raise UsageError("--index-servers needs --index")
     with ray_cluster(args.address):

@@ -18,7 +18,8 @@ import os
 
 from spellshield.indexing.calibrate import calibrate_index, encode_holdout
 from spellshield.indexing.encoders import Encoder
-from spellshield.indexing.manifest import MANIFEST, read_manifest, write_json_atomic
+from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest, write_json_atomic
+from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.verify import verify_index
 from spellshield.jobs.runtime import UsageError, progress
 
@@ -68,7 +69,8 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
 
 def run(args) -> int:
     if args.index_command == "verify":
-        summary = verify_index(args.index_dir)
+        # s3://, gs://: verified while it is copied into this node's cache, then checked in full there
+        summary = verify_index(local_index_dir(args.index_dir, extras=(REJECTS,)))
         progress(f"index verify: {args.index_dir} is consistent: {summary['count']} vectors ({summary['dtype']}) in "
                  f"{summary['shards']} shard(s), {summary['rejects']} rejects")
         return 0

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+from spellshield import storage
 from spellshield.indexing.encoders import autoencoder_fingerprint
 from spellshield.indexing.manifest import manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, read_run_json
@@ -22,6 +23,7 @@ from spellshield.pipeline.invoke import takes_prompt
 from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.breach import POLICIES
+from spellshield.storage.cache import local_dir
 from spellshield.workers.units import PromptRequest, PromptsError, read_prompts
 
 DEFAULT_SPELL = SpellConfig()
@@ -74,9 +76,9 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
     if not args.model or not args.out:
         raise UsageError("--model and --out are required (or --resume RUN_DIR)")
     try:
-        model = describe_model(args.model)
+        model = describe_model(local_dir(args.model))  # s3://, gs://: this node's cached copy
         conditional = takes_prompt(pipeline_class(model))
-    except ModelDirError as exc:
+    except (ModelDirError, storage.StorageError) as exc:
         raise UsageError(str(exc)) from None
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
@@ -133,9 +135,9 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
     if check_out:
         check_run_dir(args.out)
     return GenerateConfig(
-        model=os.path.abspath(args.model),
-        out=os.path.abspath(args.out),
-        index=os.path.abspath(args.index) if args.index else None,
+        model=storage.resolve(args.model).uri,  # an absolute path, or the canonical URI
+        out=storage.resolve(args.out).uri,
+        index=storage.resolve(args.index).uri if args.index else None,
         radius=radius,
         spell=spell,
         requests=requests,
@@ -154,6 +156,8 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
 
 
 def check_run_dir(path: str) -> None:
+    if storage.is_remote(path):
+        return _check_remote_run_dir(path)
     run_file = os.path.join(path, RUN_FILE)
     if os.path.isfile(run_file):
         try:
@@ -168,6 +172,20 @@ def check_run_dir(path: str) -> None:
         raise UsageError(f"{path} is a file, not a directory")
     if os.path.isdir(path) and os.listdir(path):
         raise UsageError(f"{path} is not empty; choose a new or empty directory")
+
+
+def _check_remote_run_dir(uri: str) -> None:
+    """``check_run_dir`` on an object store: reachable, writable, no run, nothing else there."""
+    def finished(run) -> str:
+        status = storage.read_json(run.child(RUN_FILE)).get("status")
+        if status == "finished":
+            return f"{run.uri} already holds a finished run; choose another --out"
+        return f"{run.uri} holds an unfinished run (status {status}); finish it with --resume {run.uri}"
+
+    try:
+        storage.check_new_output(uri, RUN_FILE, finished)
+    except storage.StorageError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def resume_config(args) -> tuple[GenerateConfig, dict]:

@@ -14,10 +14,13 @@ turns on a file lock instead of downloading twice.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from dataclasses import dataclass, field
 
-from .fs import Location, StorageError, file_sha256, get_file, resolve
+import pyarrow.fs as pafs
+
+from .fs import Location, StorageError, file_sha256, get_file, is_remote, resolve, storage_error
 
 CACHE_ENV = "SPELLSHIELD_CACHE_DIR"
 
@@ -38,9 +41,10 @@ class Fetched:
     reused: list[str] = field(default_factory=list)  # relative paths already in the cache
 
 
-def fetch_verified(source: Location | str, files: dict[str, str], key: str, namespace: str,
+def fetch_verified(source: Location | str, files: dict[str, str | int], key: str, namespace: str,
                    cache_dir: str | None = None, last: tuple[str, bytes] | None = None) -> Fetched:
-    """Copy ``files`` ({relative path: sha256}) from under ``source`` into the cache entry ``key``.
+    """Copy ``files`` ({relative path: sha256, or size in bytes where no sha256 is recorded})
+    from under ``source`` into the cache entry ``key``.
 
     ``last`` (relative path, bytes) is written after all of them: the file that makes the
     entry a complete directory (an index's manifest). Returns what was downloaded and reused.
@@ -58,11 +62,14 @@ def fetch_verified(source: Location | str, files: dict[str, str], key: str, name
                 continue
             tmp = f"{target}.download-{os.getpid()}"
             get_file(source.child(relative), tmp)
-            actual = file_sha256(tmp)
+            if isinstance(expected, int):
+                actual, what = os.path.getsize(tmp), "size"
+            else:
+                actual, what = file_sha256(tmp), "sha256"
             if actual != expected:
                 os.remove(tmp)
-                raise StorageError(f"{source.child(relative).uri} does not match its sha256 (expected {expected[:12]}..., "
-                                   f"got {actual[:12]}...): corrupted or replaced; not cached")
+                raise StorageError(f"{source.child(relative).uri} does not match its {what} (expected {str(expected)[:12]}, "
+                                   f"got {str(actual)[:12]}): corrupted or replaced; not cached")
             os.replace(tmp, target)
             result.downloaded.append(relative)
         if last is not None:
@@ -74,3 +81,30 @@ def fetch_verified(source: Location | str, files: dict[str, str], key: str, name
                     f.write(data)
                 os.replace(tmp, target)
     return result
+
+
+def fetch_tree(source: Location | str, namespace: str, cache_dir: str | None = None) -> Fetched:
+    """Every file under ``source`` (a model directory) into the cache, checked by size.
+
+    The entry's key hashes the listing (relative names, sizes, modification times), so a
+    re-uploaded model gets a new entry instead of a mix of old and new files.
+    """
+    source = source if isinstance(source, Location) else resolve(source)
+    try:
+        infos = source.fs.get_file_info(pafs.FileSelector(source.path, recursive=True))
+    except FileNotFoundError:
+        raise StorageError(f"{source.uri} does not exist") from None
+    except OSError as exc:
+        raise storage_error(exc, source, "list") from None
+    base = source.path.rstrip("/") + "/"
+    files = {i.path[len(base):]: int(i.size) for i in infos if i.type == pafs.FileType.File}
+    if not files:
+        raise StorageError(f"{source.uri} holds no files")
+    listing = "\n".join(f"{name}\t{files[name]}\t{i.mtime_ns}" for name, i in
+                        sorted((i.path[len(base):], i) for i in infos if i.type == pafs.FileType.File))
+    return fetch_verified(source, files, hashlib.sha256(listing.encode()).hexdigest(), namespace, cache_dir)
+
+
+def local_dir(path: str, namespace: str = "models", cache_dir: str | None = None) -> str:
+    """``path`` itself when local; for an object-store URI, this node's cached copy of it."""
+    return fetch_tree(path, namespace, cache_dir).directory if is_remote(path) else path

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -184,9 +185,24 @@ class Lease:
         self.etag = etag
 
     def release(self) -> None:
+        self._stop.set()
         current = read_with_etag(self.location)
         if current is not None and current[1] == self.etag:
             delete(self.location)
+
+    def keep_alive(self) -> "Lease":
+        """Renew every third of the TTL on a daemon thread until ``release`` (or until lost)."""
+        def renew():
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except (LeaseLost, StorageError):
+                    return  # the next commit of this driver is then refused by the store or roll-forward
+        threading.Thread(target=renew, name="spellshield-lease", daemon=True).start()
+        return self
+
+    def __post_init__(self):
+        self._stop = threading.Event()
 
 
 def holder_identity() -> dict:
@@ -221,6 +237,19 @@ def acquire_lease(target: Location | str, ttl_s: float = 120.0, holder: dict | N
     if etag is None:
         raise LeaseHeld(f"{location.uri} was just taken over by another driver")
     lease.etag = etag
+    return lease
+
+
+LEASE = "_lease.json"
+LEASE_TTL_ENV = "SPELLSHIELD_LEASE_TTL"  # seconds; default 60
+
+
+def open_run(run: Location | str) -> Lease:
+    """What a driver does first on a run directory on an object store: take its lease (refused
+    while another driver holds it), keep it renewed, and roll forward what a killed driver left."""
+    run = _location(run)
+    lease = acquire_lease(run.child(LEASE), ttl_s=float(os.environ.get(LEASE_TTL_ENV) or 60)).keep_alive()
+    roll_forward(run)
     return lease
 
 
@@ -289,5 +318,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "Lease", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "open_run", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
            "create_only", "read_with_etag", "replace_if", "roll_forward"]

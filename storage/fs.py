@@ -28,6 +28,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 import braceexpand
@@ -344,6 +345,19 @@ def check_writable(target: Location | str) -> None:
     except OSError as exc:
         raise storage_error(exc, location, "write") from None
     delete(marker)
+
+
+def check_new_output(target: Location | str, marker: str, finished: Callable[[Location], str]) -> Location:
+    """An output prefix a job may create: reachable, no ``marker`` (else ``finished(location)``
+    is the error), no other object, writable. Raises StorageError; writes nothing that stays."""
+    location = _loc(target)
+    probe(location, "write")
+    if exists(location.child(marker)):
+        raise StorageError(finished(location))
+    if list_dir(location, recursive=True):
+        raise StorageError(f"{location.uri} is not empty; choose a new or empty prefix")
+    check_writable(location)
+    return location
 
 
 # --------------------------------------------------------------------------------------------

