@@ -443,11 +443,12 @@ def put_file(local_path: str, target: Location | str) -> None:
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, location.path)
         return
-    try:
-        with open(local_path, "rb") as src, location.fs.open_output_stream(location.path) as dst:
-            shutil.copyfileobj(src, dst, length=8 << 20)
-    except OSError as exc:
-        raise storage_error(exc, location, "write") from None
+    with open(local_path, "rb") as src:  # a missing local file is the caller's OSError, not the store's
+        try:
+            with location.fs.open_output_stream(location.path) as dst:
+                shutil.copyfileobj(src, dst, length=8 << 20)
+        except OSError as exc:
+            raise storage_error(exc, location, "write") from None
 
 
 def get_file(target: Location | str, local_path: str) -> int:
