@@ -26,6 +26,7 @@ def read_remote_manifest(index: str) -> tuple[bytes, Manifest]:
     """The manifest of an index on object storage: its bytes (hashed for the cache key) and content."""
     try:
         manifest_location = storage.resolve(index).child(MANIFEST)
+        storage.probe(manifest_location)  # unreachable store, refused credentials, missing bucket: say which
         if not storage.exists(manifest_location):
             raise IndexFormatError(f"{storage.resolve(index).uri} is not a finished index: no {MANIFEST}")
         data = storage.read_bytes(manifest_location)

@@ -205,3 +205,38 @@ def test_driver_killed_then_resumed_on_s3(s3_server, s3_env, s3_bucket, memorize
         keys += list(tar_images(local))
     assert sorted(keys) == [f"s{i:06d}" for i in range(16)]
     assert os.listdir(home) == [] and os.listdir(second) == []
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "credentials", "bucket"])
+def test_bad_storage_input_is_refused_before_ray(problem, capsys, s3_env, s3_bucket, memorizer_model, protected_index,
+                                                 tmp_path, monkeypatch):
+    """--model, --index and --out on S3 that cannot be used: one line, exit 2, nothing written."""
+    from tests.s3server import free_ports
+
+    storage.put_tree(memorizer_model, f"{s3_bucket}/model")
+    storage.put_tree(protected_index, f"{s3_bucket}/index", last="manifest.json")
+    before = sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    expected = {"unreachable": "cannot reach the object store", "credentials": "refused the credentials",
+                "bucket": "bucket no-such-bucket-9 does not exist"}[problem]
+    cases = [["--model", f"{s3_bucket}/model", "--out", f"{s3_bucket}/run"],
+             ["--model", memorizer_model, "--index", f"{s3_bucket}/index", "--out", str(tmp_path / "run")],
+             ["--model", memorizer_model, "--out", f"{s3_bucket}/run"]]
+    if problem == "bucket":
+        cases = [["--model", "s3://no-such-bucket-9/model", "--out", str(tmp_path / "run")],
+                 ["--model", memorizer_model, "--index", "s3://no-such-bucket-9/index", "--out", str(tmp_path / "run")],
+                 ["--model", memorizer_model, "--out", "s3://no-such-bucket-9/run"]]
+    elif problem == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "WRONG-SECRET-VALUE")
+    for argv in cases:
+        code = main(["generate", *argv, *GEN])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+        assert "WRONG-SECRET-VALUE" not in err[0]
+    for name, value in s3_env.env().items():  # back to the working identity to look
+        monkeypatch.setenv(name, value)
+    assert os.listdir(tmp_path) in (["cache"], [])
+    assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
