@@ -24,6 +24,7 @@ from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.breach import POLICIES
 from spellshield.storage.cache import local_dir
+from spellshield.storage.commit import LEASE, check_lease_free
 from spellshield.workers.units import PromptRequest, PromptsError, read_prompts
 
 DEFAULT_SPELL = SpellConfig()
@@ -191,6 +192,11 @@ def _check_remote_run_dir(uri: str) -> None:
 def resume_config(args) -> tuple[GenerateConfig, dict]:
     """The config of the run in ``args.resume``; any options given must reproduce it exactly."""
     run_dir = args.resume
+    if storage.is_remote(run_dir):
+        try:  # a driver still holds this run (or was killed less than a lease TTL ago): refuse before Ray
+            check_lease_free(storage.resolve(run_dir).child(LEASE))
+        except storage.StorageError as exc:
+            raise UsageError(str(exc)) from None
     run = read_run_json(run_dir)
     saved = run.get("args") or {}
     if args.model is None:

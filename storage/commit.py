@@ -209,6 +209,24 @@ def holder_identity() -> dict:
     return {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "acquired": time.time()}
 
 
+def check_lease_free(target: Location | str, content: bytes | None = None) -> None:
+    """Raise LeaseHeld, naming the holder, while a live lease is at ``target`` (reads only)."""
+    location = _location(target)
+    if content is None:
+        current = read_with_etag(location)
+        if current is None:
+            return
+        content = current[0]
+    try:
+        held = json.loads(content)
+        expires = float(held["expires"])
+    except (ValueError, KeyError, TypeError):
+        return  # unreadable: treated as expired
+    if expires > time.time():
+        raise LeaseHeld(f"{location.uri} is held by another driver (host {held.get('host')}, pid {held.get('pid')}) "
+                        f"for {expires - time.time():.0f} s more; two drivers on one output would mix their runs")
+
+
 def acquire_lease(target: Location | str, ttl_s: float = 120.0, holder: dict | None = None) -> Lease:
     """Take the lease object at ``target``, or raise LeaseHeld naming its live holder.
 
@@ -225,14 +243,7 @@ def acquire_lease(target: Location | str, ttl_s: float = 120.0, holder: dict | N
     current = read_with_etag(location)
     if current is None:  # released between our two calls: try once more
         return acquire_lease(location, ttl_s, lease.holder)
-    try:
-        held = json.loads(current[0])
-        expires = float(held["expires"])
-    except (ValueError, KeyError, TypeError):
-        held, expires = {}, 0.0  # unreadable: treat as expired
-    if expires > time.time():
-        raise LeaseHeld(f"{location.uri} is held by another driver (host {held.get('host')}, pid {held.get('pid')}) "
-                        f"for {expires - time.time():.0f} s more; two drivers on one output would mix their runs")
+    check_lease_free(location, current[0])
     etag = replace_if(location, data, current[1])
     if etag is None:
         raise LeaseHeld(f"{location.uri} was just taken over by another driver")
@@ -318,5 +329,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "open_run", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
            "create_only", "read_with_etag", "replace_if", "roll_forward"]

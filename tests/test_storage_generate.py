@@ -240,3 +240,17 @@ def test_bad_storage_input_is_refused_before_ray(problem, capsys, s3_env, s3_buc
         monkeypatch.setenv(name, value)
     assert os.listdir(tmp_path) in (["cache"], [])
     assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
+
+
+def test_resume_refused_while_a_driver_holds_the_run(capsys, s3_env, s3_bucket):
+    from spellshield.storage.commit import LEASE, acquire_lease
+
+    run = f"{s3_bucket}/run"
+    lease = acquire_lease(f"{run}/{LEASE}", ttl_s=60)
+    code = main(["generate", "--resume", run])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"spellshield generate: error: {run}/{LEASE} is held by another driver (host ")
+    lease.release()
+    assert main(["generate", "--resume", run]) == 2  # free now: the next problem is that there is no run
+    assert capsys.readouterr().err.strip() == f"spellshield generate: error: {run} holds no run to resume (no run.json)"
