@@ -43,6 +43,8 @@ import braceexpand
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from spellshield import storage
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 DEFAULT_MIN_SIZE = 8  # pixels on the shorter side; smaller images are rejected as "too small"
 # Largest member read into memory (header size); larger members become rejects unread. 256 MiB is
@@ -84,6 +86,9 @@ def expand_shards(spec: str) -> list[str]:
         part = part.strip()
         if not part:
             continue
+        if storage.is_remote(part):
+            paths.extend(_expand_uri(part))
+            continue
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
@@ -102,7 +107,7 @@ def expand_shards(spec: str) -> list[str]:
                 paths.append(expanded)
     if not paths:
         raise CorpusError(f"corpus {spec!r} names no shards")
-    empty = [p for p in paths if os.path.getsize(p) == 0]
+    empty = [p for p in paths if _shard_size(p) == 0]
     if len(empty) == len(paths):
         raise CorpusError(f"corpus {spec!r} is empty: every shard has 0 bytes")
     return paths
@@ -149,7 +154,7 @@ def iter_shard(path: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, dige
     count = 0
     f = None
     try:
-        f = open(path, "rb")
+        f = storage.open_input_file(path)  # a local file, or a seekable reader of an s3:// / gs:// object
         source = _HashingReader(f, digest) if digest is not None else f
         with tarfile.open(fileobj=_decompressed(f, source), mode="r|") as tar:
             for info in tar:
@@ -347,3 +352,33 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --- Corpora on object storage (issue 9): s3:// and gs:// URIs, with the local rules above ------
+
+
+def _expand_uri(part: str) -> list[str]:
+    """An object-store corpus spec: a prefix holding .tar objects, a brace pattern, a glob."""
+    try:
+        storage.probe(part)  # unreachable store, refused credentials, missing bucket: say so first
+        if not any(ch in part for ch in "{*?[") and not part.endswith(".tar") and storage.is_dir(part):
+            found = [loc.uri for loc in storage.list_dir(part) if loc.uri.endswith(".tar")]
+            if not found:
+                raise CorpusError(f"corpus prefix {part} holds no .tar shards")
+            return found
+        paths = []
+        for expanded in braceexpand.braceexpand(part):
+            matches = storage.expand(expanded)
+            if any(ch in expanded for ch in "*?[") and not matches:
+                raise CorpusError(f"corpus pattern {expanded} matches no file")
+            for uri in matches:
+                if not storage.is_file(uri):
+                    raise CorpusError(f"corpus shard {uri} does not exist")
+            paths.extend(matches)
+        return paths
+    except storage.StorageError as exc:
+        raise CorpusError(str(exc)) from None
+
+
+def _shard_size(path: str) -> int:
+    return storage.size(path) if storage.is_remote(path) else os.path.getsize(path)

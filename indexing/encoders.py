@@ -23,6 +23,9 @@ import os
 import numpy as np
 import torch
 
+from spellshield import storage
+from spellshield.storage.cache import local_dir
+
 from .latent import PIXELS, LatentSpec  # noqa: F401  (re-exported: the spec is part of this API)
 
 
@@ -153,6 +156,8 @@ def autoencoder_dir(spec: str) -> str:
     config.json, ``from_pretrained``, the fingerprint) then reads local files, so an index built
     from a hub id and a pipeline directory holding the same VAE agree.
     """
+    if storage.is_remote(spec):  # s3://, gs:// (issue 9): this node's cached copy
+        return local_dir(spec, "models")
     if os.path.isdir(spec):
         return spec
     parts = spec.split("/")

@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from spellshield.storage import file_sha256, is_remote  # noqa: F401  (file_sha256's home is the storage layer)
+
 from .latent import LatentSpec
 
 FORMAT_VERSION = 1
@@ -82,6 +84,10 @@ class Manifest:
 
 
 def read_manifest(index_dir: str) -> Manifest:
+    if is_remote(index_dir):  # s3://, gs:// (issue 9): reads the manifest only, no shard
+        from .index_cache import read_remote_manifest
+
+        return read_remote_manifest(index_dir)[1]
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.isdir(index_dir):
         raise IndexFormatError(f"index directory {index_dir} does not exist")
@@ -95,6 +101,10 @@ def read_manifest(index_dir: str) -> Manifest:
 
 
 def manifest_hash(index_dir: str) -> str:
+    if is_remote(index_dir):
+        from .index_cache import read_remote_manifest
+
+        return hashlib.sha256(read_remote_manifest(index_dir)[0]).hexdigest()
     with open(os.path.join(index_dir, MANIFEST), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -110,9 +120,3 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spellshield import storage
+
 from .corpus import DEFAULT_MAX_MEMBER_BYTES
 from .manifest import file_sha256, write_json_atomic
 
@@ -94,7 +96,8 @@ class BuildConfig:
 
 
 def sources_of(paths: list[str]) -> tuple[tuple[str, int], ...]:
-    return tuple((os.path.abspath(p), os.path.getsize(p)) for p in paths)
+    """(absolute path or canonical URI, size) of each tar: ``storage`` knows both kinds (issue 9)."""
+    return tuple((storage.resolve(p).uri, storage.size(p)) for p in paths)
 
 
 def check_staging(partial_dir: str, config: BuildConfig) -> bool:

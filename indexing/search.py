@@ -28,6 +28,7 @@ Options by backend (all accept ``shards``: a subset of the manifest's shard numb
 
 from __future__ import annotations
 
+from .index_cache import local_index_dir
 from .manifest import Manifest, read_manifest
 
 BACKENDS = ("exact", "faiss", "projected", "ivf", "sharded")
@@ -58,6 +59,7 @@ def open_index(index_dir: str, backend: str = "exact", device="cpu", **options):
     """Open a finished index directory with one of the search backends (module doc)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown search backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    index_dir = local_index_dir(index_dir)  # s3://, gs://: this node's verified cached copy
     manifest = read_manifest(index_dir)
     if backend == "sharded":
         from .sharded import open_sharded

@@ -23,15 +23,17 @@ import argparse
 import os
 import pickle
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
+from spellshield import storage
 from spellshield.indexing.calibrate import calibrate_index
 from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES, CorpusError, expand_shards
 from spellshield.indexing.encoders import Encoder, LatentSpec
 from spellshield.indexing.manifest import MANIFEST
-from spellshield.indexing.parts import (PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts, open_staging,
-                            sources_of)
+from spellshield.indexing.parts import (BUILD_CONFIG, PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts,
+                                        open_staging, part_paths, sources_of)
 from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
 from spellshield.jobs.checks import check_out_path, weight_load_errors
 from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
@@ -69,12 +71,22 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_output_dir(path: str, marker: str, what: str) -> None:
     """Refuse an output directory that already holds a finished result, or a non-empty one."""
+    if storage.is_remote(path):
+        return _check_remote_output(path, marker, what)
     if os.path.exists(os.path.join(path, marker)):
         raise UsageError(f"{path} already holds a finished {what}; choose another --out")
     if os.path.isfile(path):
         raise UsageError(f"{path} is a file, not a directory")
     if os.path.isdir(path) and os.listdir(path):
         raise UsageError(f"{path} is not empty; choose a new or empty directory")
+
+
+def _check_remote_output(uri: str, marker: str, what: str) -> None:
+    """``check_output_dir`` on an object store: reachable, writable, no result, no other objects."""
+    try:
+        storage.check_new_output(uri, marker, lambda out: f"{out.uri} already holds a finished {what}; choose another --out")
+    except storage.StorageError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def encode_options(args) -> EncodeOptions:
@@ -126,8 +138,9 @@ class BuildPlan:
     shards: tuple[str, ...]
     latent: LatentSpec
     config: BuildConfig
-    partial: str  # OUT.partial
+    partial: str  # OUT.partial; "" for an OUT on an object store (a local working copy is made at the start)
     resuming: bool
+    remote_partial: str = ""  # OUT.partial's URI for an OUT on an object store: where the parts are staged
 
 
 def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -> BuildPlan:
@@ -141,12 +154,32 @@ def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -
     config = BuildConfig(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
                          resolution=options.resolution, min_size=options.min_size, dtype=options.dtype,
                          max_member_bytes=options.max_member_bytes)
-    partial = os.path.abspath(out) + ".partial"
+    partial, remote_partial = os.path.abspath(out) + ".partial", ""
     try:
-        resuming = check_staging(partial, config)
+        if storage.is_remote(out):
+            partial, remote_partial = "", storage.resolve(out).uri + ".partial"
+            resuming = _check_remote_staging(remote_partial, config)
+        else:
+            resuming = check_staging(partial, config)
     except PartialBuildError as exc:
         raise UsageError(str(exc)) from None
-    return BuildPlan(tuple(shards), latent, config, partial, resuming)
+    except storage.StorageError as exc:
+        raise UsageError(str(exc)) from None
+    return BuildPlan(tuple(shards), latent, config, partial, resuming, remote_partial)
+
+
+def _check_remote_staging(remote_partial: str, config: BuildConfig) -> bool:
+    """``check_staging`` of a partial build staged on an object store (reads its build.json only)."""
+    remote = storage.resolve(remote_partial)
+    with tempfile.TemporaryDirectory(prefix="spellshield-plan-") as tmp:
+        if storage.exists(remote.child(BUILD_CONFIG)):
+            storage.get_file(remote.child(BUILD_CONFIG), os.path.join(tmp, BUILD_CONFIG))
+        elif storage.list_dir(remote, recursive=True):
+            raise PartialBuildError(f"{remote.uri} exists but is not a partial build (no {BUILD_CONFIG}); remove it")
+        try:
+            return check_staging(tmp, config)
+        except PartialBuildError as exc:
+            raise PartialBuildError(str(exc).replace(tmp, remote.uri)) from None
 
 
 def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -155,8 +188,21 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
     started = time.time()
     plan = plan or plan_build(corpus, out, options, shard_size)
     shards, latent = list(plan.shards), plan.latent
-    open_staging(plan.partial, plan.config)
-    parts_dir = os.path.join(plan.partial, PARTS)
+    # An OUT on an object store: its parts are staged at OUT.partial on the store (a resume may
+    # run on another machine) and worked on in a local copy, made here and removed at the end.
+    partial = plan.partial or tempfile.mkdtemp(prefix="spellshield-build-")
+    push_part = None
+    if plan.remote_partial:
+        storage.copy_prefix_to_local(plan.remote_partial, partial)
+        remote_parts = storage.resolve(plan.remote_partial).child(PARTS)
+
+        def push_part(info):  # latents and rows first, the marker (.json) last
+            for path in part_paths(os.path.join(partial, PARTS), info.number):
+                storage.put_file(path, remote_parts.child(os.path.basename(path)))
+    open_staging(partial, plan.config)
+    if plan.remote_partial and not plan.resuming:
+        storage.put_file(os.path.join(partial, BUILD_CONFIG), storage.resolve(plan.remote_partial).child(BUILD_CONFIG))
+    parts_dir = os.path.join(partial, PARTS)
     changed: list[str] = []
     parts = finished_parts(parts_dir, plan.config, latent.dim, changed)
     for source in changed:
@@ -165,12 +211,17 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
         progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
     reused = len(parts)
     encode_started = time.time()
-    encoded = encode_parts(shards, parts, parts_dir, latent.dim, options)
+    try:
+        encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=push_part)
+    except BaseException:
+        if plan.remote_partial:
+            shutil.rmtree(partial, ignore_errors=True)  # a working copy: the finished parts are on the store
+        raise
     images = sum(p.count + p.rejects for p in parts.values())
-    manifest = _assemble(out, plan.partial, parts_dir, latent, options, shard_size, list(parts.values()),
+    manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
                          {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__, "resumed_parts": reused,
                           "encode_seconds": round(time.time() - encode_started, 3),
-                          "sources": source_records(parts, plan.config.sources)})
+                          "sources": source_records(parts, plan.config.sources)}, remote_partial=plan.remote_partial)
     elapsed = time.time() - started
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
              f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
@@ -184,10 +235,12 @@ def source_records(parts: dict, sources) -> list[dict]:
             for number, (path, size) in enumerate(sources)]
 
 
-def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeOptions, on_chunk=None) -> int:
+def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeOptions, on_chunk=None,
+                 on_part=None) -> int:
     """Encode every tar without a finished part; adds their PartInfo to ``parts``.
 
-    ``on_chunk(row)``, if given, sees every encoded chunk row as it arrives (benchmarks time it).
+    ``on_chunk(row)``, if given, sees every encoded chunk row as it arrives (benchmarks time it);
+    ``on_part(info)`` every finished part (a remote build stages it on the object store).
     """
     todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
     writer: PartWriter | None = None
@@ -199,15 +252,17 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
                 on_chunk(row)
             if writer is None:
                 number = int(row["part"])
-                writer = PartWriter(parts_dir, number, os.path.abspath(shards[number]), dim, options.dtype)
+                writer = PartWriter(parts_dir, number, storage.resolve(shards[number]).uri, dim, options.dtype)
             keys = row["keys"]
             writer.add(keys, [row["shard"]] * len(keys), row["sha256"], row["reasons"], chunk_latents(row, options.dtype))
             images += len(keys)
             detail = f"{images} images encoded, {os.path.basename(shards[int(row['part'])])}"
             if row["last"]:
                 info = writer.finish(row["tar_sha256"])
-                parts[info.number] = info
                 writer = None
+                if on_part is not None:
+                    on_part(info)
+                parts[info.number] = info
                 written += 1
                 bar.advance(1, detail=detail + " done")
             else:
@@ -219,19 +274,29 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
     return written
 
 
-def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build_info):
-    writer = IndexWriter(out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
+def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build_info, remote_partial=""):
+    # A remote OUT is assembled in the local working copy, then uploaded with the manifest last.
+    local_out = os.path.join(partial, "published") if remote_partial else out
+    writer = IndexWriter(local_out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
     try:
         assemble_parts(parts_dir, parts, writer)
         manifest = writer.finish(build_info, calibrate=lambda staging, m: calibrate_index(staging, m))
+        if remote_partial:
+            storage.put_tree(local_out, out, last=MANIFEST)
     except CorpusError:
         writer.abort()
         shutil.rmtree(partial, ignore_errors=True)  # nothing indexable: leave nothing behind
+        if remote_partial:
+            storage.delete_tree(remote_partial)
         raise
     except BaseException:
         writer.abort()  # the parts stay: a rerun assembles again without encoding
+        if remote_partial:
+            shutil.rmtree(partial, ignore_errors=True)  # a working copy; the staged parts are on the store
         raise
     shutil.rmtree(partial, ignore_errors=True)
+    if remote_partial:
+        storage.delete_tree(remote_partial)
     return manifest
 
 

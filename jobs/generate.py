@@ -14,11 +14,13 @@ jobs.unit_pool; this module places the actors and runs the units.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 # validate and GenerateConfig are part of this module's API (demo, tests, benchmarks)
+from spellshield import storage
 from spellshield.jobs.run_config import GenerateConfig, check_run_dir, config_from_args, resume_config, validate  # noqa: F401
 from spellshield.jobs.run_record import (Progress, discard_unstarted, read_run_json, remove_stale_temporaries, run_lock,
                                          write_run_json)
@@ -66,13 +68,20 @@ def generate(config: GenerateConfig) -> dict:
 
     from spellshield.jobs.unit_pool import UnitFailed, run_units
     from spellshield.workers.generation import GenerationWorker, WorkerRuntime
-    from spellshield.workers.unit_writer import units_to_run
+    from spellshield.workers.unit_writer import unit_done, units_to_run
 
     placement = config.placement
     units = plan_of(config)
-    os.makedirs(config.out, exist_ok=True)
-    remove_stale_temporaries(config.out)
-    todo = units_to_run(config.out, units)  # every unit verified on disk against the plan, whatever run.json says
+    lease = None
+    if storage.is_remote(config.out):
+        from spellshield.storage.commit import open_run
+
+        lease = open_run(config.out)  # this driver's lease (a second driver is refused), roll-forward
+        todo = [u for u in units if not unit_done(config.out, u.name)]  # committed units only
+    else:
+        os.makedirs(config.out, exist_ok=True)
+        remove_stale_temporaries(config.out)
+        todo = units_to_run(config.out, units)  # every unit verified on disk against the plan, whatever run.json says
     info = {"units_total": len(units), "units_done": len(units) - len(todo),
             "samples_total": sum(len(u.samples) for u in units), "resumed_units_skipped": len(units) - len(todo),
             "samples_done": sum(len(u.samples) for u in units) - sum(len(u.samples) for u in todo)}
@@ -102,6 +111,8 @@ def generate(config: GenerateConfig) -> dict:
     finally:
         if servers is not None:
             servers.close()
+        if lease is not None:
+            lease.release()
     info.update(attempts=stats.attempts, retries=stats.retries, actors_replaced=stats.actors_replaced,
                 seconds=round(time.time() - tracker.started, 3))
     write_run_json(config, "finished", info)
@@ -116,8 +127,11 @@ def run_job(config: GenerateConfig, address: str | None = None, resume: bool = F
     from spellshield.jobs.unit_pool import UnitFailed
     from spellshield.workers.generation import ShieldUnavailable
 
-    created = not os.path.exists(config.out)
-    with run_lock(config.out):
+    remote = storage.is_remote(config.out)
+    created = remote or not os.path.exists(config.out)
+    # One driver per run: a flock on a local run (released when its holder dies), a lease object
+    # with an expiry on an object store (taken in generate()).
+    with (contextlib.nullcontext() if remote else run_lock(config.out)):
         if not resume:
             check_run_dir(config.out)  # again, under the lock: another driver may have just started it
         if announce:
@@ -126,7 +140,7 @@ def run_job(config: GenerateConfig, address: str | None = None, resume: bool = F
             with ray_cluster(address):
                 return generate(config)
         except BaseException as exc:
-            if not resume and discard_unstarted(config.out, created):
+            if not resume and not remote and discard_unstarted(config.out, created):
                 if isinstance(exc, (UnitFailed, ShieldUnavailable, RuntimeError, TimeoutError, ConnectionError)):
                     raise FailedStart(f"{first_line(exc)} (nothing was written: run the same command again)") from exc
             raise
@@ -146,12 +160,16 @@ def run(args) -> int:
     from spellshield.workers.generation import ShieldUnavailable
 
     if args.resume is not None:
-        with run_lock(args.resume):  # reading the run while another driver writes it is refused too
+        remote = storage.is_remote(args.resume)
+        # reading a local run while another driver writes it is refused too (a remote one: its lease)
+        with (contextlib.nullcontext() if remote else run_lock(args.resume)):
             config = resume_config(args)
             if read_run_json(args.resume).get("status") == "finished":
-                from spellshield.workers.unit_writer import missing_units
+                from spellshield.workers.unit_writer import missing_units, unit_done
 
-                broken = missing_units(config.out, plan_of(config))
+                units = plan_of(config)
+                broken = ([(u, ["not committed"]) for u in units if not unit_done(config.out, u.name)] if remote
+                          else missing_units(config.out, units))
                 if not broken:
                     progress(f"generate: {args.resume} is already finished and every unit is whole on disk; nothing to do")
                     return 0

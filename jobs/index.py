@@ -18,7 +18,8 @@ import os
 
 from spellshield.indexing.calibrate import calibrate_index, encode_holdout
 from spellshield.indexing.encoders import Encoder
-from spellshield.indexing.manifest import MANIFEST, read_manifest, write_json_atomic
+from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest, write_json_atomic
+from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.verify import verify_index
 from spellshield.jobs.runtime import UsageError, progress
 
@@ -71,7 +72,8 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
 
 def run(args) -> int:
     if args.index_command == "verify":
-        summary = verify_index(args.index_dir, check_corpus=not args.no_corpus_check)
+        summary = verify_index(local_index_dir(args.index_dir, extras=(REJECTS,)),  # s3://: via this node's cache
+                                check_corpus=not args.no_corpus_check)
         corpus = (f"{summary['corpus_checked']} corpus tar(s) unchanged" if not args.no_corpus_check else "corpus not checked")
         if summary["corpus_absent"]:
             corpus += f", {summary['corpus_absent']} not at their recorded paths (not checked)"

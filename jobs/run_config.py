@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 
+from spellshield import storage
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
 from spellshield.jobs.checks import check_index_pin, check_out_path
@@ -58,17 +59,19 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     from spellshield.pipeline.invoke import takes_prompt
     from spellshield.pipeline.loading import ModelDirError, describe_model, pipeline_class
 
+    from spellshield.storage.cache import local_dir
+
     try:
-        model = describe_model(config.model)
+        model = describe_model(local_dir(config.model))  # s3://, gs://: this node's cached copy
         conditional = takes_prompt(pipeline_class(model))
-    except ModelDirError as exc:
+    except (ModelDirError, storage.StorageError) as exc:
         raise UsageError(str(exc)) from None
     shield, sampling = config.shield, config.sampling
     radius = shield.radius
     if shield.index is not None:
         manifest = check_model_fits_index(model, shield.index)
         check_index_pin(shield.index, shield.index_sha256)
-        if shield.search_backend == "ivf":  # its structure is built once, by project-index: say so before Ray starts
+        if shield.search_backend == "ivf" and not storage.is_remote(shield.index):  # its structure is built once, by project-index: say so before Ray starts
             from spellshield.indexing.ivf import IvfShield
 
             IvfShield.locate(shield.index)
@@ -91,23 +94,31 @@ def validate(config: GenerateConfig, check_out: bool = True) -> GenerateConfig:
     if sampling.guidance_scale is not None and not conditional:
         raise UsageError(f"{model.pipeline_class} is unconditional: it takes no --guidance-scale")
     if check_out:
-        check_out_path(config.out)
+        if not storage.is_remote(config.out):
+            check_out_path(config.out)
         check_run_dir(config.out)
     try:
         return dataclasses.replace(
             config,
-            model=os.path.abspath(config.model),
-            out=os.path.abspath(config.out),
-            shield=dataclasses.replace(shield, index=os.path.abspath(shield.index) if shield.index else None, radius=radius),
-            sampling=dataclasses.replace(sampling, prompts=os.path.abspath(sampling.prompts) if sampling.prompts else None,
+            # absolute paths, or the canonical URIs: --resume works from any directory or machine
+            model=canonical(config.model),
+            out=canonical(config.out),
+            shield=dataclasses.replace(shield, index=canonical(shield.index), radius=radius),
+            sampling=dataclasses.replace(sampling, prompts=canonical(sampling.prompts),
                                          unit_size=sampling.samples_per_unit, requests=requests),
         )
     except ConfigError as exc:  # e.g. the suggested radius of a tampered manifest, or too many samples in all
         raise UsageError(exc.flag) from None
 
 
+def canonical(path: str | None) -> str | None:
+    return storage.resolve(path).uri if path else None
+
+
 def check_run_dir(path: str) -> None:
     """A new run needs a new or empty directory (a driver's lock file alone counts as empty)."""
+    if storage.is_remote(path):
+        return _check_remote_run_dir(path)
     run_file = os.path.join(path, RUN_FILE)
     if os.path.isfile(run_file):
         try:
@@ -124,9 +135,30 @@ def check_run_dir(path: str) -> None:
         raise UsageError(f"{path} is not empty; choose a new or empty directory")
 
 
+def _check_remote_run_dir(uri: str) -> None:
+    """``check_run_dir`` on an object store: reachable, writable, no run, nothing else there."""
+    def finished(run) -> str:
+        status = storage.read_json(run.child(RUN_FILE)).get("status")
+        if status == "finished":
+            return f"{run.uri} already holds a finished run; choose another --out"
+        return f"{run.uri} holds an unfinished run (status {status}); finish it with --resume {run.uri}"
+
+    try:
+        storage.check_new_output(uri, RUN_FILE, finished)
+    except storage.StorageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def resume_config(args) -> GenerateConfig:
     """The config of the run in ``args.resume``; any options given must reproduce it exactly."""
     run_dir = args.resume
+    if storage.is_remote(run_dir):
+        from spellshield.storage.commit import LEASE, check_lease_free
+
+        try:  # a driver still holds this run (or was killed less than a lease TTL ago): refuse before Ray
+            check_lease_free(storage.resolve(run_dir).child(LEASE))
+        except storage.StorageError as exc:
+            raise UsageError(str(exc)) from None
     run = read_run_json(run_dir)
     if run.get("format_version") != RUN_FORMAT_CURRENT:
         raise UsageError(f"{run_dir} was written by another spellshield version (run.json format "

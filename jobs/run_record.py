@@ -14,6 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from spellshield import storage
 from spellshield.indexing.manifest import manifest_hash, write_json_atomic
 from spellshield.jobs.runtime import QUIET_ENV, UsageError, progress
 
@@ -48,10 +49,20 @@ def write_run_json(config: GenerateConfig, status: str, progress_info: dict, err
     }
     if error is not None:
         payload["error"] = error
-    write_json_atomic(os.path.join(config.out, RUN_FILE), payload)
+    if storage.is_remote(config.out):
+        storage.write_json(storage.resolve(config.out).child(RUN_FILE), payload)  # one PUT: whole
+    else:
+        write_json_atomic(os.path.join(config.out, RUN_FILE), payload)
 
 
 def read_run_json(run_dir: str) -> dict:
+    if storage.is_remote(run_dir):
+        try:
+            if not storage.exists(storage.resolve(run_dir).child(RUN_FILE)):
+                raise UsageError(f"{run_dir} holds no run to resume (no {RUN_FILE})")
+            return storage.read_json(storage.resolve(run_dir).child(RUN_FILE))
+        except storage.StorageError as exc:
+            raise UsageError(str(exc)) from None
     path = os.path.join(run_dir, RUN_FILE)
     try:
         with open(path) as f:
@@ -113,6 +124,8 @@ def discard_unstarted(run_dir: str, created: bool) -> bool:
 def remove_stale_temporaries(run_dir: str) -> int:
     """Temporary files of attempts that died (never renamed into place): safe to delete."""
     removed = 0
+    if storage.is_remote(run_dir):
+        return removed  # uncommitted attempts on an object store: storage.commit.roll_forward
     for root, _, files in os.walk(run_dir):
         for name in files:
             if ".tmp-" in name:

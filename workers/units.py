@@ -8,11 +8,13 @@ sample's position in the plan, never from prompt text, so they are always safe f
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
 from spellshield.pipeline.config import MAX_IMAGES, MAX_SEED, GenerateConfig, PromptRequest
 from spellshield.workers.run_layout import unit_name
+from spellshield import storage
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,14 @@ def read_prompts(path: str, max_images: int = MAX_IMAGES) -> list[PromptRequest]
     requests = []
     total = 0
     try:
-        f = open(path, "rb")
+        if storage.is_remote(path):  # a small file: read whole from the object store
+            f = io.BytesIO(storage.read_bytes(path))
+        else:
+            f = open(path, "rb")
     except OSError as exc:
         raise PromptsError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    except storage.StorageError as exc:
+        raise PromptsError(f"cannot read prompts file: {exc}") from None
     with f:
         for number, raw in enumerate(f, start=1):
             try:
