@@ -23,7 +23,7 @@ from spellshield.jobs.cli import main
 from spellshield.storage.cache import CACHE_ENV, fetch_tree
 from spellshield.workers.units import PromptsError, read_prompts
 from tests.s3server import ADMIN, run_job
-from tests.test_generate import gen_args, tar_images
+from tests.test_generate import gen_config, tar_images
 
 GEN = ["--num-images", "8", "--batch-size", "4", "--unit-size", "4", "--steps", "20", "--seed", "100", "--workers", "1"]
 
@@ -66,7 +66,7 @@ def test_generate_out_on_s3(ray_session, s3_server, s3_env, s3_bucket, memorizer
     from spellshield.storage.commit import ATTEMPTS, LEASE, committed_units
 
     local_run = tmp_path / "local-run"
-    generate(validate(gen_args(memorizer_model, local_run, num_images=8, unit_size=4, workers=1)))
+    generate(validate(gen_config(memorizer_model, local_run, num_images=8, unit_size=4, workers=1)))
     home, env = machine_env(s3_server, tmp_path, "driver")
     run = f"{s3_bucket}/run"
     code, err = run_generate(["--model", memorizer_model, "--out", run, *GEN], env, home)
@@ -99,7 +99,7 @@ def test_generate_with_model_and_index_on_s3(ray_session, s3_server, s3_env, s3_
     storage.put_tree(memorizer_model, f"{s3_bucket}/model")
     storage.put_tree(protected_index, f"{s3_bucket}/index", last="manifest.json")
     local_run = tmp_path / "local-run"
-    generate(validate(gen_args(memorizer_model, local_run, protected_index, num_images=8, unit_size=4, workers=1)))
+    generate(validate(gen_config(memorizer_model, local_run, protected_index, num_images=8, unit_size=4, workers=1)))
 
     home, env = machine_env(s3_server, tmp_path, "node")
     s3_run = tmp_path / "s3-run"
@@ -133,8 +133,7 @@ def test_generate_with_model_and_index_on_s3(ray_session, s3_server, s3_env, s3_
     assert [int(ids[0]) for ids, _ in found] == mine["nearest_id"].tolist()
     np.testing.assert_allclose([float(d[0]) for _, d in found], mine["nearest_distance"], rtol=1e-5)
     run = json.load(open(s3_run / "run.json"))
-    assert run["config"]["model"] == f"{s3_bucket}/model" and run["config"]["index"] == f"{s3_bucket}/index"
-    assert run["args"]["model"] == f"{s3_bucket}/model"
+    assert run["config"]["model"] == f"{s3_bucket}/model" and run["config"]["shield"]["index"] == f"{s3_bucket}/index"
     text = open(s3_run / "run.json").read()
     assert ADMIN[0] not in text and ADMIN[1] not in text
     assert len(os.listdir(tmp_path / "node-cache" / "indexes")) == 1 and len(os.listdir(tmp_path / "node-cache" / "models")) == 1
