@@ -24,6 +24,7 @@ two calls of one denoising step apart.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,15 @@ class SpellConfig:
     overcompensation: float = 10.0
     max_neighbours: int | None = None  # SPELL-K: only the K nearest hits per source enter delta
     correction_iterations: int = 5  # re-check x0_hat' and correct again, up to this many times
+    # Correct only at steps the sampler can still absorb: while the noise left in x_t, in x0 units
+    # (sigma_t / alpha_t * sqrt(D)), is at least this many of the source's radii. Below it the
+    # trajectory is committed to its image within less than a radius: the paper's push (its
+    # Eq. 7 with x0_hat' = x0_hat + lam * delta) can no longer carry it to another image and goes
+    # almost unchanged into the output. Against a point x0_hat = z it is lam * r of pure noise:
+    # a protected image under noise (lam 1.6: 1.6 r, "not a copy" in L2) or saturated noise
+    # (lam 10; benchmarks/RESULTS.md, "Noise"). Left alone, such a sample ends as the copy it is
+    # and the exact final check refuses it. 0: correct at every step (the paper's schedule).
+    min_noise_radii: float = 1.0
 
     def __post_init__(self):
         if not self.overcompensation > 0:
@@ -51,6 +61,8 @@ class SpellConfig:
             raise ValueError(f"max_neighbours must be >= 1, got {self.max_neighbours!r}")
         if self.correction_iterations < 1:
             raise ValueError(f"correction_iterations must be >= 1, got {self.correction_iterations!r}")
+        if not self.min_noise_radii >= 0:
+            raise ValueError(f"min_noise_radii must be >= 0, got {self.min_noise_radii!r}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,9 @@ class ShieldedScheduler:
         """
         affine = affine_for(self.inner, timestep, sample, model_output, step_kwargs)
         batch = model_output.shape[0]
+        sources = self.absorbing_sources(affine, model_output[0].numel())
+        if not sources:
+            return model_output
         m = model_output.to(torch.float32).reshape(batch, -1)
         x_t = sample.to(torch.float32).reshape(batch, -1)
         x0 = affine.x0_from_output(m, x_t).to(torch.float64)
@@ -184,7 +199,7 @@ class ShieldedScheduler:
             delta = torch.zeros_like(x0)
             any_hit = False
             queries = x0.to(torch.float32)
-            for source in self.sources:
+            for source in sources:
                 for row, found in enumerate(source.find(queries)):
                     k = found.ids.numel()
                     if k == 0:
@@ -226,6 +241,15 @@ class ShieldedScheduler:
         out = model_output.clone()
         out[corrected] = new_m[corrected].reshape(-1, *model_output.shape[1:]).to(model_output.dtype)
         return out
+
+    def absorbing_sources(self, affine, dim: int) -> list[ShieldSource]:
+        """The sources whose balls a push at this step can still carry a sample out of: those
+        with radius <= noise left in x_t / min_noise_radii (SpellConfig.min_noise_radii)."""
+        floor = self.spell.min_noise_radii
+        if floor == 0 or affine.noise_scale is None:
+            return self.sources
+        noise = affine.noise_scale * math.sqrt(dim)
+        return [s for s in self.sources if noise >= floor * s.radius]
 
     @staticmethod
     def _neighbour_keys(pending: list[dict]) -> dict:
