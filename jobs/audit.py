@@ -23,6 +23,7 @@ from spellshield.workers.audit import (
     corpus_image,
     correction_ratios,
     load_run,
+    perceptual_summary,
     read_tar_images,
     recheck_unit,
     resolve_image_ref,
@@ -64,6 +65,7 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
     except RunError as exc:
         raise UsageError(str(exc)) from None
     summary = summarize(run, samples, hits, radius, inside)
+    summary["second_judges"] = perceptual_summary(samples)  # issue 14: perceptual copies, off-manifold
     summary["index"] = os.path.abspath(index) if index else None
     summary["recomputed_from_images"] = index is not None
     audit_dir = os.path.join(run_dir, "audit")

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default), not written (drop), or written and flagged (flag)")
     parser.add_argument("--max-attempts", type=int, default=4,
                         help="attempts per sample in all with --on-breach resample; then it is dropped (default 4)")
+    parser.add_argument("--allow-off-manifold", action="store_true",
+                        help="write off-manifold outputs (far from the corpus or rough as noise) instead of treating "
+                             "them as a breach (README: Judges)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale of conditional pipelines (default: the pipeline's)")
     group = parser.add_mutually_exclusive_group()
@@ -84,6 +87,7 @@ def worker_settings(config: GenerateConfig, torch_threads: int | None) -> Worker
         steps=config.steps, batch_size=config.batch_size, search_backend=config.search_backend, torch_threads=torch_threads,
         batch_radius=config.batch_radius, history_radius=config.history_radius, history_size=config.history_size,
         on_breach=config.on_breach, max_attempts=config.max_attempts, guidance_scale=config.guidance_scale,
+        off_manifold_breach=config.off_manifold_breach,
     )
 
 

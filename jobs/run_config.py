@@ -46,6 +46,7 @@ class GenerateConfig:
     on_breach: str = "resample"
     max_attempts: int = 4
     guidance_scale: float | None = None
+    off_manifold_breach: bool = True  # issue 14: an off-manifold output is a breach (--allow-off-manifold: not)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -66,7 +67,7 @@ def _positive(name: str, value, allow_none: bool = False):
 
 ARG_NAMES = ("model", "out", "index", "radius", "overcompensation", "max_neighbours", "correction_iterations",
              "batch_radius", "history_radius", "history_size", "on_breach", "max_attempts", "guidance_scale",
-             "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
+             "allow_off_manifold", "num_images", "prompts", "batch_size", "unit_size", "steps", "seed", "search_backend")
 
 
 def validate(args, check_out: bool = True) -> GenerateConfig:
@@ -150,6 +151,7 @@ def validate(args, check_out: bool = True) -> GenerateConfig:
         on_breach=on_breach,
         max_attempts=getattr(args, "max_attempts", 4),
         guidance_scale=guidance_scale,
+        off_manifold_breach=not getattr(args, "allow_off_manifold", False),
     )
 
 

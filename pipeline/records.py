@@ -59,6 +59,13 @@ SAMPLE_FIELDS = [
     _field("action", pa.string(), "what happened to the sample: kept, flagged, resampled, dropped", False),
     _field("image", pa.string(), "image location inside the run directory: images/unit-NNNNN.tar#<sample>.png; null if not written"),
     _field("seconds", pa.float64(), "wall-clock seconds spent on this sample (its batch's time divided evenly)", False),
+    # the final check's two other judges (pipeline.judges); null without index
+    _field("off_manifold", pa.bool_(), "far beyond the corpus's 1-NN distances or rough as noise: a breach unless --allow-off-manifold"),
+    _field("roughness", pa.float64(), "mean absolute difference of neighbouring pixel values / 255"),
+    _field("perceptual_nearest_key", pa.string(), "corpus key of the closest protected image in the low-pass (blurred) space"),
+    _field("perceptual_distance", pa.float64(), "L2 distance of the blurred images to it, in [-1, 1] pixel units"),
+    _field("perceptual_ssim", pa.float64(), "largest SSIM of the blurred image with a nearby protected one"),
+    _field("perceptual_copy", pa.bool_(), "the perceptual judge calls it a copy of a protected image (a breach)"),
 ]
 
 HIT_SCHEMA = pa.schema(HIT_FIELDS, metadata={"spellshield.schema": "hits", "spellshield.schema_version": SCHEMA_VERSION})

@@ -93,7 +93,7 @@ def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radi
     """Exact nearest corpus latent of each (sample, image reference), recomputed from the PNGs."""
     from spellshield.indexing.encoders import Encoder
     from spellshield.indexing.search import open_index
-    from spellshield.workers.final_check import check_images
+    from spellshield.workers.final_check import check_images, prepare_judges
 
     by_tar: dict[str, list[tuple[str, str]]] = {}
     for sample, ref in refs:
@@ -101,6 +101,7 @@ def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radi
         by_tar.setdefault(tar_path, []).append((sample, member))
     shield = open_index(index_dir, backend=backend)
     encoder = Encoder(shield.manifest.latent.encoder).init()
+    judges = prepare_judges(shield, encoder)  # issue 14: the perceptual and off-manifold judges
     rows = []
     for tar_path, wanted in by_tar.items():
         images = read_tar_images(tar_path)
@@ -109,11 +110,27 @@ def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radi
             raise RunError(f"{tar_path} lacks {len(missing)} image(s) its sample rows name, e.g. {missing[0]}")
         for start in range(0, len(wanted), 64):
             chunk = wanted[start : start + 64]
-            check = check_images(np.stack([images[m] for _, m in chunk]), encoder, shield, radius)
+            check = check_images(np.stack([images[m] for _, m in chunk]), encoder, shield, radius, judges)
             for j, (sample, _) in enumerate(chunk):
                 rows.append({"sample": sample, "audit_nearest_id": int(check.ids[j]), "audit_nearest_key": check.keys[j],
-                             "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j])})
+                             "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j]),
+                             **perceptual_audit_columns(check, j)})
     return rows
+
+
+def perceptual_audit_columns(check, j: int) -> dict:
+    """Issue 14: the second judges' columns of one rechecked image, beside the L2 ones."""
+    return {"audit_perceptual_copy": bool(check.perceptual_copy[j]), "audit_perceptual_key": check.perceptual_keys[j],
+            "audit_perceptual_distance": float(check.perceptual_distances[j]),
+            "audit_perceptual_ssim": float(check.perceptual_ssim[j]), "audit_off_manifold": bool(check.off_manifold[j])}
+
+
+def perceptual_summary(samples: pd.DataFrame) -> dict:
+    """Issue 14: the perceptual judge's copy rate and the off-manifold rate, beside the L2 rate."""
+    if "audit_perceptual_copy" not in samples:
+        return {}
+    return {"perceptual_copy": rate(samples["audit_perceptual_copy"].astype(bool)),
+            "off_manifold": rate(samples["audit_off_manifold"].astype(bool))}
 
 
 # -- statistics ------------------------------------------------------------------------------

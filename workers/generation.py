@@ -34,8 +34,8 @@ from spellshield.pipeline.invoke import sample_images, to_uint8
 from spellshield.pipeline.loading import load_pipeline
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
-from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
-from spellshield.workers.final_check import FinalCheck, check_images
+from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed, is_breach
+from spellshield.workers.final_check import FinalCheck, check_images, prepare_judges
 from spellshield.workers.unit_writer import IMAGES_DIR, write_unit
 from spellshield.workers.units import SampleSpec, Unit
 from spellshield.workers.placement import node_id
@@ -57,6 +57,7 @@ class WorkerSettings:
     history_radius: float | None = None  # repel earlier outputs of the same prompt within this radius
     history_size: int = 64  # earlier outputs kept per prompt
     on_breach: str = "resample"  # resample | drop | flag (workers.breach)
+    off_manifold_breach: bool = True  # an off-manifold output (pipeline.judges) is a breach; False: --allow-off-manifold
     max_attempts: int = 4  # attempts per sample in all, with on_breach=resample
     guidance_scale: float | None = None  # passed to conditional pipelines; None: the pipeline's default
     remote_shield: object | None = None  # index served by shard actors (workers.index_client); None: load it here
@@ -118,6 +119,7 @@ class GenerationWorker:
         self.shield = None
         self.encoder = None
         self.history = None
+        self.judges = None
         sources = []
         if settings.index_dir is not None:
             if settings.radius is None or not settings.radius > 0:
@@ -132,6 +134,7 @@ class GenerationWorker:
                     backend_device = "cpu"
                 self.shield = open_index(settings.index_dir, backend=settings.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
+            self.judges = prepare_judges(self.shield, self.encoder)
             sources.append(IndexSource(self.shield, settings.radius))
         if settings.batch_radius is not None:
             sources.append(BatchSource(settings.batch_radius))
@@ -151,7 +154,7 @@ class GenerationWorker:
         pixels = to_uint8(images)
         log = self.scheduler.reset_log()
         sampled = time.time()
-        check = check_images(pixels, self.encoder, self.shield, settings.radius) if self.shield is not None else None
+        check = check_images(pixels, self.encoder, self.shield, settings.radius, self.judges) if self.shield is not None else None
         done = time.time()
         return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, done - sampled)
 
@@ -205,16 +208,29 @@ class GenerationWorker:
         ratios = [h.correction_norm / h.model_output_norm for h in row_hits if h.model_output_norm > 0]
         check = result.check
         inside = bool(check.inside[row]) if check is not None else None
-        action = decide(settings.on_breach, inside, attempt.attempt, settings.max_attempts)
+        judged = judged_columns(check, row)
+        breach = is_breach(inside, judged["perceptual_copy"], judged["off_manifold"], settings.off_manifold_breach)
+        action = decide(settings.on_breach, breach, attempt.attempt, settings.max_attempts)
         sample = {
             **ident, "nearest_id": None, "nearest_key": None, "nearest_distance": None,
             "radius": settings.radius if self.shield is not None else None, "inside_shield": inside,
             "active_steps": len({h.step for h in row_hits if h.used}), "steps": result.log.steps,
             "max_correction_ratio": max(ratios, default=0.0), "action": action,
             "image": f"{IMAGES_DIR}/{unit.name}.tar#{spec.key}.png" if action in WRITTEN_ACTIONS else None,
-            "seconds": result.seconds,
+            "seconds": result.seconds, **judged,
         }
         if check is not None:
             sample.update(nearest_id=int(check.ids[row]), nearest_key=check.keys[row],
                           nearest_distance=float(check.distances[row]))
         return sample, hits
+
+
+def judged_columns(check: FinalCheck | None, row: int) -> dict:
+    """The sample-row columns of the two extra judges (pipeline.judges) for one row; nulls when
+    nothing was judged."""
+    if check is None or check.perceptual_copy is None:
+        return {"off_manifold": None, "roughness": None, "perceptual_nearest_key": None, "perceptual_distance": None,
+                "perceptual_ssim": None, "perceptual_copy": None}
+    return {"off_manifold": bool(check.off_manifold[row]), "roughness": float(check.roughness[row]),
+            "perceptual_nearest_key": check.perceptual_keys[row], "perceptual_distance": float(check.perceptual_distances[row]),
+            "perceptual_ssim": float(check.perceptual_ssim[row]), "perceptual_copy": bool(check.perceptual_copy[row])}
