@@ -89,6 +89,9 @@ def read_tar_images(tar_path: str) -> dict[str, np.ndarray]:
     return out
 
 
+_JUDGES: dict = {}  # index_dir -> workers.final_check.Judges (deterministic: same for every unit)
+
+
 def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radius: float, backend: str = "exact") -> list[dict]:
     """Exact nearest corpus latent of each (sample, image reference), recomputed from the PNGs."""
     from spellshield.indexing.encoders import Encoder
@@ -101,7 +104,8 @@ def recheck_unit(run_dir: str, refs: list[tuple[str, str]], index_dir: str, radi
         by_tar.setdefault(tar_path, []).append((sample, member))
     shield = open_index(index_dir, backend=backend)
     encoder = Encoder(shield.manifest.latent.encoder).init()
-    judges = prepare_judges(shield, encoder)  # issue 14: the perceptual and off-manifold judges
+    # issue 14: the perceptual and off-manifold judges, calibrated once per index per process
+    judges = _JUDGES.get(index_dir) or _JUDGES.setdefault(index_dir, prepare_judges(shield, encoder))
     rows = []
     for tar_path, wanted in by_tar.items():
         images = read_tar_images(tar_path)
