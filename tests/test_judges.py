@@ -235,3 +235,19 @@ def test_memorizer_half_protected_defaults_write_no_copy_and_no_noise(tmp_path):
     assert not written["off_manifold"].any()
     # what was written is one of the unprotected training images (the memorizer's only outputs)
     assert (written["nearest_distance"] > 0).all()
+
+
+def test_allow_off_manifold_option_reaches_the_worker(tmp_path):
+    import argparse
+
+    from spellshield.jobs.generate import add_arguments, worker_settings
+    from spellshield.jobs.memorizer import save_memorizer
+    from spellshield.jobs.run_config import validate
+
+    model = save_memorizer(torch.zeros(2, 3, 8, 8), str(tmp_path / "model"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for extra, expected in (([], True), (["--allow-off-manifold"], False)):
+        config = validate(parser.parse_args(["--model", model, "--out", str(tmp_path / "run"), *extra]))
+        assert config.off_manifold_breach is expected
+        assert worker_settings(config, None).off_manifold_breach is expected
