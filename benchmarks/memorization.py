@@ -206,7 +206,7 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     size = nearest.shape[1]
     pad = 2
     rows = (len(frame) + per_row - 1) // per_row
-    canvas = np.full((rows * (size + pad), per_row * (2 * size + 3 * pad), 3), 255, np.uint8)
+    canvas = np.full((rows * (size + pad), min(per_row, len(frame)) * (2 * size + 3 * pad), 3), 255, np.uint8)
     for i, (out_img, near) in enumerate(zip(outputs, nearest)):
         y, x = (i // per_row) * (size + pad), (i % per_row) * (2 * size + 3 * pad)
         canvas[y : y + size, x : x + size] = out_img
