@@ -64,3 +64,12 @@ def correction_ratios(hits: pd.DataFrame) -> np.ndarray:
     per_step = hits.drop_duplicates(["sample", "attempt", "step"])
     per_step = per_step[per_step["model_output_norm"] > 0]
     return (per_step["correction_norm"] / per_step["model_output_norm"]).to_numpy()
+
+
+def perceptual_summary(samples) -> dict:
+    """The perceptual judge's copy rate and the off-manifold rate of the rechecked images, beside
+    the L2 rate (pipeline.judges; the columns of workers.audit.perceptual_audit_columns)."""
+    if "audit_perceptual_copy" not in samples:
+        return {}
+    return {"perceptual_copy": rate(samples["audit_perceptual_copy"].astype(bool)),
+            "off_manifold": rate(samples["audit_off_manifold"].astype(bool))}

@@ -2,7 +2,8 @@
 
     python -m benchmarks.memorization --out /tmp/mem-bench [--encoder pixels|DIR] [--resolution 32]
 
-On the first ``--num-corpus`` CIFAR-10 images of ../shared (shard 0), the first
+On the first ``--num-corpus`` CIFAR-10 images of ../shared (``--shard``: 0, on which the
+defaults were chosen, or 1, held out; ``SPELLSHIELD_SHARED`` overrides ../shared), the first
 ``--num-protected`` of which are protected:
 
 1. splits them into two WebDataset tars (protected, unprotected), builds a shield index over
@@ -17,6 +18,11 @@ On the first ``--num-corpus`` CIFAR-10 images of ../shared (shard 0), the first
    written images inside one, share within 0.1 r of an unprotected image (precision: the model
    still produces its data), share of steps with a correction and how it falls with t, the
    correction norm relative to the model-output norm, resamples and drops, seconds per image;
+   and the final check's two other judges (pipeline.judges): the share of off-manifold outputs
+   and of perceptual copies of a protected image, with a grid of every stranded output (not
+   within 0.1 r of an unprotected image) beside its nearest protected image in
+   ``benchmarks/stranded/<space>-shard<N>-<config>.png``; ``--gates`` adds configurations with
+   other ``SpellConfig.min_noise_radii`` (0: the correction at every step, as before issue 14);
 4. the diversity mode: the Vendi score (cosine kernel on pixels) of a batch of --diversity-batch
    samples from one seed list, without and with intra-batch repellency.
 
@@ -39,13 +45,17 @@ import pandas as pd
 
 from spellshield.indexing.manifest import read_manifest
 from spellshield.pipeline.scheduler import SpellConfig
-from spellshield.workers.audit import read_unit_images, recheck_unit
+from spellshield.auditing.run_files import read_tar_images
 from spellshield.pipeline.config import GenerateConfig
+from spellshield.workers.audit import recheck_unit
 from spellshield.workers.generation import GenerationWorker, WorkerRuntime
 from spellshield.workers.units import PromptRequest, plan_samples, plan_units
 
-CIFAR_SHARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                           "cifar10", "train-000000.tar")
+# ../shared beside the checkout, or SPELLSHIELD_SHARED (a git worktree lives one level deeper)
+SHARED = os.environ.get("SPELLSHIELD_SHARED") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+CIFAR_DIR = os.path.join(SHARED, "data", "cifar10")
+CIFAR_SHARD = os.path.join(CIFAR_DIR, "train-{:06d}.tar")  # --shard: 0 tunes the defaults, 1 is held out
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -71,7 +81,7 @@ def split_corpus(shard: str, out_dir: str, num_corpus: int, num_protected: int) 
     return paths
 
 
-def prepare(out: str, encoder: str, resolution: int, num_corpus: int, num_protected: int) -> dict:
+def prepare(out: str, encoder: str, resolution: int, num_corpus: int, num_protected: int, shard: int = 0) -> dict:
     """Corpus split, the two indexes and the memorizer (reused when already in ``out``)."""
     setup_file = os.path.join(out, "setup.json")
     if os.path.isfile(setup_file):
@@ -86,7 +96,7 @@ def prepare(out: str, encoder: str, resolution: int, num_corpus: int, num_protec
     from spellshield.jobs.dataflow import EncodeOptions
     from spellshield.jobs.memorizer import build_memorizer
 
-    protected, unprotected = split_corpus(CIFAR_SHARD, os.path.join(out, "corpus"), num_corpus, num_protected)
+    protected, unprotected = split_corpus(CIFAR_SHARD.format(shard), os.path.join(out, "corpus"), num_corpus, num_protected)
     options = EncodeOptions(encoder=encoder, resolution=resolution, batch_size=100)
     paths = {name: os.path.join(out, name) for name in ("protected-index", "unprotected-index", "model")}
     for path in paths.values():
@@ -111,7 +121,7 @@ def prepare(out: str, encoder: str, resolution: int, num_corpus: int, num_protec
     manifest = read_manifest(paths["protected-index"])
     setup = {**paths, "radius": manifest.suggested_radius, "calibration": manifest.calibration,
              "latent_shape": list(manifest.latent.shape), "encoder": encoder, "resolution": resolution,
-             "num_corpus": num_corpus, "num_protected": num_protected}
+             "num_corpus": num_corpus, "num_protected": num_protected, "shard": shard}
     with open(setup_file, "w") as f:
         json.dump(setup, f, indent=1)
     return setup
@@ -157,9 +167,59 @@ def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: 
     return time.time() - started
 
 
+def read_unit_images(tar_path: str) -> tuple[list[str], np.ndarray]:
+    """(member names, uint8 images (B, H, W, 3)) of one unit tar, in name order."""
+    images = read_tar_images(tar_path)
+    keys = sorted(images)
+    return keys, np.stack([images[k] for k in keys])
+
+
 def recheck(run_dir: str, index: str, radius: float) -> pd.DataFrame:
-    rows = [r for tar in sorted(glob.glob(os.path.join(run_dir, "images", "*.tar"))) for r in recheck_unit(tar, index, radius)]
-    return pd.DataFrame(rows)
+    """The audit's exact recheck of every written image of a run (its sample rows name them)."""
+    samples = pd.read_parquet(os.path.join(run_dir, "audit", "samples"))
+    written = samples[samples["image"].notna()]
+    return pd.DataFrame(recheck_unit(run_dir, list(zip(written["sample"], written["image"])), index, radius))
+
+
+def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: pd.DataFrame, name: str,
+                  per_row: int = 16) -> dict:
+    """Every stranded output of a run (not within 0.1 r of an unprotected image: not one of the
+    memorizer's own outputs) beside its nearest protected image, as one PNG under
+    benchmarks/stranded/; returns the count and the file."""
+    from PIL import Image
+
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.search import open_index
+    from spellshield.workers.final_check import corpus_images
+
+    frame = protected.merge(precise[["sample", "audit_inside"]].rename(columns={"audit_inside": "precise"}), on="sample")
+    frame = frame[~frame["precise"]].sort_values("sample")
+    result = {"count": int(len(frame)), "png": None}
+    if not len(frame):
+        return result
+    shield = open_index(setup["protected-index"])
+    nearest = corpus_images(shield, Encoder(shield.manifest.latent.encoder).init(), frame["audit_nearest_id"].to_numpy())
+    samples = pd.read_parquet(os.path.join(run_dir, "audit", "samples")).set_index("sample")
+    tars: dict[str, dict] = {}
+    outputs = []
+    for sample in frame["sample"]:
+        tar, member = samples.loc[sample, "image"].split("#")
+        outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar)))[member])
+    size = nearest.shape[1]
+    pad = 2
+    rows = (len(frame) + per_row - 1) // per_row
+    canvas = np.full((rows * (size + pad), min(per_row, len(frame)) * (2 * size + 3 * pad), 3), 255, np.uint8)
+    for i, (out_img, near) in enumerate(zip(outputs, nearest)):
+        y, x = (i // per_row) * (size + pad), (i % per_row) * (2 * size + 3 * pad)
+        canvas[y : y + size, x : x + size] = out_img
+        canvas[y : y + size, x + size + pad : x + 2 * size + pad] = near
+    folder = os.path.join(HERE, "stranded")
+    os.makedirs(folder, exist_ok=True)
+    space = "pixels" if setup["encoder"] == "pixels" else os.path.basename(os.path.normpath(setup["encoder"]))
+    path = os.path.join(folder, f"{space}-shard{setup.get('shard', 0)}-{name}.png")
+    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+    result["png"] = os.path.relpath(path, HERE)
+    return result
 
 
 def per_step_share(hits: pd.DataFrame, samples: int, steps: int) -> list[float]:
@@ -182,11 +242,16 @@ def measure(setup: dict, out: str, name: str, spell: SpellConfig | None, seeds: 
         "config": name,
         "overcompensation": spell.overcompensation if spell else None,
         "correction_iterations": spell.correction_iterations if spell else None,
+        "min_noise_radii": spell.min_noise_radii if spell else None,
         "samples": int(len(protected)),
         "inside_protected_before_check": float(protected["audit_inside"].mean()),
         "precision_within_0.1r_of_unprotected": float(precise["audit_inside"].mean()),
         "nearest_protected_distance_median": float(protected["audit_nearest_distance"].median()),
         "seconds_per_image_spell_alone": seconds_alone / seeds,
+        # issue 14: the two other judges of the final check, recomputed from the PNGs
+        "off_manifold_before_check": float(protected["audit_off_manifold"].mean()),
+        "perceptual_copies_before_check": float(protected["audit_perceptual_copy"].mean()),
+        "stranded": stranded_grid(setup, alone_dir, protected, precise, name),
     }
     if spell:
         used = hits[hits["used"]]
@@ -212,12 +277,16 @@ def measure(setup: dict, out: str, name: str, spell: SpellConfig | None, seeds: 
             "written": int(len(written)),
             "written_inside_protected": float(written["audit_inside"].mean()) if len(written) else 0.0,
             "written_precision": float(written_precise["audit_inside"].mean()) if len(written) else 0.0,
+            "written_off_manifold": float(written["audit_off_manifold"].mean()) if len(written) else 0.0,
+            "written_perceptual_copies": float(written["audit_perceptual_copy"].mean()) if len(written) else 0.0,
             "resampled_attempts": int((wrows["action"] == "resampled").sum()),
             "dropped": int((wrows["action"] == "dropped").sum()),
             "seconds_per_written_image": seconds_written / max(len(written), 1),
         })
     else:
         result.update({"written": result["samples"], "written_inside_protected": result["inside_protected_before_check"],
+                       "written_off_manifold": result["off_manifold_before_check"],
+                       "written_perceptual_copies": result["perceptual_copies_before_check"],
                        "seconds_per_written_image": result["seconds_per_image_spell_alone"]})
     return result
 
@@ -310,7 +379,7 @@ def markdown(results: dict) -> str:
     s = results["setup"]
     lines = [
         f"Machine: {results['machine']}. Command: `{results['command']}`. Memorizer over {s['num_corpus']} CIFAR-10 "
-        f"images (shard 0), the first {s['num_protected']} protected; encoder `{s['encoder']}` at {s['resolution']} px "
+        f"images (shard {s.get('shard', 0)}{', held out: the defaults were chosen on shard 0' if s.get('shard', 0) else ''}), the first {s['num_protected']} protected; encoder `{s['encoder']}` at {s['resolution']} px "
         f"(latent {tuple(s['latent_shape'])}); radius r = {s['radius']:.4g} (half the median 1-NN distance of the "
         f"protected set); {results['samples']} samples, seeds 0..{results['samples'] - 1}, {results['steps']} DDIM steps. "
         "Shares are recomputed from the written PNGs against each index, as the audit does.",
@@ -324,14 +393,32 @@ def markdown(results: dict) -> str:
             lines.append(f"| unshielded | {r['inside_protected_before_check']:.1%} | {r['written_inside_protected']:.1%} (no shield) "
                          f"| {r['precision_within_0.1r_of_unprotected']:.1%} | - | - | - | {r['seconds_per_image_spell_alone']:.3f} |")
             continue
+        gate = "" if r.get("min_noise_radii", 1) == SpellConfig().min_noise_radii else f", gate {r['min_noise_radii']:g}"
         lines.append(
-            f"| lam {r['overcompensation']:g}, M {r['correction_iterations']} | {r['inside_protected_before_check']:.1%} "
+            f"| lam {r['overcompensation']:g}, M {r['correction_iterations']}{gate} | {r['inside_protected_before_check']:.1%} "
             f"| {r['written_inside_protected']:.1%} ({r['written']} written) | {r['precision_within_0.1r_of_unprotected']:.1%} "
             f"(written {r['written_precision']:.1%}) | {r['steps_with_correction']:.1%} "
             f"| {r['correction_ratio_median']:.3f}, {r['correction_ratio_p90']:.3f}, {r['correction_ratio_max']:.3f} "
             f"| {r['resampled_attempts']} / {r['dropped']} | {r['seconds_per_image_spell_alone']:.3f}, "
             f"{r['seconds_per_written_image']:.3f} |"
         )
+    lines += ["", "Noise and perceptual copies (pipeline.judges, recomputed from the PNGs): off-manifold outputs, "
+              "perceptual copies of a protected image (low-pass L2 or SSIM), and the stranded outputs (not within "
+              "0.1 r of an unprotected image), each beside its nearest protected image in the linked grid. "
+              "'gate 0' is the correction at every step (the paper's schedule), the others gate it at "
+              "min_noise_radii (SpellConfig):", "",
+              "| config | gate | off-manifold, SPELL alone | off-manifold, written | perceptual copies, SPELL alone "
+              "| perceptual copies, written | stranded (grid) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results["configs"]:
+        if "off_manifold_before_check" not in r:
+            continue
+        label = "unshielded" if r["overcompensation"] is None else f"lam {r['overcompensation']:g}, M {r['correction_iterations']}"
+        gate = "-" if r.get("min_noise_radii") is None else f"{r['min_noise_radii']:g}"
+        grid = r["stranded"]
+        link = f"{grid['count']} ([grid]({grid['png']}))" if grid.get("png") else f"{grid['count']}"
+        lines.append(f"| {label} | {gate} | {r['off_manifold_before_check']:.1%} | {r['written_off_manifold']:.1%} "
+                     f"| {r['perceptual_copies_before_check']:.1%} | {r['written_perceptual_copies']:.1%} | {link} |")
     steps = results["steps"]
     bins = [(0, steps // 5), (steps // 5, 2 * steps // 5), (2 * steps // 5, 3 * steps // 5), (3 * steps // 5, 4 * steps // 5),
             (4 * steps // 5, steps)]
@@ -371,6 +458,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="work directory (indexes, model and runs; reused)")
     parser.add_argument("--encoder", default="pixels")
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--shard", type=int, default=0, help="CIFAR-10 shard of the corpus (0: tuning; 1: held out)")
     parser.add_argument("--num-corpus", type=int, default=1000)
     parser.add_argument("--num-protected", type=int, default=500)
     parser.add_argument("--samples", type=int, default=200)
@@ -378,6 +466,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--lams", default="1.0,1.6,3.0,10.0,30.0")
     parser.add_argument("--iterations", default="1,5")
+    parser.add_argument("--gates", default=f"{SpellConfig().min_noise_radii:g}",
+                        help="SpellConfig.min_noise_radii values (0: correct at every step, the paper's schedule)")
     parser.add_argument("--diversity-batch", type=int, default=16)
     parser.add_argument("--diversity-lists", type=int, default=8, help="seed lists for the diversity mode (default 8)")
     parser.add_argument("--diversity-radii", default="1,2,4", help="intra-batch radii as multiples of r (default 1,2,4)")
@@ -387,9 +477,12 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", default=None, help="name for benchmarks/<name>.png and results/<name>.json")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    setup = prepare(args.out, args.encoder, args.resolution, args.num_corpus, args.num_protected)
+    setup = prepare(args.out, args.encoder, args.resolution, args.num_corpus, args.num_protected, args.shard)
+    default_gate = SpellConfig().min_noise_radii
     configs = [("unshielded", None)] + [
-        (f"lam{lam:g}-M{m}", SpellConfig(overcompensation=lam, correction_iterations=m))
+        (f"lam{lam:g}-M{m}" + ("" if gate == default_gate else f"-gate{gate:g}"),
+         SpellConfig(overcompensation=lam, correction_iterations=m, min_noise_radii=gate))
+        for gate in (float(v) for v in args.gates.split(","))
         for lam in (float(v) for v in args.lams.split(",")) for m in (int(v) for v in args.iterations.split(","))
     ]
     if args.only:

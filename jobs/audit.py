@@ -30,7 +30,7 @@ from spellshield.auditing.corpus_images import corpus_image
 from spellshield.auditing.report import (comparison_warnings, plot_corrected_share, plot_correction_ratios,
                                          plot_nearest_distances, rate_text, save_pair, write_comparison, write_report)
 from spellshield.auditing.run_files import RunError, image_tars, load_run, read_tar_images, resolve_image_ref
-from spellshield.auditing.stats import correction_ratios, written_attempt_hits
+from spellshield.auditing.stats import correction_ratios, perceptual_summary, written_attempt_hits
 from spellshield.auditing.summary import FAIL_ON, Gate, summarize, verdict
 from spellshield.indexing.manifest import manifest_hash, read_manifest, write_json_atomic
 from spellshield.jobs.progress import ProgressBar
@@ -101,6 +101,8 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
     except RunError as exc:
         raise UsageError(str(exc)) from None
     summary = summarize(run, samples, hits, radius, inside, extra_inside)
+    # the perceptual copy rate and the off-manifold rate of every image, beside the L2 rate
+    summary["second_judges"] = perceptual_summary(checked) if checked is not None else {}
     calibration = manifest.calibration if manifest is not None else None
     summary["audit"] = {"index": os.path.basename(os.path.normpath(index)) if index else None,
                         "index_manifest_sha256": manifest_hash(index) if index else None, "radius_source": radius_source}

@@ -155,9 +155,22 @@ class SpellConfig:
     max_neighbours: int | None = option(None, "at most K hits per source and query enter the correction (SPELL-K; default all)",
                                         type=int)
     correction_iterations: int = option(5, "re-check x0' and correct again, up to M times per step", type=int)
+    # Correct only at steps the sampler can still absorb: while the noise left in x_t, in x0 units
+    # (sigma_t / alpha_t * sqrt(D)), is at least this many of the source's radii. Below it the
+    # trajectory is committed to its image within less than a radius: the paper's push (its
+    # Eq. 7 with x0_hat' = x0_hat + lam * delta) can no longer carry it to another image and goes
+    # almost unchanged into the output. Against a point x0_hat = z it is lam * r of pure noise:
+    # a protected image under noise (lam 1.6: 1.6 r, "not a copy" in L2) or saturated noise
+    # (lam 10; benchmarks/RESULTS.md, "Noise"). Left alone, such a sample ends as the copy it is
+    # and the exact final check refuses it. 0: correct at every step (the paper's schedule).
+    min_noise_radii: float = option(1.0, "correct only while the noise left in x_t is at least this many radii "
+                                         "(0: every step, the paper's schedule)", type=float)
 
     def __post_init__(self):
         _positive_finite("overcompensation", self.overcompensation)
+        if isinstance(self.min_noise_radii, bool) or not isinstance(self.min_noise_radii, (int, float)) \
+                or not math.isfinite(self.min_noise_radii) or self.min_noise_radii < 0:
+            raise ConfigError("min_noise_radii", f"must be a finite number >= 0, got {self.min_noise_radii!r}")
         _int("max_neighbours", self.max_neighbours, low=1, none=True)
         _int("correction_iterations", self.correction_iterations, low=1)
 
@@ -224,6 +237,8 @@ class BreachConfig:
     on_breach: str = option("resample", "a finished sample inside the shield is drawn again with a derived seed "
                                         "(resample), not written (drop), or written and flagged (flag)", choices=POLICIES)
     max_attempts: int = option(4, "attempts per sample in all with --on-breach resample; then it is dropped", type=int)
+    allow_off_manifold: bool = option(False, "do not count an output far from everything the corpus holds (or rough as "
+                                             "noise) as a breach (docs/design.md: judges)", action="store_true")
 
     def __post_init__(self):
         _choice("on_breach", self.on_breach, POLICIES)
@@ -361,7 +376,7 @@ def add_arguments(parser, groups=None) -> None:
             help_text = meta.pop("help")
             meta.pop("json", None)  # parsed by from_args, so that bad JSON is one line naming the flag
             default = f.default if f.default is not dataclasses.MISSING else None
-            if default is not None and "(default" not in help_text:
+            if default is not None and "(default" not in help_text and meta.get("action") != "store_true":
                 help_text += f" (default {default})"
             target = exclusive if f.name in ("num_images", "prompts") else group
             target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=help_text, **meta)

@@ -62,6 +62,9 @@ class AffineOutput:
     a_coef: float
     b_coef: float
     prediction_type: str
+    # sigma_t / alpha_t: the standard deviation, per dimension and in x0 units, of the noise still
+    # in x_t (x_t / alpha_t = x0 + noise_scale * eps). None where the caller did not say.
+    noise_scale: float | None = None
 
     def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         return self.a_coef * sample + self.b_coef * model_output
@@ -74,12 +77,13 @@ class AffineOutput:
 
 def alpha_sigma_affine(alpha: float, sigma: float, prediction_type: str) -> AffineOutput:
     """x_t = alpha x0 + sigma eps (VP: alpha^2 + sigma^2 = 1; flow: alpha = 1 - sigma)."""
+    scale = sigma / alpha if alpha > 0 else math.inf
     if prediction_type == "epsilon":
-        return AffineOutput(1.0 / alpha, -sigma / alpha, prediction_type)
+        return AffineOutput(1.0 / alpha, -sigma / alpha, prediction_type, scale)
     if prediction_type == "v_prediction":
-        return AffineOutput(alpha, -sigma, prediction_type)
+        return AffineOutput(alpha, -sigma, prediction_type, scale)
     if prediction_type in ("sample", "original_sample"):
-        return AffineOutput(0.0, 1.0, prediction_type)
+        return AffineOutput(0.0, 1.0, prediction_type, scale)
     if prediction_type == "flow_prediction":
         return flow_affine(sigma)
     raise UnsupportedScheduler(f"unknown prediction_type {prediction_type!r}")
@@ -95,17 +99,17 @@ def vp_affine(alpha_bar: float, prediction_type: str) -> AffineOutput:
 def karras_affine(sigma: float, prediction_type: str) -> AffineOutput:
     """Variance-exploding form x = x0 + sigma eps (Euler, Heun; k-diffusion's c_skip/c_out)."""
     if prediction_type == "epsilon":
-        return AffineOutput(1.0, -sigma, prediction_type)
+        return AffineOutput(1.0, -sigma, prediction_type, sigma)
     if prediction_type == "v_prediction":
-        return AffineOutput(1.0 / (sigma**2 + 1.0), -sigma / math.sqrt(sigma**2 + 1.0), prediction_type)
+        return AffineOutput(1.0 / (sigma**2 + 1.0), -sigma / math.sqrt(sigma**2 + 1.0), prediction_type, sigma)
     if prediction_type in ("sample", "original_sample"):
-        return AffineOutput(0.0, 1.0, prediction_type)
+        return AffineOutput(0.0, 1.0, prediction_type, sigma)
     raise UnsupportedScheduler(f"unknown prediction_type {prediction_type!r} for a sigma scheduler")
 
 
 def flow_affine(sigma: float) -> AffineOutput:
     """Rectified flow x_t = (1 - sigma) x0 + sigma eps with velocity output m = eps - x0."""
-    return AffineOutput(1.0, -sigma, "flow")
+    return AffineOutput(1.0, -sigma, "flow", sigma / (1.0 - sigma) if sigma < 1 else math.inf)
 
 
 def step_index_for(scheduler, timestep) -> int:

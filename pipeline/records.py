@@ -71,6 +71,15 @@ class AttemptRecord:
     image: str | None = column("string", "image location inside the run directory: images/unit-NNNNN.tar#<sample>.png; "
                                          "null if not written")
     seconds: float = column("float64", "wall-clock seconds spent on this sample (its batch's time divided evenly)", False)
+    # the final check's two other judges (pipeline.judges); null without index
+    off_manifold: bool | None = column("bool_", "far beyond the corpus's 1-NN distances or rough as noise: a breach unless "
+                                                "--allow-off-manifold")
+    roughness: float | None = column("float64", "mean absolute difference of neighbouring pixel values / 255")
+    perceptual_nearest_key: str | None = column("string", "corpus key of the closest protected image in the low-pass "
+                                                         "(blurred) space")
+    perceptual_distance: float | None = column("float64", "L2 distance of the blurred images to it, in [-1, 1] pixel units")
+    perceptual_ssim: float | None = column("float64", "largest SSIM of the blurred image with a nearby protected one")
+    perceptual_copy: bool | None = column("bool_", "the perceptual judge calls it a copy of a protected image (a breach)")
 
 
 def _columns(*classes) -> list:

@@ -24,6 +24,7 @@ two calls of one denoising step apart.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,9 @@ class ShieldedScheduler:
         """
         affine = affine_for(self.inner, timestep, sample, model_output, step_kwargs)
         batch = model_output.shape[0]
+        sources = self.absorbing_sources(affine, model_output[0].numel())
+        if not sources:
+            return model_output
         m = model_output.to(torch.float32).reshape(batch, -1)
         x_t = sample.to(torch.float32).reshape(batch, -1)
         x0 = affine.x0_from_output(m, x_t).to(torch.float64)
@@ -145,7 +149,7 @@ class ShieldedScheduler:
             delta = torch.zeros_like(x0)
             any_hit = False
             queries = x0.to(torch.float32)
-            for source in self.sources:
+            for source in sources:
                 for row, found in enumerate(source.find(queries)):
                     k = found.ids.numel()
                     if k == 0:
@@ -187,6 +191,15 @@ class ShieldedScheduler:
         out = model_output.clone()
         out[corrected] = new_m[corrected].reshape(-1, *model_output.shape[1:]).to(model_output.dtype)
         return out
+
+    def absorbing_sources(self, affine, dim: int) -> list[ShieldSource]:
+        """The sources whose balls a push at this step can still carry a sample out of: those
+        with radius <= noise left in x_t / min_noise_radii (SpellConfig.min_noise_radii)."""
+        floor = self.spell.min_noise_radii
+        if floor == 0 or affine.noise_scale is None:
+            return self.sources
+        noise = affine.noise_scale * math.sqrt(dim)
+        return [s for s in self.sources if noise >= floor * s.radius]
 
     @staticmethod
     def _neighbour_keys(pending: list[dict]) -> dict:

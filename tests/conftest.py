@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+SHARED = os.environ.get("SPELLSHIELD_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")  # a worktree: set it
 CIFAR_DIR = os.path.join(SHARED, "data", "cifar10")
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(CIFAR_DIR), reason="../shared (CIFAR-10 shards) is absent")

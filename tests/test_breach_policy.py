@@ -11,7 +11,7 @@ import pytest
 
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.audit import recheck_unit
-from spellshield.workers.breach import decide, derive_seed
+from spellshield.workers.breach import decide, derive_seed, is_breach
 from spellshield.pipeline.config import GenerateConfig
 from spellshield.workers.generation import GenerationWorker, WorkerRuntime
 from spellshield.workers.units import PromptRequest, plan_samples, plan_units
@@ -59,6 +59,11 @@ def run_policy(model, index, run_dir, policy, max_attempts=3):
     return rows, rechecked, radius
 
 
+def breach(row) -> bool:
+    """A breach: inside the L2 ball, a perceptual copy, or off-manifold (workers.breach.is_breach)."""
+    return bool(is_breach(bool(row["inside_shield"]), bool(row["perceptual_copy"]), bool(row["off_manifold"])))
+
+
 @pytest.fixture(scope="module")
 def policies(memorizer_model, protected_index, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy")
@@ -80,7 +85,7 @@ def test_resample_writes_no_copy(policies):
     first_seeds = rows[rows["attempt"] == 1].set_index("sample")["seed"]
     for _, r in rows.iterrows():
         assert r["seed"] == derive_seed(int(first_seeds[r["sample"]]), int(r["attempt"]))
-        assert r["action"] == decide("resample", bool(r["inside_shield"]), int(r["attempt"]), 3)
+        assert r["action"] == decide("resample", breach(r), int(r["attempt"]), 3)
         if r["action"] == "resampled":
             assert ((rows["sample"] == r["sample"]) & (rows["attempt"] == r["attempt"] + 1)).any()
     assert (rows["attempt"] > 1).any()
@@ -88,6 +93,7 @@ def test_resample_writes_no_copy(policies):
     kept = rows[rows["action"] == "kept"]
     assert sorted(rechecked["sample"]) == sorted(kept["sample"])
     assert not rechecked["audit_inside"].any()
+    assert not rechecked["audit_perceptual_copy"].any() and not rechecked["audit_off_manifold"].any()
     assert (rechecked["audit_nearest_distance"] >= radius).all()
     assert rows.loc[rows["image"].isna(), "action"].isin(["resampled", "dropped"]).all()
 
@@ -95,7 +101,7 @@ def test_resample_writes_no_copy(policies):
 def test_drop_writes_no_copy(policies):
     rows, rechecked, radius = policies["drop"]
     assert len(rows) == NUM and (rows["attempt"] == 1).all()
-    assert (rows["action"] == rows["inside_shield"].map({True: "dropped", False: "kept"})).all()
+    assert (rows["action"] == rows.apply(breach, axis=1).map({True: "dropped", False: "kept"})).all()
     assert sorted(rechecked["sample"]) == sorted(rows.loc[rows["action"] == "kept", "sample"])
     assert not rechecked["audit_inside"].any()
 
@@ -105,4 +111,4 @@ def test_flag_writes_everything_and_flags_copies(policies):
     assert len(rows) == NUM and len(rechecked) == NUM
     merged = rows.merge(rechecked, on="sample")
     assert (merged["audit_inside"] == merged["inside_shield"]).all()
-    assert (merged["action"] == merged["inside_shield"].map({True: "flagged", False: "kept"})).all()
+    assert (merged["action"] == merged.apply(breach, axis=1).map({True: "flagged", False: "kept"})).all()

@@ -14,9 +14,12 @@ def test_demo_shield_beats_no_shield(ray_session, tmp_path):
     assert summary == result
     assert summary["near_duplicate_rate_unshielded"] > 0.2
     assert summary["near_duplicate_rate_shielded"] < summary["near_duplicate_rate_unshielded"]
-    # written images never lie inside (resample); SPELL alone, at the defaults, leaves at most a few
+    # written images never lie inside (resample). SPELL alone, at the defaults, leaves some copies
+    # for the final check: since the late-step gate (issue 14) it no longer hides them as noise
+    # (on the digits memorizer: 25% inside and 0% off-manifold, against 0% inside and 23% noise
+    # with the correction at every step)
     assert summary["near_duplicate_rate_shielded"] == 0.0
-    assert summary["inside_before_final_check_shielded"] <= 0.05
+    assert summary["inside_before_final_check_shielded"] <= 0.4
     assert sum(summary["actions_shielded"].get(a, 0) for a in ("kept", "dropped")) == 48
     for report in summary["reports"].values():
         assert os.path.isfile(report)

@@ -91,8 +91,10 @@ def test_sample_rows_agree_with_the_final_check(shielded_run):
     out, config, info = shielded_run
     samples = pd.read_parquet(f"{out}/audit/samples")
     assert (samples["inside_shield"] == (samples["nearest_distance"] < config.shield.radius)).all()
-    # SPELL alone (first attempts, before the final-check policy) leaves at most a few of 22 copies
-    assert samples.loc[samples["attempt"] == 1, "inside_shield"].sum() <= 3
+    # SPELL alone (first attempts, before the final-check policy) leaves some of 22 copies: since
+    # the late-step gate (issue 14) the ones it cannot save end as copies, not as noise, and the
+    # final check resamples them
+    assert samples.loc[samples["attempt"] == 1, "inside_shield"].sum() <= 11
     # resample: breaching attempts are not written, and the written ones are all outside
     assert (samples.loc[samples["inside_shield"], "action"].isin(["resampled", "dropped"])).all()
     assert (samples.loc[samples["image"].notna(), "action"] == "kept").all()
@@ -126,6 +128,6 @@ def test_unshielded_memorizer_copies_protected_images(ray_session, memorizer_mod
     assert plain["active_step_fraction"] == 0
     # the same seeds with the shield: the audit, recomputed from the PNGs, finds far fewer
     shielded = audit(shielded_run[0], index=protected_index)
-    assert shielded["num_samples"] == 22
+    assert 20 <= shielded["num_samples"] <= 22  # a sample copied on all 4 attempts is dropped
     assert shielded["near_duplicate_rate"] <= plain["near_duplicate_rate"] / 3
     assert shielded["active_step_fraction"] > 0

@@ -51,12 +51,13 @@ def test_options_reach_the_run(capsys, ray_session, memorizer_model, protected_i
                  "--max-neighbours", "3", "--batch-radius", "100", "--on-breach", "drop"])
     assert code == 0
     config = json.loads((run_dir / "run.json").read_text())["config"]
-    assert config["spell"] == {"overcompensation": 1e-9, "max_neighbours": 3, "correction_iterations": 2}
+    assert config["spell"] == {"overcompensation": 1e-9, "max_neighbours": 3, "correction_iterations": 2, "min_noise_radii": 1.0}
     assert (config["breach"]["on_breach"], config["shield"]["batch_radius"], config["breach"]["max_attempts"]) == ("drop", 100.0, 4)
     rows = pd.read_parquet(run_dir / "audit" / "samples")
     hits = pd.read_parquet(run_dir / "audit" / "hits")
     assert len(rows) == 6 and (rows["attempt"] == 1).all()  # drop: one attempt each
-    assert (rows["action"] == rows["inside_shield"].map({True: "dropped", False: "kept"})).all()
+    breach = rows["inside_shield"] | rows["perceptual_copy"] | rows["off_manifold"]  # workers.breach.is_breach
+    assert (rows["action"] == breach.map({True: "dropped", False: "kept"})).all()
     assert set(hits["source"]) == {"index", "batch"}
     # at most 3 neighbours per source, step and iteration entered the sum; the rest are logged unused
     used = hits[hits["used"]].groupby(["sample", "step", "iteration", "source"]).size()

@@ -58,6 +58,8 @@ def calls_for(case: str) -> list[int]:
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lam", [1.0, 1.6])
 def test_output_implies_corrected_x0(case, lam):
+    # The affine rewrite at any call, whatever the noise left (min_noise_radii=0: the paper's
+    # every-step schedule; the late-step gate is tested in test_judges.py).
     for calls in calls_for(case):
         sched, t, x_t, m = advanced(case, calls)
         x0 = scheduler_x0(sched, m, t, x_t).reshape(3, -1).double()
@@ -67,7 +69,7 @@ def test_output_implies_corrected_x0(case, lam):
         unit = lambda: torch.nn.functional.normalize(torch.randn(x0.shape[1], generator=g, dtype=torch.float64), dim=0)
         # row 0: one protected point inside; row 1: two; row 2: none
         z = torch.stack([x0[0] + 0.5 * scale * unit(), x0[1] + 0.3 * scale * unit(), x0[1] + 1.2 * scale * unit()]).float()
-        shielded = ShieldedScheduler(copy.deepcopy(sched), [StaticSource(z, radius)], SpellConfig(overcompensation=lam, correction_iterations=1))
+        shielded = ShieldedScheduler(copy.deepcopy(sched), [StaticSource(z, radius)], SpellConfig(overcompensation=lam, correction_iterations=1, min_noise_radii=0))
         rewritten = shielded.correct(m, t, x_t, 0, {})
         implied = scheduler_x0(sched, rewritten, t, x_t).reshape(3, -1).double()
         expected = x0.clone()
@@ -80,7 +82,7 @@ def test_output_implies_corrected_x0(case, lam):
         assert torch.allclose(implied, expected, atol=tol, rtol=1e-4), (case, calls, float((implied - expected).abs().max()))
         assert torch.equal(rewritten[2], m[2])  # no hit: the row is untouched
         # step() hands exactly the rewritten output to the wrapped scheduler
-        shielded = ShieldedScheduler(copy.deepcopy(sched), [StaticSource(z, radius)], SpellConfig(overcompensation=lam, correction_iterations=1))
+        shielded = ShieldedScheduler(copy.deepcopy(sched), [StaticSource(z, radius)], SpellConfig(overcompensation=lam, correction_iterations=1, min_noise_radii=0))
         out = shielded.step(m, t, x_t, **step_kwargs(sched, 7)).prev_sample
         reference = copy.deepcopy(sched).step(rewritten, t, x_t, **step_kwargs(sched, 7)).prev_sample
         assert torch.equal(out, reference)
@@ -147,7 +149,7 @@ def test_learned_variance_and_unknown_schedulers_are_refused():
 def test_heun_step_indices_count_calls():
     # 4 denoising steps = 7 step calls (predictor + corrector, the last one first-order only)
     sched = HeunDiscreteScheduler(num_train_timesteps=1000)
-    shielded = ShieldedScheduler(sched, [StaticSource(torch.zeros(1, 8), 1e6)], SpellConfig(overcompensation=1e-12, correction_iterations=1))
+    shielded = ShieldedScheduler(sched, [StaticSource(torch.zeros(1, 8), 1e6)], SpellConfig(overcompensation=1e-12, correction_iterations=1, min_noise_radii=0))
     shielded.set_timesteps(4)
     x = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
     for t in shielded.timesteps:

@@ -14,17 +14,27 @@ import numpy as np
 from spellshield.auditing.run_files import RunError, read_tar_images, resolve_image_ref
 
 CHUNK = 64  # images encoded and searched together
+_JUDGES: dict = {}  # index_dir -> workers.final_check.Judges (deterministic: the same for every tar)
 
 
 def _check(images: list[np.ndarray], index_dir: str, radius: float, backend: str):
     from spellshield.indexing.encoders import Encoder
     from spellshield.indexing.search import open_index
-    from spellshield.workers.final_check import check_images
+    from spellshield.workers.final_check import check_images, prepare_judges
 
     shield = open_index(index_dir, backend=backend)
     encoder = Encoder(shield.manifest.latent.encoder).init()
+    # the perceptual and off-manifold judges beside the L2 one, calibrated once per index per process
+    judges = _JUDGES.get(index_dir) or _JUDGES.setdefault(index_dir, prepare_judges(shield, encoder))
     for start in range(0, len(images), CHUNK):
-        yield start, check_images(np.stack(images[start : start + CHUNK]), encoder, shield, radius)
+        yield start, check_images(np.stack(images[start : start + CHUNK]), encoder, shield, radius, judges)
+
+
+def perceptual_audit_columns(check, j: int) -> dict:
+    """The second judges' columns of one rechecked image, beside the L2 ones."""
+    return {"audit_perceptual_copy": bool(check.perceptual_copy[j]), "audit_perceptual_key": check.perceptual_keys[j],
+            "audit_perceptual_distance": float(check.perceptual_distances[j]),
+            "audit_perceptual_ssim": float(check.perceptual_ssim[j]), "audit_off_manifold": bool(check.off_manifold[j])}
 
 
 def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index_dir: str, radius: float,
@@ -52,7 +62,8 @@ def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index
         for j, name in enumerate(names[start : start + CHUNK]):
             rows.append({"sample": sample_of.get(name), "image": f"{tar_ref}#{name}", "listed": name in sample_of,
                          "audit_nearest_id": int(check.ids[j]), "audit_nearest_key": check.keys[j],
-                         "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j])})
+                         "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j]),
+                         **perceptual_audit_columns(check, j)})
     return {"rows": rows, "undecodable": {f"{tar_ref}#{k}": v for k, v in bad.items()},
             "missing": [f"{tar_ref}#{m}" for _, m in listed if m not in images and m not in bad]}
 

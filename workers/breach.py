@@ -1,4 +1,5 @@
-"""What to do with a finished sample that the exact final check finds inside the shield.
+"""What to do with a finished sample that the exact final check finds inside the shield, a
+perceptual copy of a protected image, or off-manifold (``is_breach``).
 
 Policies (``--on-breach``):
 
@@ -37,6 +38,19 @@ def derive_seed(seed: int, attempt: int) -> int:
         return int(seed)
     digest = hashlib.sha256(f"spellshield-resample:{int(seed)}:{int(attempt)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << SEED_BITS) - 1)
+
+
+def is_breach(inside: bool | None, perceptual_copy: bool | None = None, off_manifold: bool | None = None,
+              off_manifold_breach: bool = True) -> bool | None:
+    """Whether a checked attempt breaches (None: no index, nothing was checked).
+
+    A breach is a copy by either judge - the L2 ball (``inside``) or the perceptual judge - or,
+    unless the user opted out (``off_manifold_breach=False``, ``--allow-off-manifold``), an
+    off-manifold output: noise is no way out of a copy (pipeline.judges).
+    """
+    if inside is None:
+        return None
+    return bool(inside or perceptual_copy or (off_manifold_breach and off_manifold))
 
 
 def decide(policy: str, inside: bool | None, attempt: int, max_attempts: int) -> str:

@@ -38,8 +38,8 @@ from spellshield.pipeline.records import AttemptRecord, RowIdentity, hit_row, sa
 from spellshield.pipeline.scheduler import ShieldedScheduler, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
 from spellshield.workers.console import quiet_libraries
-from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed
-from spellshield.workers.final_check import FinalCheck, check_images
+from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed, is_breach
+from spellshield.workers.final_check import FinalCheck, check_images, prepare_judges
 from spellshield.workers.run_layout import image_ref
 from spellshield.workers.unit_writer import write_unit
 from spellshield.workers.units import SampleSpec, Unit
@@ -106,6 +106,7 @@ class GenerationWorker:
         shield = config.shield
         self.shield = None
         self.encoder = None
+        self.judges = None
         self.history = None
         sources = []
         if shield.index is not None:
@@ -121,6 +122,7 @@ class GenerationWorker:
                     backend_device = "cpu"
                 self.shield = open_index(shield.index, backend=shield.search_backend, device=backend_device)
             self.encoder = Encoder(self.shield.manifest.latent.encoder, device=self.device).init()
+            self.judges = prepare_judges(self.shield, self.encoder)
             sources.append(IndexSource(self.shield, shield.radius))
         if shield.batch_radius is not None:
             sources.append(BatchSource(shield.batch_radius))
@@ -140,7 +142,8 @@ class GenerationWorker:
         pixels = to_uint8(images)
         log = self.scheduler.reset_log()
         sampled = time.time()
-        check = check_images(pixels, self.encoder, self.shield, self.config.shield.radius) if self.shield is not None else None
+        check = (check_images(pixels, self.encoder, self.shield, self.config.shield.radius, self.judges)
+                 if self.shield is not None else None)
         done = time.time()
         return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, done - sampled)
 
@@ -188,7 +191,9 @@ class GenerationWorker:
         ratios = [h.correction_norm / h.model_output_norm for h in row_hits if h.model_output_norm > 0]
         check = result.check
         inside = bool(check.inside[row]) if check is not None else None
-        action = decide(breach.on_breach, inside, attempt.attempt, breach.max_attempts)
+        judged = judged_columns(check, row)
+        breached = is_breach(inside, judged["perceptual_copy"], judged["off_manifold"], not breach.allow_off_manifold)
+        action = decide(breach.on_breach, breached, attempt.attempt, breach.max_attempts)
         sample = sample_row(identity, AttemptRecord(
             nearest_id=int(check.ids[row]) if check is not None else None,
             nearest_key=check.keys[row] if check is not None else None,
@@ -197,6 +202,17 @@ class GenerationWorker:
             active_steps=len({h.step for h in row_hits if h.used}), steps=result.log.steps,
             max_correction_ratio=max(ratios, default=0.0), action=action,
             image=image_ref(unit.name, spec.key) if action in WRITTEN_ACTIONS else None,
-            seconds=result.seconds,
+            seconds=result.seconds, **judged,
         ))
         return sample, hits
+
+
+def judged_columns(check: FinalCheck | None, row: int) -> dict:
+    """The sample-row columns of the two extra judges (pipeline.judges) for one row; nulls when
+    nothing was judged."""
+    if check is None or check.perceptual_copy is None:
+        return {"off_manifold": None, "roughness": None, "perceptual_nearest_key": None, "perceptual_distance": None,
+                "perceptual_ssim": None, "perceptual_copy": None}
+    return {"off_manifold": bool(check.off_manifold[row]), "roughness": float(check.roughness[row]),
+            "perceptual_nearest_key": check.perceptual_keys[row], "perceptual_distance": float(check.perceptual_distances[row]),
+            "perceptual_ssim": float(check.perceptual_ssim[row]), "perceptual_copy": bool(check.perceptual_copy[row])}
