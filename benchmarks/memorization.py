@@ -32,7 +32,6 @@ Writes ``OUT/results.json`` and, with --figures, the plot and the RESULTS.md sec
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform

@@ -13,7 +13,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from spellshield.storage import file_sha256, is_remote  # noqa: F401  (file_sha256's home is the storage layer)
 
 from .latent import LatentSpec
 
@@ -81,6 +80,20 @@ class Manifest:
     def suggested_radius(self) -> float | None:
         value = self.calibration.get("suggested_radius")
         return float(value) if value is not None else None
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file (its home is the storage layer; imported on use, so that the search
+    modules load with torch and numpy alone: benchmarks/gpu_search.py runs without pyarrow)."""
+    from spellshield.storage import file_sha256 as sha256_of_file
+
+    return sha256_of_file(path)
+
+
+def is_remote(path: str) -> bool:
+    from spellshield.storage import is_remote as remote
+
+    return remote(path)
 
 
 def read_manifest(index_dir: str) -> Manifest:

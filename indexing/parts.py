@@ -202,6 +202,21 @@ class PartWriter:
             os.remove(self._tmp)
 
 
+def source_sha256(source: str) -> str | None:
+    """sha256 of a corpus tar as it is now (None if it is gone): a local file, or an object-store
+    object streamed once (a reused part of a remote corpus costs one read of its tar)."""
+    if storage.is_remote(source):
+        try:
+            digest = hashlib.sha256()
+            with storage.open_input_stream(source) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+        except storage.StorageError:
+            return None
+    return file_sha256(source) if os.path.isfile(source) else None
+
+
 def finished_parts(parts_dir: str, config: BuildConfig, dim: int, changed: list | None = None) -> dict[int, PartInfo]:
     """Parts whose marker, sizes and checksums hold and whose source tar's sha256 is still the
     one recorded; anything else of theirs is deleted. The sources of parts dropped because their
@@ -216,7 +231,7 @@ def finished_parts(parts_dir: str, config: BuildConfig, dim: int, changed: list 
     for number, (source, _) in enumerate(config.sources):
         latents_path, rows_path, info_path = part_paths(parts_dir, number)
         info = _valid_part(latents_path, rows_path, info_path, number, source, config.dtype, dim)
-        if info is not None and (not os.path.isfile(source) or file_sha256(source) != info.source_sha256):
+        if info is not None and source_sha256(source) != info.source_sha256:
             if changed is not None:
                 changed.append(source)
             info = None

@@ -18,7 +18,7 @@ import os
 from spellshield import storage
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
-from spellshield.jobs.checks import check_index_pin, check_out_path
+from spellshield.jobs.checks import check_index_pin, check_out_path, weight_load_errors
 from spellshield.jobs.runtime import UsageError
 from spellshield.workers.run_layout import LOCK_FILE
 from spellshield.pipeline.config import DEFAULT_NUM_IMAGES, ConfigError, GenerateConfig, PromptRequest
@@ -44,7 +44,11 @@ def check_model_fits_index(model, index_dir: str) -> Manifest:
         raise UsageError(
             f"index latent shape {tuple(manifest.latent.shape)} differs from the model's {tuple(model.latent_shape)}"
         )
-    model_encoder = autoencoder_fingerprint(model.vae_path) if model.vae_path else "pixels"
+    try:
+        model_encoder = autoencoder_fingerprint(model.vae_path) if model.vae_path else "pixels"
+    except weight_load_errors() as exc:
+        raise UsageError(f"--model: its VAE at {model.vae_path} cannot be loaded ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
     if manifest.latent.fingerprint != model_encoder:
         raise UsageError(
             f"index encoder {manifest.latent.encoder!r} is not the model's "

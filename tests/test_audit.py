@@ -273,9 +273,10 @@ def test_image_no_row_names_is_audited_and_fails_the_gate(runs, digits_corpus, t
         info.size = len(noise.getvalue())
         tar.addfile(info, io.BytesIO(noise.getvalue()))
     summary = audit(run, index=index)
-    assert summary["num_samples"] == 16 and summary["num_images"] == 18
+    written = before["num_samples"]  # 16 requested; a sample copied on every attempt is dropped, not written
+    assert written >= 14 and summary["num_samples"] == written and summary["num_images"] == written + 2
     assert summary["near_duplicates"] == before["near_duplicates"] + 1  # the protected image, at distance 0
-    assert summary["near_duplicate_rate"] == summary["near_duplicates"] / 18
+    assert summary["near_duplicate_rate"] == summary["near_duplicates"] / (written + 2)
     completeness = summary["completeness"]
     assert completeness["unlisted_images"] == 2 and not completeness["complete"]
     assert completeness["unlisted_image_examples"] == ["images/stray.tar#noise.png", "images/unit-00000.tar#extra.png"]
@@ -319,8 +320,10 @@ def test_logs_readable_by_pandas_pyarrow_duckdb(runs):
     assert rows == len(samples) + len(hits)
     per_source = dict(con.execute(f"SELECT source, count(*) FROM '{shielded}/audit/hits/*.parquet' GROUP BY source").fetchall())
     assert per_source == hits.groupby("source").size().to_dict()
-    worst = con.execute(f"SELECT sample FROM '{shielded}/audit/samples/*.parquet' ORDER BY nearest_distance LIMIT 1").fetchone()[0]
-    assert worst == samples.sort_values("nearest_distance").iloc[0]["sample"]
+    # ties broken by sample and attempt: copies resampled by the final check share distance 0
+    worst = con.execute(f"SELECT sample FROM '{shielded}/audit/samples/*.parquet' "
+                        "ORDER BY nearest_distance, sample, attempt LIMIT 1").fetchone()[0]
+    assert worst == samples.sort_values(["nearest_distance", "sample", "attempt"]).iloc[0]["sample"]
 
 
 def test_tampered_image_reference_is_refused(runs, tmp_path):

@@ -179,3 +179,20 @@ def test_a_pinned_index_runs_and_generate_says_its_radius(capsys, ray_session, m
     assert line in capsys.readouterr().err.splitlines()
     assert radius_line(0.25, 0.25, protected_index).startswith("generate: shield radius 0.25 from --radius; index ")
     assert radius_line(None, None, None) == "generate: no --index: the run is NOT shielded"
+
+
+def test_model_vae_that_cannot_load_is_one_usage_error(memorizer_model, protected_index, tmp_path):
+    # a model directory whose own vae/ holds no loadable weights: refused before Ray, naming it
+    import dataclasses
+
+    from spellshield.jobs.run_config import check_model_fits_index
+    from spellshield.jobs.runtime import UsageError
+    from spellshield.pipeline.loading import describe_model
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 8)
+    model = dataclasses.replace(describe_model(memorizer_model), vae_path=str(vae))
+    with pytest.raises(UsageError, match=r"--model: its VAE at .*vae cannot be loaded \("):
+        check_model_fits_index(model, protected_index)

@@ -25,7 +25,8 @@ from spellshield.workers.units import PromptsError, read_prompts
 from tests.s3server import ADMIN, run_job
 from tests.test_generate import gen_config, tar_images
 
-GEN = ["--num-images", "8", "--batch-size", "4", "--unit-size", "4", "--steps", "20", "--seed", "100", "--workers", "1"]
+GEN = ["--num-images", "8", "--batch-size", "4", "--unit-size", "4", "--steps", "20", "--seed", "100", "--workers", "1",
+       "--overcompensation", "1.6", "--correction-iterations", "1"]  # tests.test_generate.gen_config's settings
 
 
 def test_model_directory_cache(s3_env, s3_bucket, memorizer_model, tmp_path, monkeypatch):
@@ -88,7 +89,7 @@ def test_generate_out_on_s3(ray_session, s3_server, s3_env, s3_bucket, memorizer
     code, err = run_generate(["--model", memorizer_model, "--out", run, *GEN], env, home)
     assert code == 2 and err.strip() == f"spellshield generate: error: {run} already holds a finished run; choose another --out"
     code, err = run_generate(["--resume", run], env, home)
-    assert code == 0 and "already finished; nothing to do" in err
+    assert code == 0 and "already finished and every unit is whole on disk; nothing to do" in err
 
 
 @pytest.mark.slow
@@ -128,10 +129,12 @@ def test_generate_with_model_and_index_on_s3(ray_session, s3_server, s3_env, s3_
     assert quiet.sum() >= 4
     for key in mine["sample"][quiet]:
         assert (images[key] == local_images[key]).all()
-    latents = Encoder("pixels").encode(np.stack([images[k] for k in mine["sample"]])).reshape(len(mine), -1).numpy()
+    written = mine[mine["image"].notna()]  # the written attempt of each sample (resampled ones have no image)
+    assert sorted(written["sample"]) == sorted(images)
+    latents = Encoder("pixels").encode(np.stack([images[k] for k in written["sample"]])).reshape(len(written), -1).numpy()
     found = open_index(protected_index).knn(latents, 1)
-    assert [int(ids[0]) for ids, _ in found] == mine["nearest_id"].tolist()
-    np.testing.assert_allclose([float(d[0]) for _, d in found], mine["nearest_distance"], rtol=1e-5)
+    assert [int(ids[0]) for ids, _ in found] == written["nearest_id"].tolist()
+    np.testing.assert_allclose([float(d[0]) for _, d in found], written["nearest_distance"], rtol=1e-5)
     run = json.load(open(s3_run / "run.json"))
     assert run["config"]["model"] == f"{s3_bucket}/model" and run["config"]["shield"]["index"] == f"{s3_bucket}/index"
     text = open(s3_run / "run.json").read()
