@@ -194,11 +194,7 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
     push_part = None
     if plan.remote_partial:
         storage.copy_prefix_to_local(plan.remote_partial, partial)
-        remote_parts = storage.resolve(plan.remote_partial).child(PARTS)
-
-        def push_part(info):  # latents and rows first, the marker (.json) last
-            for path in part_paths(os.path.join(partial, PARTS), info.number):
-                storage.put_file(path, remote_parts.child(os.path.basename(path)))
+        push_part = part_pusher(partial, plan.remote_partial)
     open_staging(partial, plan.config)
     if plan.remote_partial and not plan.resuming:
         storage.put_file(os.path.join(partial, BUILD_CONFIG), storage.resolve(plan.remote_partial).child(BUILD_CONFIG))
@@ -226,6 +222,18 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
              f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
     return manifest.to_json()
+
+
+def part_pusher(partial: str, remote_partial: str):
+    """Stages each finished part of a local working copy on the object store: latents and rows
+    first, the marker (.json) last, so a part on the store is whole when its marker is there."""
+    remote_parts = storage.resolve(remote_partial).child(PARTS)
+
+    def push(info) -> None:
+        for path in part_paths(os.path.join(partial, PARTS), info.number):
+            storage.put_file(path, remote_parts.child(os.path.basename(path)))
+
+    return push
 
 
 def source_records(parts: dict, sources) -> list[dict]:

@@ -15,9 +15,6 @@ import tempfile
 from spellshield.indexing.manifest import manifest_hash, read_manifest
 from spellshield.jobs.runtime import UsageError
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def check_out_path(path: str, option: str = "--out", allow_symlink: bool = True) -> None:
     """``path`` can be created (or is a directory) and written: not inside a regular file, not a
