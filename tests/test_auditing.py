@@ -15,7 +15,8 @@ from spellshield.auditing.collapse import ACTIVE_STEP_LIMIT, FAR_FACTOR, assess_
 from spellshield.auditing.completeness import check_completeness
 from spellshield.auditing.report import comparison_warnings, rate_text
 from spellshield.auditing.stats import rate, wilson_interval
-from spellshield.auditing.summary import EXIT_FAIL, Gate, verdict
+from spellshield.auditing.summary import EXIT_FAIL, verdict
+from spellshield.pipeline.config import GateConfig
 from spellshield.jobs.paths import check_job_paths
 from spellshield.jobs.progress import ProgressBar, format_seconds
 from spellshield.jobs.runtime import UsageError
@@ -39,14 +40,14 @@ def test_gate_on_upper_bound_or_rate(on, limit, status):
     assert upper == pytest.approx(0.28328, abs=1e-4)
     if on == "upper":
         limit = upper if status == "pass" else upper - 1e-9
-    out = verdict(summary, Gate(limit, on))
+    out = verdict(summary, GateConfig(limit, on))
     assert out["status"] == status and out["exit_status"] == (0 if status == "pass" else EXIT_FAIL)
     assert out["gate"]["value"] == (upper if on == "upper" else 1 / 16)
 
 
 def test_incomplete_run_fails_the_gate_whatever_the_rate():
     summary = summary_with(0, 16, complete=False, problems=["1 of 4 planned units are not whole on disk (unit-00001)"])
-    out = verdict(summary, Gate(1.0))
+    out = verdict(summary, GateConfig(1.0))
     assert out["status"] == "fail" and out["exit_status"] == 1
     assert out["reasons"] == ["incomplete: 1 of 4 planned units are not whole on disk (unit-00001)"]
     ungated = verdict(summary, None)  # without a gate the same finding is a warning, exit 0
@@ -56,7 +57,7 @@ def test_incomplete_run_fails_the_gate_whatever_the_rate():
 @pytest.mark.parametrize("bad", [(-0.1, "upper"), (1.5, "upper"), (float("nan"), "upper"), (0.1, "mean")])
 def test_gate_refuses_bad_values(bad):
     with pytest.raises(ValueError):
-        Gate(*bad)
+        GateConfig(*bad)
 
 
 def test_rate_text_is_a_percentage_with_its_interval():
