@@ -455,7 +455,8 @@ class EncodeConfig:
     dtype: str = option("float32", "storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer "
                                    "QT_fp16)", choices=tuple(STORE_DTYPES))
     max_member_bytes: int = option(DEFAULT_MAX_MEMBER_BYTES, "tar members larger than this (tar header size) are "
-                                   "rejected unread, with a row in rejects.parquet (default 256 MiB)", type=int)
+                                   "rejected unread, with a row in rejects.parquet (default "
+                                   f"{DEFAULT_MAX_MEMBER_BYTES}, {DEFAULT_MAX_MEMBER_BYTES >> 20} MiB)", type=int)
     min_size: int = 8  # images smaller than this on a side are rejected (not an option)
 
     def __post_init__(self):
