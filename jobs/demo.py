@@ -21,7 +21,6 @@ import os
 import time
 
 from spellshield.indexing.manifest import write_json_atomic
-from spellshield.jobs.audit import audit
 from spellshield.jobs.build_index import build_index, check_output_dir
 from spellshield.jobs.generate import generate, validate
 from spellshield.pipeline.config import EncodeConfig, GenerateConfig, SpellConfig
@@ -29,8 +28,8 @@ from spellshield.jobs.memorizer import build_memorizer
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 
 NUM_SHARDS = 8
-# pandas and the digits corpus (webdataset, which imports torch) are imported in demo(): --help
-# imports this module and must stay under 2 s (tests/test_cli_help.py).
+# pandas, the audit (pandas) and the digits corpus (webdataset, which imports torch) are
+# imported in demo(): --help imports this module and must stay under 2 s (tests/test_cli_help.py).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +46,7 @@ def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: flo
     import pandas as pd
 
     from spellshield.indexing.digits import write_digits_corpus
+    from spellshield.jobs.audit import audit
 
     started = time.time()
     corpus_dir = os.path.join(out, "corpus")
