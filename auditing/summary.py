@@ -23,11 +23,6 @@ SCHEMA_VERSION = 2
 EXIT_FAIL = 1  # the gate failed; 2 is bad input (jobs.cli)
 
 
-SETTINGS = ("model", "shielded", "shield_index", "shield_index_manifest_sha256", "shield_radius", "overcompensation",
-            "correction_iterations", "max_neighbours", "on_breach", "max_attempts", "steps", "seed", "search_backend",
-            "batch_radius", "history_radius", "guidance_scale", "status")
-
-
 def run_settings(run: dict) -> dict:
     """What the run was made with, as a reviewer needs it: model, shield, SPELL, breach policy.
 
@@ -36,7 +31,12 @@ def run_settings(run: dict) -> dict:
     try:
         config = GenerateConfig.from_json(run["config"])
     except (KeyError, TypeError, ValueError):
-        return {**dict.fromkeys(SETTINGS), "shielded": False, "status": run.get("status")}
+        unknown = dict.fromkeys(_settings(GenerateConfig(model="-", out="-"), run))  # the same keys, all None
+        return {**unknown, "shielded": False, "status": run.get("status")}
+    return _settings(config, run)
+
+
+def _settings(config: GenerateConfig, run: dict) -> dict:
     shield, spell, sampling, breach = config.shield, config.spell, config.sampling, config.breach
     return {
         "model": os.path.basename(os.path.normpath(config.model)),

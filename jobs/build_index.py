@@ -27,7 +27,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from spellshield import storage

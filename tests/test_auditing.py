@@ -15,7 +15,7 @@ from spellshield.auditing.collapse import ACTIVE_STEP_LIMIT, FAR_FACTOR, assess_
 from spellshield.auditing.completeness import check_completeness
 from spellshield.auditing.report import comparison_warnings, rate_text
 from spellshield.auditing.stats import rate, wilson_interval
-from spellshield.auditing.summary import EXIT_FAIL, verdict
+from spellshield.auditing.summary import EXIT_FAIL, run_settings, verdict
 from spellshield.pipeline.config import GateConfig
 from spellshield.jobs.paths import check_job_paths
 from spellshield.jobs.progress import ProgressBar, format_seconds
@@ -229,3 +229,15 @@ def test_progress_lines_and_eta():
     quiet = io.StringIO()
     ProgressBar("x", total=1, stream=quiet, quiet=True).advance(1)
     assert quiet.getvalue() == ""
+
+
+def test_run_settings_read_run_json_through_the_config():
+    config = GenerateConfig.build("/models/memo", "/runs/r1", index="/idx/digits", radius=2.5, steps=20,
+                                  overcompensation=1.6, on_breach="flag")
+    settings = run_settings({"config": config.to_json(), "status": "finished", "index_manifest_sha256": "ab" * 32})
+    assert settings["model"] == "memo" and settings["shield_index"] == "digits" and settings["shielded"]
+    assert (settings["shield_radius"], settings["steps"], settings["overcompensation"], settings["on_breach"]) == (2.5, 20, 1.6, "flag")
+    assert settings["max_attempts"] == 4 and settings["shield_index_manifest_sha256"] == "ab" * 32
+    unreadable = run_settings({"config": {"shield": {"radius": -1}}, "status": "running"})
+    assert set(unreadable) == set(settings) and unreadable["status"] == "running" and not unreadable["shielded"]
+    assert all(v is None for k, v in unreadable.items() if k not in ("status", "shielded"))
