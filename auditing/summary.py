@@ -12,51 +12,49 @@ estimate. The collapse warning never fails the gate by itself: it is in the verd
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from spellshield.auditing.stats import corrected_share_per_step, correction_ratios, per_prompt_rates, rate, written_attempt_hits
+from spellshield.pipeline.config import GateConfig, GenerateConfig
 
 SCHEMA_VERSION = 2
-FAIL_ON = ("upper", "rate")
 EXIT_FAIL = 1  # the gate failed; 2 is bad input (jobs.cli)
 
 
-@dataclass(frozen=True)
-class Gate:
-    fail_above: float
-    on: str = "upper"
-
-    def __post_init__(self):
-        if not (0.0 <= self.fail_above <= 1.0):
-            raise ValueError(f"--fail-above must be a rate in [0, 1], got {self.fail_above}")
-        if self.on not in FAIL_ON:
-            raise ValueError(f"--fail-on must be one of {', '.join(FAIL_ON)}, got {self.on!r}")
-
-
 def run_settings(run: dict) -> dict:
-    """What the run was made with, as a reviewer needs it: model, shield, SPELL, breach policy."""
-    config = run.get("config") or {}
-    shield, spell, sampling, breach = (config.get(part) or {} for part in ("shield", "spell", "sampling", "breach"))
+    """What the run was made with, as a reviewer needs it: model, shield, SPELL, breach policy.
+
+    Read through ``GenerateConfig.from_json`` (the shape run.json is written from); a config it
+    cannot read gives None for each setting (the completeness check says the run has no plan)."""
+    try:
+        config = GenerateConfig.from_json(run["config"])
+    except (KeyError, TypeError, ValueError):
+        unknown = dict.fromkeys(_settings(GenerateConfig(model="-", out="-"), run))  # the same keys, all None
+        return {**unknown, "shielded": False, "status": run.get("status")}
+    return _settings(config, run)
+
+
+def _settings(config: GenerateConfig, run: dict) -> dict:
+    shield, spell, sampling, breach = config.shield, config.spell, config.sampling, config.breach
     return {
-        "model": os.path.basename(os.path.normpath(config["model"])) if config.get("model") else None,
-        "shielded": bool(shield.get("index")),
-        "shield_index": os.path.basename(os.path.normpath(shield["index"])) if shield.get("index") else None,
+        "model": os.path.basename(os.path.normpath(config.model)),
+        "shielded": shield.index is not None,
+        "shield_index": os.path.basename(os.path.normpath(shield.index)) if shield.index else None,
         "shield_index_manifest_sha256": run.get("index_manifest_sha256"),
-        "shield_radius": shield.get("radius"),
-        "overcompensation": spell.get("overcompensation"),
-        "correction_iterations": spell.get("correction_iterations"),
-        "max_neighbours": spell.get("max_neighbours"),
-        "on_breach": breach.get("on_breach"),
-        "max_attempts": breach.get("max_attempts"),
-        "steps": sampling.get("steps"),
-        "seed": sampling.get("seed"),
-        "search_backend": shield.get("search_backend"),
-        "batch_radius": shield.get("batch_radius"),
-        "history_radius": shield.get("history_radius"),
-        "guidance_scale": sampling.get("guidance_scale"),
+        "shield_radius": shield.radius,
+        "overcompensation": spell.overcompensation,
+        "correction_iterations": spell.correction_iterations,
+        "max_neighbours": spell.max_neighbours,
+        "on_breach": breach.on_breach,
+        "max_attempts": breach.max_attempts,
+        "steps": sampling.steps,
+        "seed": sampling.seed,
+        "search_backend": shield.search_backend,
+        "batch_radius": shield.batch_radius,
+        "history_radius": shield.history_radius,
+        "guidance_scale": sampling.guidance_scale,
         "status": run.get("status"),
     }
 
@@ -103,7 +101,7 @@ def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: floa
     return summary
 
 
-def verdict(summary: dict, gate: Gate | None) -> dict:
+def verdict(summary: dict, gate: GateConfig | None) -> dict:
     """The ``verdict`` entry: status pass / fail / not gated, the exit status, and why."""
     reasons, warnings = [], []
     completeness = summary.get("completeness") or {}
@@ -112,16 +110,16 @@ def verdict(summary: dict, gate: Gate | None) -> dict:
     collapse = summary.get("collapse") or {}
     warnings.extend(f"collapse: {r}" for r in collapse.get("reasons", []))
     out = {"status": "not gated", "exit_status": 0, "gate": None, "reasons": reasons, "warnings": warnings}
-    if gate is None:
+    if gate is None or not gate.gated:
         return out
     value = None
     if summary.get("near_duplicate_rate") is not None:
-        value = summary["near_duplicate_rate_ci95"][1] if gate.on == "upper" else summary["near_duplicate_rate"]
-    out["gate"] = {"fail_above": gate.fail_above, "on": gate.on, "value": value}
+        value = summary["near_duplicate_rate_ci95"][1] if gate.fail_on == "upper" else summary["near_duplicate_rate"]
+    out["gate"] = {"fail_above": gate.fail_above, "on": gate.fail_on, "value": value}
     if value is None:
         reasons.append("no near-duplicate rate to gate on (audit with --index)")
     elif value > gate.fail_above:
-        what = "upper bound of the 95% interval" if gate.on == "upper" else "near-duplicate rate"
+        what = "upper bound of the 95% interval" if gate.fail_on == "upper" else "near-duplicate rate"
         reasons.append(f"{what} {value:.2%} is above {gate.fail_above:.2%}")
     out["status"] = "fail" if reasons else "pass"
     out["exit_status"] = EXIT_FAIL if reasons else 0

@@ -31,10 +31,12 @@ from spellshield.auditing.report import (comparison_warnings, plot_corrected_sha
                                          plot_nearest_distances, rate_text, save_pair, write_comparison, write_report)
 from spellshield.auditing.run_files import RunError, image_tars, load_run, read_tar_images, resolve_image_ref
 from spellshield.auditing.stats import correction_ratios, perceptual_summary, written_attempt_hits
-from spellshield.auditing.summary import FAIL_ON, Gate, summarize, verdict
+from spellshield.auditing.summary import summarize, verdict
 from spellshield.indexing.manifest import manifest_hash, read_manifest, write_json_atomic
 from spellshield.jobs.progress import ProgressBar
+from spellshield.jobs.checks import from_args
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.pipeline.config import AuditConfig, GateConfig
 from spellshield.workers.run_layout import AUDIT_DIR
 
 
@@ -42,15 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("exit status: 0 audited (and, with --fail-above, passed); 1 the gate failed: the rate is above "
                      "--fail-above, or the run is incomplete (units missing against its plan, images no sample row "
                      "names, images that do not decode); 2 bad input")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by generate")
-    parser.add_argument("--index", default=None, help="recompute every image's nearest neighbour in this index (default: the run's)")
-    parser.add_argument("--radius", type=float, default=None, help="near-duplicate radius (default: the run's, else the index's)")
-    parser.add_argument("--top", type=int, default=12, help="offending corpus images shown in the report (default 12)")
-    parser.add_argument("--compare", default=None, metavar="RUN_B", help="a second run to put side by side")
-    parser.add_argument("--fail-above", type=float, default=None, metavar="RATE",
-                        help="gate: exit 1 when the rate (see --fail-on) is above RATE (0..1) or the run is incomplete")
-    parser.add_argument("--fail-on", default="upper", choices=list(FAIL_ON),
-                        help="what --fail-above compares: the upper bound of the 95%% interval (upper, default) or the rate")
+    AuditConfig.add_arguments(parser)  # every option, default and help declared once, in pipeline.config
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
@@ -65,7 +59,7 @@ def _radius(radius, run: dict, manifest) -> tuple[float | None, str | None]:
     return None, None
 
 
-def audit(run_dir: str, index: str | None = None, radius: float | None = None, top: int = 12, gate: Gate | None = None,
+def audit(run_dir: str, index: str | None = None, radius: float | None = None, top: int = 12, gate: GateConfig | None = None,
           quiet: bool = False) -> dict:
     """Python API: audit ``run_dir``; returns the summary (also written to audit/summary.json).
     Uses Ray when there is an index."""
@@ -247,24 +241,18 @@ def describe(summary: dict) -> list[str]:
 
 
 def run(args) -> int:
-    if args.radius is not None and not (args.radius > 0 and math.isfinite(args.radius)):
-        raise UsageError(f"--radius must be a finite number > 0, got {args.radius}")
-    gate = None
-    if args.fail_above is not None:
-        try:
-            gate = Gate(args.fail_above, args.fail_on)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    config = from_args(AuditConfig.from_args, args)
+    gate = config.gate if config.gate.gated else None
     for path in filter(None, (args.run_dir, args.compare)):
         if not os.path.isfile(os.path.join(path, "run.json")):
             raise UsageError(f"{path} is not a run directory: no run.json")
     with ray_cluster(args.address):
-        summary = audit(args.run_dir, args.index, args.radius, args.top, gate)
+        summary = audit(config.run_dir, config.index, config.radius, config.top, gate)
         for line in describe(summary):
             progress(f"audit: {args.run_dir}: {line}")
         progress(f"audit: report: {summary['report']}")
         if args.compare:
-            other = audit(args.compare, args.index, args.radius, args.top)
+            other = audit(args.compare, config.index, config.radius, config.top)
             for line in describe(other):
                 progress(f"audit: {args.compare}: {line}")
             for warning in comparison_warnings(summary, other):

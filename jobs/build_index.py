@@ -20,53 +20,37 @@ uninterrupted build writes. A partial build made with other arguments is refused
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spellshield import storage
-from spellshield.indexing.calibrate import calibrate_index
-from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES, CorpusError, expand_shards
-from spellshield.indexing.encoders import Encoder, LatentSpec
+from spellshield.indexing.corpus import CorpusError, expand_shards
 from spellshield.indexing.manifest import MANIFEST
-from spellshield.indexing.parts import (BUILD_CONFIG, PARTS, BuildConfig, PartialBuildError, PartWriter, check_staging, finished_parts,
+from spellshield.indexing.parts import BuildConfig as StagedBuild  # what a partial build was started with
+from spellshield.indexing.parts import (BUILD_CONFIG, PARTS, PartialBuildError, PartWriter, check_staging, finished_parts,
                                         open_staging, part_paths, sources_of)
-from spellshield.indexing.writer import DTYPES, IndexWriter, assemble_parts
-from spellshield.jobs.checks import check_out_path, weight_load_errors
-from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.checks import check_out_path, from_args, weight_load_errors
 from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
-from spellshield.workers.encode import chunk_latents
+from spellshield.pipeline.config import DEFAULT_SHARD_SIZE, BuildConfig, EncodeConfig
 
-DEFAULT_SHARD_SIZE = 100_000  # vectors per FAISS shard; assembly holds one shard in memory
+if TYPE_CHECKING:
+    from spellshield.indexing.encoders import LatentSpec
+
+# torch (the encoders), FAISS (the writer) and Ray (the dataflow) are imported inside the
+# functions that run a build: --help imports this module and must stay under 2 s
+# (benchmarks/cli_startup.py, tests/test_cli_help.py).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, help="WebDataset shards: brace pattern, glob, directory or comma list")
-    parser.add_argument("--out", required=True, help="index directory to create (an interrupted build resumes from OUT.partial)")
-    add_encoder_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default=EncodeOptions.dtype,
-                        help="storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer QT_fp16); default float32")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help=f"vectors per FAISS shard (default {DEFAULT_SHARD_SIZE}); assembly holds one shard in memory")
-    parser.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
-                        help=f"tar members larger than this (tar header size) are rejected unread, with a row in "
-                             f"rejects.parquet (default {DEFAULT_MAX_MEMBER_BYTES}, 256 MiB)")
+    BuildConfig.add_arguments(parser)  # every option, default and help declared once, in pipeline.config
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-
-
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", default=EncodeOptions.encoder,
-                        help="'pixels', a diffusers autoencoder directory / hub id, or the TAEF2 weights directory (*.pth)")
-    parser.add_argument("--resolution", type=int, default=EncodeOptions.resolution,
-                        help=f"images are resized and centre-cropped to N x N (default {EncodeOptions.resolution})")
-    parser.add_argument("--batch-size", type=int, default=EncodeOptions.batch_size,
-                        help=f"images per encoder batch (default {EncodeOptions.batch_size})")
-    parser.add_argument("--num-encoders", type=int, default=EncodeOptions.num_encoders,
-                        help="encoder actors (default: one per GPU, or one on a cluster without GPUs)")
 
 
 def check_output_dir(path: str, marker: str, what: str) -> None:
@@ -89,27 +73,14 @@ def _check_remote_output(uri: str, marker: str, what: str) -> None:
         raise UsageError(str(exc)) from None
 
 
-def encode_options(args) -> EncodeOptions:
-    if args.resolution < 1:
-        raise UsageError(f"--resolution must be >= 1, got {args.resolution}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_encoders < 0:
-        raise UsageError(f"--num-encoders must be >= 0, got {args.num_encoders}")
-    max_member_bytes = getattr(args, "max_member_bytes", DEFAULT_MAX_MEMBER_BYTES)
-    if max_member_bytes < 1:
-        raise UsageError(f"--max-member-bytes must be >= 1, got {max_member_bytes}")
-    return EncodeOptions(encoder=args.encoder, resolution=args.resolution, batch_size=args.batch_size,
-                         num_encoders=args.num_encoders, dtype=getattr(args, "dtype", "float32"),
-                         max_member_bytes=max_member_bytes)
-
-
-def encoder_latent_spec(options: EncodeOptions) -> LatentSpec:
+def encoder_latent_spec(options: EncodeConfig) -> LatentSpec:
     """The latent spec of ``--encoder`` at ``--resolution``; an encoder that cannot load is a usage error.
 
     Weights that do not decode (a truncated or foreign .pth/.bin/.safetensors) are one line too;
     diffusers' own log lines about them are silenced while it tries, so that line is the only one."""
     from diffusers.utils import logging as diffusers_logging
+
+    from spellshield.indexing.encoders import Encoder
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 10)
@@ -126,49 +97,43 @@ def encoder_latent_spec(options: EncodeOptions) -> LatentSpec:
         diffusers_logging.set_verbosity(verbosity)
 
 
-def _check(options: EncodeOptions, shard_size: int) -> None:
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    if options.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-
-
 @dataclass(frozen=True)
 class BuildPlan:
     shards: tuple[str, ...]
     latent: LatentSpec
-    config: BuildConfig
+    config: StagedBuild
     partial: str  # OUT.partial; "" for an OUT on an object store (a local working copy is made at the start)
     resuming: bool
     remote_partial: str = ""  # OUT.partial's URI for an OUT on an object store: where the parts are staged
 
 
-def plan_build(corpus: str, out: str, options: EncodeOptions, shard_size: int) -> BuildPlan:
-    """Validate everything that can be checked before any encoding; creates nothing."""
-    _check(options, shard_size)
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Validate everything that can be checked before any encoding (the values themselves were
+    checked by the config); creates nothing."""
+    corpus, out, options = config.corpus, config.out, config.encode
     shards = expand_shards(corpus)
     # A symlinked OUT would be replaced by the finished index's rename only at the very end.
     check_out_path(out, allow_symlink=False)
     check_output_dir(out, MANIFEST, "index")
     latent = encoder_latent_spec(options)
-    config = BuildConfig(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
+    staged = StagedBuild(sources=sources_of(shards), encoder=options.encoder, fingerprint=latent.fingerprint,
                          resolution=options.resolution, min_size=options.min_size, dtype=options.dtype,
                          max_member_bytes=options.max_member_bytes)
     partial, remote_partial = os.path.abspath(out) + ".partial", ""
     try:
         if storage.is_remote(out):
             partial, remote_partial = "", storage.resolve(out).uri + ".partial"
-            resuming = _check_remote_staging(remote_partial, config)
+            resuming = _check_remote_staging(remote_partial, staged)
         else:
-            resuming = check_staging(partial, config)
+            resuming = check_staging(partial, staged)
     except PartialBuildError as exc:
         raise UsageError(str(exc)) from None
     except storage.StorageError as exc:
         raise UsageError(str(exc)) from None
-    return BuildPlan(tuple(shards), latent, config, partial, resuming, remote_partial)
+    return BuildPlan(tuple(shards), latent, staged, partial, resuming, remote_partial)
 
 
-def _check_remote_staging(remote_partial: str, config: BuildConfig) -> bool:
+def _check_remote_staging(remote_partial: str, config: StagedBuild) -> bool:
     """``check_staging`` of a partial build staged on an object store (reads its build.json only)."""
     remote = storage.resolve(remote_partial)
     with tempfile.TemporaryDirectory(prefix="spellshield-plan-") as tmp:
@@ -182,11 +147,15 @@ def _check_remote_staging(remote_partial: str, config: BuildConfig) -> bool:
             raise PartialBuildError(str(exc).replace(tmp, remote.uri)) from None
 
 
-def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int = DEFAULT_SHARD_SIZE,
-                plan: BuildPlan | None = None) -> dict:
-    """Python API: build (or resume building) the index at ``out``; returns the manifest. Needs Ray up."""
+def build_index(corpus: str | BuildConfig, out: str | None = None, options: EncodeConfig | None = None,
+                shard_size: int = DEFAULT_SHARD_SIZE, plan: BuildPlan | None = None) -> dict:
+    """Build (or resume building) the index of a ``BuildConfig`` (or of ``corpus``, ``out``,
+    ``options``, ``shard_size``); returns the manifest. Needs Ray up (``spellshield.build_index``
+    starts it)."""
+    config = corpus if isinstance(corpus, BuildConfig) else BuildConfig(corpus, out, options or EncodeConfig(), shard_size)
+    corpus, out, options, shard_size = config.corpus, config.out, config.encode, config.shard_size
     started = time.time()
-    plan = plan or plan_build(corpus, out, options, shard_size)
+    plan = plan or plan_build(config)
     shards, latent = list(plan.shards), plan.latent
     # An OUT on an object store: its parts are staged at OUT.partial on the store (a resume may
     # run on another machine) and worked on in a local copy, made here and removed at the end.
@@ -215,7 +184,7 @@ def build_index(corpus: str, out: str, options: EncodeOptions, shard_size: int =
         raise
     images = sum(p.count + p.rejects for p in parts.values())
     manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
-                         {"corpus": corpus, "source_shards": len(shards), "encode": options.__dict__, "resumed_parts": reused,
+                         {"corpus": corpus, "source_shards": len(shards), "encode": dataclasses.asdict(options), "resumed_parts": reused,
                           "encode_seconds": round(time.time() - encode_started, 3),
                           "sources": source_records(parts, plan.config.sources)}, remote_partial=plan.remote_partial)
     elapsed = time.time() - started
@@ -243,13 +212,16 @@ def source_records(parts: dict, sources) -> list[dict]:
             for number, (path, size) in enumerate(sources)]
 
 
-def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeOptions, on_chunk=None,
+def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, options: EncodeConfig, on_chunk=None,
                  on_part=None) -> int:
     """Encode every tar without a finished part; adds their PartInfo to ``parts``.
 
     ``on_chunk(row)``, if given, sees every encoded chunk row as it arrives (benchmarks time it);
     ``on_part(info)`` every finished part (a remote build stages it on the object store).
     """
+    from spellshield.jobs.dataflow import encode_chunks
+    from spellshield.workers.encode import chunk_latents
+
     todo = [(number, path) for number, path in enumerate(shards) if number not in parts]
     writer: PartWriter | None = None
     written, images = 0, 0
@@ -283,6 +255,9 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
 
 
 def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build_info, remote_partial=""):
+    from spellshield.indexing.calibrate import calibrate_index
+    from spellshield.indexing.writer import IndexWriter, assemble_parts
+
     # A remote OUT is assembled in the local working copy, then uploaded with the manifest last.
     local_out = os.path.join(partial, "published") if remote_partial else out
     writer = IndexWriter(local_out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
@@ -309,10 +284,10 @@ def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build
 
 
 def run(args) -> int:
-    options = encode_options(args)
-    plan = plan_build(args.corpus, args.out, options, args.shard_size)  # bad input: fail before starting Ray
+    config = from_args(BuildConfig.from_args, args)
+    plan = plan_build(config)  # bad input: fail before starting Ray
     with ray_cluster(args.address):
-        build_index(args.corpus, args.out, options, args.shard_size, plan=plan)
+        build_index(config, plan=plan)
     return 0
 
 

@@ -14,6 +14,16 @@ import tempfile
 
 from spellshield.indexing.manifest import manifest_hash, read_manifest
 from spellshield.jobs.runtime import UsageError
+from spellshield.pipeline.config import ConfigError
+
+
+def from_args(make, args):
+    """The command-line edge of a config: ``make(args)`` (e.g. ``BuildConfig.from_args``), a bad
+    value one line naming its flag (``--resolution must be >= 1, got 0``)."""
+    try:
+        return make(args)
+    except ConfigError as exc:
+        raise UsageError(exc.flag) from None
 
 
 def check_out_path(path: str, option: str = "--out", allow_symlink: bool = True) -> None:

@@ -69,6 +69,18 @@ def build_parser(only: str | None = None, options_of=None) -> argparse.ArgumentP
     return parser
 
 
+def every_command() -> list[tuple[str, ...]]:
+    """Every command line that has its own ``--help``: each command, and each action of a command
+    with actions (``index calibrate``). Imports every job module (tests and benchmarks use it)."""
+    found = []
+    for name in COMMANDS:
+        found.append((name,))
+        for action in build_parser(name)._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [(name, sub) for sub in action.choices]
+    return found
+
+
 def _run(command: str, args) -> int:
     from spellshield.indexing.corpus import CorpusError
     from spellshield.indexing.manifest import IndexFormatError

@@ -20,31 +20,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Iterator
 
 import ray
 
-from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES
+from spellshield.pipeline.config import EncodeConfig
 from spellshield.workers.encode import ChunkEncoder, read_chunks
 
 
-@dataclass(frozen=True)
-class EncodeOptions:
-    encoder: str = "pixels"
-    resolution: int = 32
-    batch_size: int = 256  # images per encoder call, and per chunk of a tar
-    num_encoders: int = 0  # 0: one actor per GPU, or one CPU actor when there is no GPU
-    min_size: int = 8
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are rejected unread
-    dtype: str = "float32"  # storage of latents: float32 or float16
+# The encoding options are declared once, with their defaults and checks, in pipeline.config.
+# ``EncodeOptions`` is its former name here, kept while the callers on other branches move over.
+EncodeOptions = EncodeConfig
 
 
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def encoder_pool(options: EncodeOptions, gpus: int) -> dict:
+def encoder_pool(options: EncodeConfig, gpus: int) -> dict:
     """Actor-pool arguments for the encoder stage on a cluster with ``gpus`` GPUs."""
     if gpus:
         size = min(options.num_encoders, gpus) if options.num_encoders else gpus
@@ -52,7 +45,7 @@ def encoder_pool(options: EncodeOptions, gpus: int) -> dict:
     return {"concurrency": max(1, options.num_encoders or 1), "num_gpus": 0, "num_cpus": 0.25, "device": "cpu"}
 
 
-def encode_chunks(tars: list[tuple[int, str]], options: EncodeOptions) -> Iterator[dict]:
+def encode_chunks(tars: list[tuple[int, str]], options: EncodeConfig) -> Iterator[dict]:
     """Encoded chunk rows (see ``workers.encode``) of the (part number, tar path) pairs, in order."""
     if not tars:
         return

@@ -20,19 +20,16 @@ import argparse
 import os
 import time
 
-import pandas as pd
-
-from spellshield.indexing.digits import write_digits_corpus
 from spellshield.indexing.manifest import write_json_atomic
-from spellshield.jobs.audit import audit
 from spellshield.jobs.build_index import build_index, check_output_dir
-from spellshield.jobs.dataflow import EncodeOptions
 from spellshield.jobs.generate import generate, validate
-from spellshield.pipeline.config import GenerateConfig, SpellConfig
+from spellshield.pipeline.config import EncodeConfig, GenerateConfig, SpellConfig
 from spellshield.jobs.memorizer import build_memorizer
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 
 NUM_SHARDS = 8
+# pandas, the audit (pandas) and the digits corpus (webdataset, which imports torch) are
+# imported in demo(): --help imports this module and must stay under 2 s (tests/test_cli_help.py).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = SpellConfig.overcompensation) -> dict:
     """Python API of the demo (Ray must be up)."""
+    import pandas as pd
+
+    from spellshield.indexing.digits import write_digits_corpus
+    from spellshield.jobs.audit import audit
+
     started = time.time()
     corpus_dir = os.path.join(out, "corpus")
     shards = write_digits_corpus(corpus_dir, NUM_SHARDS)
     protected = ",".join(shards[: NUM_SHARDS // 2])
     everything = ",".join(shards)
-    options = EncodeOptions(encoder="pixels", resolution=8, batch_size=512)
+    options = EncodeConfig(encoder="pixels", resolution=8, batch_size=512)
     index_dir, model_dir = os.path.join(out, "index"), os.path.join(out, "model")
     build_index(protected, index_dir, options, shard_size=500)
     build_memorizer(everything, model_dir, options)

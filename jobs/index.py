@@ -17,7 +17,6 @@ import json
 import os
 
 from spellshield.indexing.calibrate import calibrate_index, encode_holdout
-from spellshield.indexing.encoders import Encoder
 from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest, write_json_atomic
 from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.verify import verify_index
@@ -53,6 +52,8 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
     latents, info = None, None
     if holdout:
         import torch
+
+        from spellshield.indexing.encoders import Encoder  # here: --help must not import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         encoder = Encoder(manifest.latent.encoder, device=device).init()

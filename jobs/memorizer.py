@@ -13,19 +13,20 @@ import argparse
 import os
 import shutil
 
-import numpy as np
-import torch
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from spellshield.indexing.corpus import CorpusError, expand_shards
-from spellshield.indexing.encoders import load_autoencoder
 from spellshield.indexing.manifest import REJECTS
-from spellshield.indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
-from spellshield.jobs.build_index import add_encoder_arguments, check_output_dir, encode_options, encoder_latent_spec
-from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
+from spellshield.jobs.build_index import check_output_dir, encoder_latent_spec
+from spellshield.jobs.checks import from_args
 from spellshield.jobs.runtime import progress, ray_cluster
-from spellshield.workers.encode import OK, chunk_latents
+from spellshield.pipeline.config import ENCODER_OPTIONS, EncodeConfig, add_options, option_values
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, pyarrow, the encoders and Ray are imported inside the functions that run the job:
+# --help imports this module and must stay under 2 s (tests/test_cli_help.py).
 
 MODEL_MARKER = "model_index.json"
 
@@ -33,7 +34,7 @@ MODEL_MARKER = "model_index.json"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, help="WebDataset shards: brace pattern, glob, directory or comma list")
     parser.add_argument("--out", required=True, help="pipeline directory to create")
-    add_encoder_arguments(parser)
+    add_options(parser.add_argument_group("encoding (as build-index's)"), EncodeConfig, only=ENCODER_OPTIONS)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
 
@@ -50,6 +51,10 @@ def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rej
 
     ``rejects`` (key, shard, reason) of corpus samples left out go to ``out/rejects.parquet``.
     """
+    import pyarrow as pa
+
+    from spellshield.indexing.encoders import load_autoencoder
+    from spellshield.indexing.writer import REJECTS_SCHEMA, write_parquet_atomic
     from spellshield.pipeline.memorizer import MemorizerPipeline, MemorizerUNet
 
     scheduler = make_scheduler()
@@ -66,8 +71,14 @@ def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rej
     return out
 
 
-def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, list[dict]]:
+def collect_latents(corpus: str, options: EncodeConfig) -> tuple[torch.Tensor, list[dict]]:
     """Latents (N, C, H, W) of every decodable corpus image, and a row per rejected sample."""
+    import numpy as np
+    import torch
+
+    from spellshield.jobs.dataflow import encode_chunks
+    from spellshield.workers.encode import OK, chunk_latents
+
     shards = expand_shards(corpus)
     shape = encoder_latent_spec(options).shape
     chunks, rejects = [], []
@@ -82,7 +93,7 @@ def collect_latents(corpus: str, options: EncodeOptions) -> tuple[torch.Tensor, 
     return latents, rejects
 
 
-def build_memorizer(corpus: str, out: str, options: EncodeOptions) -> str:
+def build_memorizer(corpus: str, out: str, options: EncodeConfig) -> str:
     check_output_dir(out, MODEL_MARKER, "model")
     latents, rejects = collect_latents(corpus, options)
     save_memorizer(latents, out, options.encoder, rejects)
@@ -90,7 +101,7 @@ def build_memorizer(corpus: str, out: str, options: EncodeOptions) -> str:
     return out
 
 
-def check_inputs(corpus: str, out: str, options: EncodeOptions) -> None:
+def check_inputs(corpus: str, out: str, options: EncodeConfig) -> None:
     """Bad input fails here, before Ray starts: no corpus, a finished --out, an encoder that cannot load."""
     expand_shards(corpus)
     check_output_dir(out, MODEL_MARKER, "model")
@@ -98,7 +109,7 @@ def check_inputs(corpus: str, out: str, options: EncodeOptions) -> None:
 
 
 def run(args) -> int:
-    options = encode_options(args)
+    options = from_args(lambda a: EncodeConfig(**option_values(a, EncodeConfig)), args)
     check_inputs(args.corpus, args.out, options)
     with ray_cluster(args.address):
         build_memorizer(args.corpus, args.out, options)

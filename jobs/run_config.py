@@ -18,20 +18,17 @@ import os
 from spellshield import storage
 from spellshield.indexing.manifest import Manifest, manifest_hash, read_manifest
 from spellshield.jobs.run_record import RUN_FILE, RUN_FORMAT as RUN_FORMAT_CURRENT, read_run_json
-from spellshield.jobs.checks import check_index_pin, check_out_path, weight_load_errors
+from spellshield.jobs.checks import check_index_pin, check_out_path, from_args, weight_load_errors
 from spellshield.jobs.runtime import UsageError
 from spellshield.workers.run_layout import LOCK_FILE
 from spellshield.pipeline.config import DEFAULT_NUM_IMAGES, ConfigError, GenerateConfig, PromptRequest
-from spellshield.workers.units import PromptsError, read_prompts
+from spellshield.pipeline.prompts import PromptsError, read_prompts
 
 def config_from_args(args) -> GenerateConfig:
     """The command-line edge: options -> config; a bad value is one line naming its flag."""
     if not args.model or not args.out:
         raise UsageError("--model and --out are required (or --resume RUN_DIR)")
-    try:
-        return GenerateConfig.from_args(args)
-    except ConfigError as exc:
-        raise UsageError(exc.flag) from None
+    return from_args(GenerateConfig.from_args, args)
 
 
 def check_model_fits_index(model, index_dir: str) -> Manifest:

@@ -1,6 +1,7 @@
 """The math and the sampler seam: SPELL repellency, parametrisations, ShieldedScheduler,
-shield sources, the memorizer model and the audit record schema. No Ray, no file I/O beyond
-diffusers' own save/load.
+shield sources, the memorizer model, the jobs' typed configs, the breach policy, prompts files
+and the audit record schema. No Ray; no file I/O beyond reading a prompts file and diffusers'
+own save/load.
 
 Classes that a saved pipeline names in its ``model_index.json`` (module ``spellshield.pipeline...``) are
 exported here so that diffusers can find them when it loads the directory. Names are imported on

@@ -1,4 +1,5 @@
-"""One typed configuration of a generation run, from the command line to the worker.
+"""One typed configuration per job, from the command line to the worker: ``GenerateConfig``,
+``BuildConfig`` (build-index) and ``AuditConfig`` (audit).
 
 ``GenerateConfig`` is made of frozen parts, each validating itself in ``__post_init__``:
 
@@ -17,6 +18,11 @@ keyword names are the fields' names) and ``run.json`` (``to_json`` / ``from_json
 The library raises ``ValueError`` naming the field; the command-line edge turns the field's name
 into its flag (``ConfigError.flag``).
 
+``BuildConfig`` (corpus, out, shard size and an ``EncodeConfig``: encoder, resolution, batches,
+dtype) and ``AuditConfig`` (run, index, radius, report and a ``GateConfig``) are built the same
+way (``add_options`` / ``option_values`` / ``split_parts``). Path options stay plain strings:
+local paths or URIs (s3://, gs://), checked for existence by the jobs.
+
 No Ray, no file I/O: checks that read the model or the index live in ``jobs.run_config``.
 """
 
@@ -29,7 +35,9 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES
 from spellshield.indexing.search import BACKENDS
+from spellshield.indexing.store import DTYPES as STORE_DTYPES
 
 # Seeds are int64 Parquet columns and torch.Generator seeds: keep them in 0..2^63 - 1.
 SEED_BITS = 63
@@ -39,7 +47,7 @@ MAX_SEED = (1 << SEED_BITS) - 1
 # Split bigger jobs into several runs.
 MAX_IMAGES = 1_000_000
 DEFAULT_NUM_IMAGES = 16  # unconditional runs without --num-images
-POLICIES = ("resample", "drop", "flag")  # workers.breach implements them
+POLICIES = ("resample", "drop", "flag")  # pipeline.breach implements them
 
 
 class ConfigError(ValueError):
@@ -184,10 +192,16 @@ class PromptRequest:
     seeds: tuple[int, ...] | None = None  # explicit seeds; else base seed + running counter
 
     def __post_init__(self):
+        # The one check of a request, wherever it comes from (a prompts file adds the line number:
+        # pipeline.prompts). bool is an int in Python, but true is neither a count nor a seed.
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ConfigError("prompt", f"must be a string, got {self.prompt!r}")
+        if type(self.num_images) is not int or self.num_images < 1:
+            raise ConfigError("num_images", f"must be a positive integer, got {self.num_images!r}")
         _image_count("num_images", self.num_images)
         if self.seeds is not None:
-            for seed in self.seeds:
-                _int("seeds", seed, low=0, high=MAX_SEED + 1)
+            if not isinstance(self.seeds, tuple) or not all(type(s) is int and 0 <= s <= MAX_SEED for s in self.seeds):
+                raise ConfigError("seeds", f"must be a list of integers in 0..{MAX_SEED}, got {self.seeds!r}")
             if len(self.seeds) != self.num_images:
                 raise ConfigError("seeds", f"holds {len(self.seeds)} seeds for num_images={self.num_images}")
 
@@ -288,9 +302,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         for name in ("model", "out"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ConfigError(name, f"must be a path, got {value!r}")
+            _path(name, getattr(self, name))
         for name, cls in PARTS.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
@@ -307,31 +319,12 @@ class GenerateConfig:
     def build(cls, model: str, out: str, **kwargs) -> GenerateConfig:
         """From flat keyword arguments named like the options (``steps=25, radius=4.0``) and/or
         whole parts (``spell=SpellConfig(...)``); unknown names raise ``TypeError``."""
-        parts = {}
-        for name, part_cls in PARTS.items():
-            given = kwargs.pop(name, None)
-            own = {f.name: kwargs.pop(f.name) for f in fields(part_cls) if f.name in kwargs}
-            if given is not None and own:
-                raise TypeError(f"pass {name}= or its fields ({', '.join(own)}), not both")
-            parts[name] = given if given is not None else part_cls(**own)
-        if kwargs:
-            raise TypeError(f"unknown generate option(s): {', '.join(sorted(kwargs))}; "
-                            f"see spellshield.GenerateConfig.option_names()")
-        return cls(model=model, out=out, **parts)
+        return cls(model=model, out=out, **split_parts(kwargs, PARTS, "generate"))
 
     @classmethod
     def from_args(cls, args) -> GenerateConfig:
         """From an argparse namespace made by ``add_arguments`` (the command-line edge)."""
-        kwargs = {f.name: getattr(args, f.name) for part in PARTS.values() for f in fields(part)
-                  if f.metadata and hasattr(args, f.name)}
-        for part in PARTS.values():
-            for f in fields(part):
-                if f.metadata.get("json") and isinstance(kwargs.get(f.name), str):
-                    try:
-                        kwargs[f.name] = json.loads(kwargs[f.name])
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError(f.name, f"is not JSON: {exc.msg}") from None
-        return cls.build(model=args.model, out=args.out, **kwargs)
+        return cls.build(model=args.model, out=args.out, **option_values(args, *PARTS.values()))
 
     @staticmethod
     def option_names() -> list[str]:
@@ -369,14 +362,212 @@ def add_arguments(parser, groups=None) -> None:
     for name, part_cls in PARTS.items():
         group = parser.add_argument_group(GROUP_TITLES[name])
         exclusive = group.add_mutually_exclusive_group() if name == "sampling" else None
-        for f in fields(part_cls):
-            if not f.metadata:
-                continue
-            meta = dict(f.metadata)
-            help_text = meta.pop("help")
-            meta.pop("json", None)  # parsed by from_args, so that bad JSON is one line naming the flag
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if default is not None and "(default" not in help_text and meta.get("action") != "store_true":
-                help_text += f" (default {default})"
-            target = exclusive if f.name in ("num_images", "prompts") else group
+        add_options(group, part_cls, route={"num_images": exclusive, "prompts": exclusive})
+
+
+# -- the command-line edge, shared by every config ------------------------------------------------------
+
+def add_options(group, cls, only=None, route=None) -> None:
+    """One argparse option per field of ``cls`` that has help metadata (``only``: these fields),
+    its default and help declared once, in the field; ``route`` puts a field's option elsewhere
+    (a mutually exclusive group). A field with ``positional`` metadata is a positional argument."""
+    for f in fields(cls):
+        if not f.metadata or (only is not None and f.name not in only):
+            continue
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        meta.pop("json", None)  # parsed by option_values, so that bad JSON is one line naming the flag
+        positional = meta.pop("positional", False)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and "(default" not in help_text and meta.get("action") != "store_true":
+            help_text += f" (default {default})"
+        target = (route or {}).get(f.name) or group
+        if positional:
+            target.add_argument(f.name, help=help_text, **meta)
+        elif meta.get("required"):
+            target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **meta)
+        else:
             target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=help_text, **meta)
+
+
+def option_values(args, *classes) -> dict:
+    """The values of ``classes``' option fields in an argparse namespace (JSON options decoded)."""
+    values = {}
+    for cls in classes:
+        for f in fields(cls):
+            if not f.metadata or not hasattr(args, f.name):
+                continue
+            value = getattr(args, f.name)
+            if f.metadata.get("json") and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f.name, f"is not JSON: {exc.msg}") from None
+            values[f.name] = value
+    return values
+
+
+def split_parts(kwargs: dict, parts: dict, what: str) -> dict:
+    """Flat keyword arguments named like the options (``steps=25``) and/or whole parts
+    (``spell=SpellConfig(...)``) -> one instance per part; leftovers raise ``TypeError``."""
+    built = {}
+    for name, part_cls in parts.items():
+        given = kwargs.pop(name, None)
+        own = {f.name: kwargs.pop(f.name) for f in fields(part_cls) if f.name in kwargs}
+        if given is not None and own:
+            raise TypeError(f"pass {name}= or its fields ({', '.join(own)}), not both")
+        built[name] = given if given is not None else part_cls(**own)
+    if kwargs:
+        raise TypeError(f"unknown {what} option(s): {', '.join(sorted(kwargs))}")
+    return built
+
+
+def _path(name: str, value, none: bool = False) -> None:
+    """Paths stay plain strings (local paths or URIs: s3://, gs://); checked for existence later."""
+    if value is None and none:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"must be a path, got {value!r}")
+
+
+def required(help: str, **argparse_kwargs):
+    """A field without a default: a required option (or, with ``positional=True``, an argument)."""
+    if not argparse_kwargs.get("positional"):
+        argparse_kwargs["required"] = True
+    return field(metadata={"help": help, **argparse_kwargs})
+
+
+# -- build-index -----------------------------------------------------------------------------------------
+
+DEFAULT_SHARD_SIZE = 100_000  # vectors per FAISS shard; assembly holds one shard in memory
+ENCODER_OPTIONS = ("encoder", "resolution", "batch_size", "num_encoders")  # what memorizer takes too
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How corpus images become latents: the encoder, the image size, the batches, the storage."""
+
+    encoder: str = option("pixels", "'pixels', a diffusers autoencoder directory / hub id, or the TAEF2 weights "
+                                    "directory (*.pth)")
+    resolution: int = option(32, "images are resized and centre-cropped to N x N", type=int)
+    batch_size: int = option(256, "images per encoder batch (and per chunk of a tar)", type=int)
+    num_encoders: int = option(0, "encoder actors (default: one per GPU, or one on a cluster without GPUs)", type=int)
+    dtype: str = option("float32", "storage of the latents: float32 (IndexFlatL2) or float16 (IndexScalarQuantizer "
+                                   "QT_fp16)", choices=tuple(STORE_DTYPES))
+    max_member_bytes: int = option(DEFAULT_MAX_MEMBER_BYTES, "tar members larger than this (tar header size) are "
+                                   "rejected unread, with a row in rejects.parquet (default "
+                                   f"{DEFAULT_MAX_MEMBER_BYTES}, {DEFAULT_MAX_MEMBER_BYTES >> 20} MiB)", type=int)
+    min_size: int = 8  # images smaller than this on a side are rejected (not an option)
+
+    def __post_init__(self):
+        _path("encoder", self.encoder)
+        _int("resolution", self.resolution, low=1)
+        _int("batch_size", self.batch_size, low=1)
+        _int("num_encoders", self.num_encoders, low=0)
+        _int("max_member_bytes", self.max_member_bytes, low=1)
+        _int("min_size", self.min_size, low=1)
+        _choice("dtype", self.dtype, tuple(STORE_DTYPES))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole build-index job: the corpus, the index directory, the encoding, the sharding."""
+
+    corpus: str = required("WebDataset shards: brace pattern, glob, directory or comma list")
+    out: str = required("index directory to create (an interrupted build resumes from OUT.partial)")
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    shard_size: int = option(DEFAULT_SHARD_SIZE, "vectors per FAISS shard; assembly holds one shard in memory", type=int)
+
+    def __post_init__(self):
+        _path("corpus", self.corpus)
+        _path("out", self.out)
+        if not isinstance(self.encode, EncodeConfig):
+            raise TypeError(f"encode must be an EncodeConfig, got {type(self.encode).__name__}")
+        _int("shard_size", self.shard_size, low=1)
+
+    @classmethod
+    def build(cls, corpus: str, out: str, **kwargs) -> BuildConfig:
+        """From keyword arguments named like the options (``resolution=8, shard_size=500``) and/or
+        ``encode=EncodeConfig(...)``; unknown names raise ``TypeError``."""
+        own = {name: kwargs.pop(name) for name in ("shard_size",) if name in kwargs}
+        return cls(corpus=corpus, out=out, **own, **split_parts(kwargs, {"encode": EncodeConfig}, "build-index"))
+
+    @classmethod
+    def from_args(cls, args) -> BuildConfig:
+        return cls.build(**option_values(args, cls, EncodeConfig))
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        add_options(parser, BuildConfig, only=("corpus", "out"))
+        add_options(parser.add_argument_group("encoding"), EncodeConfig)
+        add_options(parser.add_argument_group("index"), BuildConfig, only=("shard_size",))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- audit -----------------------------------------------------------------------------------------------
+
+FAIL_ON = ("upper", "rate")  # what the gate compares: the 95% interval's upper bound, or the rate
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The audit's gate (auditing.summary.verdict); without ``fail_above`` the audit is not gated."""
+
+    fail_above: float | None = option(None, "gate: exit 1 when the rate (see --fail-on) is above RATE (0..1) or the "
+                                            "run is incomplete", type=float, metavar="RATE")
+    fail_on: str = option("upper", "what --fail-above compares: the upper bound of the 95%% interval (upper) or the "
+                                   "rate", choices=FAIL_ON)
+
+    def __post_init__(self):
+        if self.fail_above is not None:
+            if isinstance(self.fail_above, bool) or not isinstance(self.fail_above, (int, float)) \
+                    or not 0.0 <= self.fail_above <= 1.0:  # nan fails the comparison too
+                raise ConfigError("fail_above", f"must be a rate in [0, 1], got {self.fail_above!r}")
+        _choice("fail_on", self.fail_on, FAIL_ON)
+
+    @property
+    def gated(self) -> bool:
+        return self.fail_above is not None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """A whole audit: the run, the index and radius it is measured against, the report, the gate."""
+
+    run_dir: str = required("run directory written by generate", positional=True, metavar="RUN_DIR")
+    index: str | None = option(None, "recompute every image's nearest neighbour in this index (default: the run's)",
+                               metavar="INDEX_DIR")
+    radius: float | None = option(None, "near-duplicate radius (default: the run's, else the index's)", type=float)
+    top: int = option(12, "offending corpus images shown in the report", type=int)
+    compare: str | None = option(None, "a second run to put side by side", metavar="RUN_B")
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        _path("run_dir", self.run_dir)
+        _path("index", self.index, none=True)
+        _path("compare", self.compare, none=True)
+        _positive_finite("radius", self.radius, none=True)
+        _int("top", self.top, low=0)
+        if not isinstance(self.gate, GateConfig):
+            raise TypeError(f"gate must be a GateConfig, got {type(self.gate).__name__}")
+
+    @classmethod
+    def build(cls, run_dir: str, **kwargs) -> AuditConfig:
+        """From keyword arguments named like the options (``radius=4.0, fail_above=0.01``) and/or
+        ``gate=GateConfig(...)``; unknown names raise ``TypeError``."""
+        own = {name: kwargs.pop(name) for name in ("index", "radius", "top", "compare") if name in kwargs}
+        return cls(run_dir=run_dir, **own, **split_parts(kwargs, {"gate": GateConfig}, "audit"))
+
+    @classmethod
+    def from_args(cls, args) -> AuditConfig:
+        return cls.build(**option_values(args, cls, GateConfig))
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        add_options(parser, AuditConfig)
+        add_options(parser.add_argument_group("gate"), GateConfig)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

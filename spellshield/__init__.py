@@ -21,6 +21,12 @@ _EXPORTS = {
     "BreachConfig": "spellshield.pipeline.config",
     "PlacementConfig": "spellshield.pipeline.config",
     "PromptRequest": "spellshield.pipeline.config",
+    # ... and of build-index and audit
+    "BuildConfig": "spellshield.pipeline.config",
+    "EncodeConfig": "spellshield.pipeline.config",
+    "AuditConfig": "spellshield.pipeline.config",
+    "GateConfig": "spellshield.pipeline.config",
+    "ConfigError": "spellshield.pipeline.config",
     "UsageError": "spellshield.jobs.runtime",
     # the shield's pieces
     "ShieldedScheduler": "spellshield.pipeline.scheduler",

@@ -9,7 +9,8 @@ In the manner of edm2's ``generate_images(net, seeds=..., **sampler_kwargs)``::
                          spell=spellshield.SpellConfig(overcompensation=10.0))
     summary = spellshield.audit(run="run", index="index")
 
-Each call validates everything first (``UsageError`` on bad input, nothing written), then runs on
+Each call validates everything first (``ValueError`` naming the option for a bad value,
+``UsageError`` for bad files; nothing written), then runs on
 the Ray cluster already initialised in this process, else on ``address`` / ``RAY_ADDRESS``, else
 on a local cluster started for the call. Keyword names are those of the CLI options
 (``--num-images`` -> ``num_images``); every default is the CLI's, declared once in the config
@@ -19,30 +20,30 @@ classes.
 from __future__ import annotations
 
 
-def build_index(corpus: str, out: str, *, address: str | None = None, shard_size: int | None = None,
-                **encode_options) -> dict:
+def build_index(corpus: str, out: str, *, address: str | None = None, **options) -> dict:
     """Encode ``corpus`` (WebDataset shards: brace pattern, glob, directory or comma list) into a
-    shield index at ``out``; resumes an interrupted build. ``encode_options``: ``encoder``,
-    ``resolution``, ``batch_size``, ``num_encoders``, ``dtype``. Returns the manifest."""
+    shield index at ``out``; resumes an interrupted build. ``options``: the fields of
+    ``BuildConfig`` by name (``shard_size``, and ``EncodeConfig``'s ``encoder``, ``resolution``,
+    ``batch_size``, ``num_encoders``, ``dtype``, ``max_member_bytes``) or ``encode=EncodeConfig(...)``.
+    Returns the manifest."""
     from spellshield.jobs import build_index as job
-    from spellshield.jobs.dataflow import EncodeOptions
     from spellshield.jobs.runtime import ray_cluster
+    from spellshield.pipeline.config import BuildConfig
 
-    options = EncodeOptions(**encode_options)
-    shard_size = job.DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-    plan = job.plan_build(corpus, out, options, shard_size)  # bad input fails before Ray starts
+    config = BuildConfig.build(corpus, out, **options)
+    plan = job.plan_build(config)  # bad input fails before Ray starts
     with ray_cluster(address):
-        return job.build_index(corpus, out, options, shard_size, plan=plan)
+        return job.build_index(config, plan=plan)
 
 
 def memorizer(corpus: str, out: str, *, address: str | None = None, **encode_options) -> str:
     """Save a diffusers pipeline that memorizes ``corpus`` (the honest worst case for a shield) at
-    ``out``; ``encode_options`` as for ``build_index``. Returns ``out``."""
+    ``out``; ``encode_options``: the fields of ``EncodeConfig``, as for ``build_index``. Returns ``out``."""
     from spellshield.jobs import memorizer as job
-    from spellshield.jobs.dataflow import EncodeOptions
     from spellshield.jobs.runtime import ray_cluster
+    from spellshield.pipeline.config import EncodeConfig
 
-    options = EncodeOptions(**encode_options)
+    options = EncodeConfig(**encode_options)
     job.check_inputs(corpus, out, options)
     with ray_cluster(address):
         return job.build_memorizer(corpus, out, options)
@@ -60,12 +61,18 @@ def generate(model: str, out: str, *, address: str | None = None, **options) -> 
     return run_job(validate(GenerateConfig.build(model, out, **options)), address)
 
 
-def audit(run: str, *, index: str | None = None, radius: float | None = None, top: int = 12,
-          address: str | None = None) -> dict:
+def audit(run: str, *, address: str | None = None, **options) -> dict:
     """Audit the run directory ``run``: near-duplicate rates (recomputed from the images when
-    ``index`` is given), per-step sparsity, a report. Returns the summary."""
+    ``index`` is given), per-step sparsity, a report. ``options``: the fields of ``AuditConfig``
+    by name (``index``, ``radius``, ``top``, and the gate's ``fail_above``, ``fail_on``) or
+    ``gate=GateConfig(...)``. Returns the summary (its ``verdict`` says whether the gate passed)."""
     from spellshield.jobs.audit import audit as run_audit
     from spellshield.jobs.runtime import ray_cluster
+    from spellshield.pipeline.config import AuditConfig
 
+    config = AuditConfig.build(run, **options)
+    if config.compare is not None:
+        raise TypeError("compare= is for the command line; call audit on each run")
     with ray_cluster(address):
-        return run_audit(run, index=index, radius=radius, top=top)
+        return run_audit(config.run_dir, index=config.index, radius=config.radius, top=config.top,
+                         gate=config.gate if config.gate.gated else None)

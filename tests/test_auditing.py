@@ -15,7 +15,8 @@ from spellshield.auditing.collapse import ACTIVE_STEP_LIMIT, FAR_FACTOR, assess_
 from spellshield.auditing.completeness import check_completeness
 from spellshield.auditing.report import comparison_warnings, rate_text
 from spellshield.auditing.stats import rate, wilson_interval
-from spellshield.auditing.summary import EXIT_FAIL, Gate, verdict
+from spellshield.auditing.summary import EXIT_FAIL, run_settings, verdict
+from spellshield.pipeline.config import GateConfig
 from spellshield.jobs.paths import check_job_paths
 from spellshield.jobs.progress import ProgressBar, format_seconds
 from spellshield.jobs.runtime import UsageError
@@ -39,14 +40,14 @@ def test_gate_on_upper_bound_or_rate(on, limit, status):
     assert upper == pytest.approx(0.28328, abs=1e-4)
     if on == "upper":
         limit = upper if status == "pass" else upper - 1e-9
-    out = verdict(summary, Gate(limit, on))
+    out = verdict(summary, GateConfig(limit, on))
     assert out["status"] == status and out["exit_status"] == (0 if status == "pass" else EXIT_FAIL)
     assert out["gate"]["value"] == (upper if on == "upper" else 1 / 16)
 
 
 def test_incomplete_run_fails_the_gate_whatever_the_rate():
     summary = summary_with(0, 16, complete=False, problems=["1 of 4 planned units are not whole on disk (unit-00001)"])
-    out = verdict(summary, Gate(1.0))
+    out = verdict(summary, GateConfig(1.0))
     assert out["status"] == "fail" and out["exit_status"] == 1
     assert out["reasons"] == ["incomplete: 1 of 4 planned units are not whole on disk (unit-00001)"]
     ungated = verdict(summary, None)  # without a gate the same finding is a warning, exit 0
@@ -56,7 +57,7 @@ def test_incomplete_run_fails_the_gate_whatever_the_rate():
 @pytest.mark.parametrize("bad", [(-0.1, "upper"), (1.5, "upper"), (float("nan"), "upper"), (0.1, "mean")])
 def test_gate_refuses_bad_values(bad):
     with pytest.raises(ValueError):
-        Gate(*bad)
+        GateConfig(*bad)
 
 
 def test_rate_text_is_a_percentage_with_its_interval():
@@ -228,3 +229,15 @@ def test_progress_lines_and_eta():
     quiet = io.StringIO()
     ProgressBar("x", total=1, stream=quiet, quiet=True).advance(1)
     assert quiet.getvalue() == ""
+
+
+def test_run_settings_read_run_json_through_the_config():
+    config = GenerateConfig.build("/models/memo", "/runs/r1", index="/idx/digits", radius=2.5, steps=20,
+                                  overcompensation=1.6, on_breach="flag")
+    settings = run_settings({"config": config.to_json(), "status": "finished", "index_manifest_sha256": "ab" * 32})
+    assert settings["model"] == "memo" and settings["shield_index"] == "digits" and settings["shielded"]
+    assert (settings["shield_radius"], settings["steps"], settings["overcompensation"], settings["on_breach"]) == (2.5, 20, 1.6, "flag")
+    assert settings["max_attempts"] == 4 and settings["shield_index_manifest_sha256"] == "ab" * 32
+    unreadable = run_settings({"config": {"shield": {"radius": -1}}, "status": "running"})
+    assert set(unreadable) == set(settings) and unreadable["status"] == "running" and not unreadable["shielded"]
+    assert all(v is None for k, v in unreadable.items() if k not in ("status", "shielded"))

@@ -11,7 +11,7 @@ import pytest
 
 from spellshield.pipeline.scheduler import SpellConfig
 from spellshield.workers.audit import recheck_unit
-from spellshield.workers.breach import decide, derive_seed, is_breach
+from spellshield.pipeline.breach import decide, derive_seed, is_breach
 from spellshield.pipeline.config import GenerateConfig
 from spellshield.workers.generation import GenerationWorker, WorkerRuntime
 from spellshield.workers.units import PromptRequest, plan_samples, plan_units
@@ -60,7 +60,7 @@ def run_policy(model, index, run_dir, policy, max_attempts=3):
 
 
 def breach(row) -> bool:
-    """A breach: inside the L2 ball, a perceptual copy, or off-manifold (workers.breach.is_breach)."""
+    """A breach: inside the L2 ball, a perceptual copy, or off-manifold (pipeline.breach.is_breach)."""
     return bool(is_breach(bool(row["inside_shield"]), bool(row["perceptual_copy"]), bool(row["off_manifold"])))
 
 

@@ -1,5 +1,6 @@
-"""`spellshield --help` imports no job module (each pulls in torch and Ray); a command's --help
-shows that command's options. The time it takes is measured by benchmarks/cli_startup.py."""
+"""`spellshield --help` imports no job module; every command's --help (and every action's, such as
+`index calibrate`) exits 0 without importing torch or Ray, and shows that command's options. The
+time it takes is measured by benchmarks/cli_startup.py."""
 
 import json
 import subprocess
@@ -42,6 +43,25 @@ def test_generate_help_imports_neither_torch_nor_ray():
     assert not {"torch", "ray", "pandas", "faiss", "diffusers"} & set(result["imported"]), result["imported"]
 
 
+def every_command():
+    from spellshield.jobs.cli import every_command
+
+    return every_command()
+
+
+@pytest.mark.parametrize("words", every_command(), ids=" ".join)
+def test_every_command_help_imports_neither_torch_nor_ray(words):
+    result = probe(*words, "--help")
+    assert result["code"] == 0 and result["help"].startswith(f"usage: spellshield {' '.join(words)} ")
+    assert not {"torch", "ray"} & set(result["imported"]), result["imported"]
+
+
+def test_every_command_is_probed():
+    # the list the test above and benchmarks/cli_startup.py walk: every command and every index action
+    assert [" ".join(w) for w in every_command()] == ["build-index", "memorizer", "generate", "audit", "index",
+                                                      "index calibrate", "index verify", "project-index", "demo"]
+
+
 @pytest.mark.slow
 def test_command_help_imports_that_command_only():
     result = probe("build-index", "--help")
@@ -56,9 +76,10 @@ def test_startup_benchmark_writes_its_figures(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert list(result["commands"]) == ["spellshield --help", "spellshield generate --help",
-                                        "python -m spellshield.jobs.generate --help"]
+    assert list(result["commands"]) == (["spellshield --help"] + [f"spellshield {' '.join(w)} --help" for w in every_command()]
+                                        + ["python -m spellshield.jobs.generate --help"])
     for figures in result["commands"].values():
         assert len(figures["seconds"]) == 1 and figures["median_seconds"] == figures["seconds"][0] > 0
+        assert figures["imports_torch_or_ray"] == []
         for cost in figures["costliest_imports"]:  # packages a spellshield module imports directly
             assert cost["seconds"] >= 0.05 and cost["first_imported_by"].startswith("spellshield.")

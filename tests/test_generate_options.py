@@ -56,7 +56,7 @@ def test_options_reach_the_run(capsys, ray_session, memorizer_model, protected_i
     rows = pd.read_parquet(run_dir / "audit" / "samples")
     hits = pd.read_parquet(run_dir / "audit" / "hits")
     assert len(rows) == 6 and (rows["attempt"] == 1).all()  # drop: one attempt each
-    breach = rows["inside_shield"] | rows["perceptual_copy"] | rows["off_manifold"]  # workers.breach.is_breach
+    breach = rows["inside_shield"] | rows["perceptual_copy"] | rows["off_manifold"]  # pipeline.breach.is_breach
     assert (rows["action"] == breach.map({True: "dropped", False: "kept"})).all()
     assert set(hits["source"]) == {"index", "batch"}
     # at most 3 neighbours per source, step and iteration entered the sum; the rest are logged unused

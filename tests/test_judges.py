@@ -20,7 +20,7 @@ from spellshield.pipeline.parametrisation import affine_for
 from spellshield.pipeline.repellency import repel
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
 from spellshield.pipeline.sources import StaticSource
-from spellshield.workers.breach import is_breach
+from spellshield.pipeline.breach import is_breach
 from spellshield.workers.final_check import check_images, prepare_judges
 
 from .conftest import CIFAR_DIR, needs_shared

@@ -21,7 +21,7 @@ from spellshield.indexing.encoders import Encoder
 from spellshield.indexing.search import open_index
 from spellshield.jobs.cli import main
 from spellshield.storage.cache import CACHE_ENV, fetch_tree
-from spellshield.workers.units import PromptsError, read_prompts
+from spellshield.pipeline.prompts import PromptsError, read_prompts
 from tests.s3server import ADMIN, run_job
 from tests.test_generate import gen_config, tar_images
 

@@ -11,7 +11,7 @@ before anything of the unit is written.
 Shield sources, each with its own radius and all optional: the protected index (``index_dir``,
 ``radius``), the batch siblings of the same prompt (``batch_radius``) and a bounded bank of this
 worker's earlier outputs per prompt (``history_radius``, ``history_size``). Every finished
-sample is checked exactly against the index and the breach policy (workers.breach) decides
+sample is checked exactly against the index and the breach policy (pipeline.breach) decides
 whether it is written, dropped or drawn again with a derived seed.
 """
 
@@ -38,7 +38,7 @@ from spellshield.pipeline.records import AttemptRecord, RowIdentity, hit_row, sa
 from spellshield.pipeline.scheduler import ShieldedScheduler, StepLog
 from spellshield.pipeline.sources import BatchSource, HistorySource, IndexSource, SampleRow
 from spellshield.workers.console import quiet_libraries
-from spellshield.workers.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed, is_breach
+from spellshield.pipeline.breach import RESAMPLED, WRITTEN_ACTIONS, decide, derive_seed, is_breach
 from spellshield.workers.final_check import FinalCheck, check_images, prepare_judges
 from spellshield.workers.run_layout import image_ref
 from spellshield.workers.unit_writer import write_unit

@@ -15,7 +15,6 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from spellshield import storage
 from spellshield.pipeline.records import HIT_SCHEMA, SAMPLE_SCHEMA
@@ -42,6 +41,8 @@ def write_unit(run_dir: str, unit_name: str, images: list[tuple[str, bytes, dict
             written = write_unit(local, unit_name, images, hits, samples)
             commit_unit(run_dir, unit_name, [(os.path.relpath(p, local), p) for p in written.values()])
         return unit_paths(run_dir, unit_name)
+    import webdataset as wds  # here: it imports torch, and the audit's --help imports this module
+
     paths = unit_paths(run_dir, unit_name)
     staged = []
     try:

@@ -8,13 +8,10 @@ sample's position in the plan, never from prompt text, so they are always safe f
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass
 
-from spellshield.pipeline.config import MAX_IMAGES, MAX_SEED, GenerateConfig, PromptRequest
+from spellshield.pipeline.config import GenerateConfig, PromptRequest
 from spellshield.workers.run_layout import unit_name
-from spellshield import storage
 
 
 @dataclass(frozen=True)
@@ -33,70 +30,6 @@ class Unit:
     @property
     def name(self) -> str:
         return unit_name(self.index)
-
-
-class PromptsError(ValueError):
-    """A prompts file that cannot be read; the message names the line."""
-
-
-def read_prompts(path: str, max_images: int = MAX_IMAGES) -> list[PromptRequest]:
-    """JSONL: each line a JSON string, or an object with "prompt" and optional "num_images"/"seeds".
-
-    Refused with the line named: invalid UTF-8, not JSON, seeds that are not integers in
-    0..MAX_SEED (JSON ``true`` is not a seed), and a running total of images above ``max_images``
-    (checked as the lines are read: a huge "num_images" is refused before anything is planned).
-    """
-    requests = []
-    total = 0
-    try:
-        if storage.is_remote(path):  # a small file: read whole from the object store
-            f = io.BytesIO(storage.read_bytes(path))
-        else:
-            f = open(path, "rb")
-    except OSError as exc:
-        raise PromptsError(f"cannot read prompts file {path}: {exc.strerror}") from None
-    except storage.StorageError as exc:
-        raise PromptsError(f"cannot read prompts file: {exc}") from None
-    with f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise PromptsError(f"{path} line {number} is not valid UTF-8 (byte {exc.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptsError(f"{path} line {number} is not JSON: {exc.msg}") from None
-            if isinstance(value, str):
-                value = {"prompt": value}
-            if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
-                raise PromptsError(f"{path} line {number}: expected a string or an object with a \"prompt\" string")
-            seeds = value.get("seeds")
-            if seeds is not None and not (isinstance(seeds, list) and all(is_seed(s) for s in seeds)):
-                raise PromptsError(f"{path} line {number}: \"seeds\" must be a list of integers in 0..{MAX_SEED}")
-            num = value.get("num_images", len(seeds) if seeds else 1)
-            if type(num) is not int or num < 1:
-                raise PromptsError(f"{path} line {number}: \"num_images\" must be a positive integer")
-            if seeds is not None and len(seeds) != num:
-                raise PromptsError(f"{path} line {number}: {len(seeds)} seeds for num_images={num}")
-            total += num
-            if total > max_images:
-                raise PromptsError(f"{path} line {number}: {total} images in all so far, over the limit of {max_images} "
-                                   f"per run; split the prompts into several runs")
-            try:
-                requests.append(PromptRequest(value["prompt"], num, tuple(seeds) if seeds else None))
-            except ValueError as exc:  # the request's own checks
-                raise PromptsError(f"{path} line {number}: {exc}") from None
-    if not requests:
-        raise PromptsError(f"prompts file {path} has no prompts")
-    return requests
-
-
-def is_seed(value) -> bool:
-    """An integer seed in 0..MAX_SEED (bool is an int in Python, but true is not a seed)."""
-    return type(value) is int and 0 <= value <= MAX_SEED
 
 
 def plan_samples(requests: list[PromptRequest], base_seed: int) -> list[SampleSpec]:

@@ -1,4 +1,4 @@
-"""What to do with a finished sample that the exact final check finds inside the shield, a
+"""The breach policy: what to do with a finished sample that the exact final check finds inside the shield, a
 perceptual copy of a protected image, or off-manifold (``is_breach``).
 
 Policies (``--on-breach``):
@@ -13,16 +13,19 @@ Every attempt is a sample row with its ``attempt`` number and ``action``: kept, 
 resampled (this attempt was discarded and another follows) or dropped. With ``resample`` or
 ``drop`` no written image lies inside the shield, by construction: an image is written only
 after the check that would have refused it.
+
+Plain functions (no Ray, no torch): the workers (``workers.generation``) apply them, the config
+(``pipeline.config.BreachConfig``) validates their options.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from spellshield.pipeline.config import POLICIES  # noqa: F401  (the config validates --on-breach)
+from spellshield.pipeline.config import POLICIES, SEED_BITS  # the config validates --on-breach
+
 KEPT, FLAGGED, RESAMPLED, DROPPED = "kept", "flagged", "resampled", "dropped"
 WRITTEN_ACTIONS = (KEPT, FLAGGED)
-SEED_BITS = 63  # seeds are int64 columns and torch.Generator seeds: keep them non-negative
 
 
 def derive_seed(seed: int, attempt: int) -> int:
