@@ -59,10 +59,21 @@ def _s3_client():
                         config=Config(connect_timeout=5, retries={"max_attempts": 3, "mode": "standard"}))
 
 
+def check_conditional_writes(target: Location | str) -> None:
+    """Raise StorageError, before any work, where this module cannot keep its guarantees.
+
+    gs:// has the primitive (``ifGenerationMatch=0`` and ``ifGenerationMatch=<generation>``
+    preconditions of the JSON API), but pyarrow's GcsFileSystem does not expose it and no GCS
+    client is a dependency yet, so a run or lease on gs:// is refused rather than run without
+    at-most-once commits or the second-driver refusal (docs/storage.md)."""
+    location = _location(target)
+    if location.remote and not location.uri.startswith("s3://"):
+        raise StorageError(f"{location.uri}: runs and leases need create-only writes, implemented for s3:// and local "
+                           f"paths only (not gs:// yet, see docs/storage.md); write the run to s3:// or a local path")
+
+
 def _bucket_key(location: Location) -> tuple[str, str]:
-    if not location.uri.startswith("s3://"):
-        raise StorageError(f"{location.uri}: conditional writes are implemented for s3:// and local paths only "
-                           f"(see docs/storage.md)")
+    check_conditional_writes(location)
     parsed = urlparse(location.uri)
     return parsed.netloc, parsed.path.lstrip("/")
 
@@ -351,5 +362,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
            "create_only", "fetch_committed", "read_with_etag", "replace_if", "roll_forward"]
