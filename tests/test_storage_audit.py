@@ -63,6 +63,7 @@ def test_audit_on_s3(ray_session, s3_server, s3_env, s3_bucket, memorizer_model,
     storage.copy_prefix_to_local(run, str(local))
     reference = audit(str(local), index=protected_index, quiet=True)
     assert reference["near_duplicates"] > 0 and reference["completeness"]["complete"]
+    duckdb_reads_the_logs(run, local)
 
     leave_aborted_attempt(run)
     unpublish(run, "unit-00001")
@@ -85,6 +86,40 @@ def test_audit_on_s3(ray_session, s3_server, s3_env, s3_bucket, memorizer_model,
     assert storage.read_json(f"{other}/audit/summary.json")["near_duplicates"] == reference["near_duplicates"]
     for text in (json.dumps(summary), page):
         assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+def duckdb_connection():
+    """DuckDB with the httpfs extension of the ``duckdb-ext-httpfs`` wheel (no network: the wheel
+    ships ``duckdb_ext/extensions/v<version>/<platform>/httpfs.duckdb_extension``, the layout of
+    an extension directory) and an S3 secret from the AWS_* variables (docs/storage.md)."""
+    import importlib.util
+    from urllib.parse import urlparse
+
+    import duckdb
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    extensions = os.path.join(list(importlib.util.find_spec("duckdb_ext").submodule_search_locations)[0], "extensions")
+    con.execute(f"SET extension_directory = '{extensions}'")
+    con.execute("LOAD httpfs")
+    endpoint = urlparse(os.environ["AWS_ENDPOINT_URL"])
+    con.execute(f"""CREATE SECRET spellshield_s3 (TYPE s3, KEY_ID '{os.environ["AWS_ACCESS_KEY_ID"]}',
+                    SECRET '{os.environ["AWS_SECRET_ACCESS_KEY"]}', REGION '{os.environ.get("AWS_REGION", "us-east-1")}',
+                    ENDPOINT '{endpoint.netloc}', URL_STYLE 'path', USE_SSL {str(endpoint.scheme == "https").lower()})""")
+    return con
+
+
+def duckdb_reads_the_logs(run: str, local) -> None:
+    """The run's sample and hit rows, read by DuckDB straight from S3, are those on local disk."""
+    import pandas as pd
+
+    con = duckdb_connection()
+    samples = con.sql(f"SELECT * FROM read_parquet('{run}/audit/samples/*.parquet') ORDER BY sample, attempt").df()
+    expected = pd.read_parquet(local / "audit" / "samples").sort_values(["sample", "attempt"]).reset_index(drop=True)
+    assert sorted(samples.loc[samples["image"].notna(), "sample"]) == [f"s{i:06d}" for i in range(8)]
+    pd.testing.assert_frame_equal(samples[["sample", "attempt", "seed", "unit", "nearest_distance"]],
+                                  expected[["sample", "attempt", "seed", "unit", "nearest_distance"]], check_dtype=False)
+    hits = con.sql(f"SELECT * FROM read_parquet('{run}/audit/hits/*.parquet')").df()
+    assert len(hits) == len(pd.read_parquet(local / "audit" / "hits")) and {"step", "distance", "radius"} <= set(hits.columns)
 
 
 def run_job_audit(argv, env, cwd):
