@@ -80,3 +80,123 @@ def test_generate_on_gs_is_refused_before_anything(argv, capsys, memorizer_model
     assert err == ["spellshield generate: error: gs://some-bucket/run: runs and leases need create-only writes, implemented "
                    "for s3:// and local paths only (not gs:// yet, see docs/storage.md); write the run to s3:// or a local path"]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_demo_on_s3(s3_server, s3_env, s3_bucket, tmp_path):
+    """demo --out s3://...: corpus, index, model, both runs, their reports and summary.json on
+    the store; nothing in the working directory."""
+    home, env = machine_env(s3_server, tmp_path, "driver")
+    out = f"{s3_bucket}/demo"
+    code, err = run_job("demo", ["--out", out, "--num-images", "8", "--steps", "10"], env, home, timeout=900)
+    assert code == 0, err
+    assert os.listdir(home) == []
+    summary = storage.read_json(f"{out}/summary.json")
+    assert summary["reports"] == {name: f"{out}/run-{name}/audit/report.html" for name in ("unshielded", "shielded")}
+    assert summary["num_images"] == 8 and summary["near_duplicate_rate_shielded"] == 0.0
+    for name in ("index/manifest.json", "model/model_index.json", "corpus/digits-000007.tar", "run-shielded/run.json",
+                 "run-unshielded/audit/summary.json", "run-shielded/audit/report.html"):
+        assert storage.is_file(f"{out}/{name}"), name
+    code, err = run_job("demo", ["--out", out], env, home)
+    assert code == 2 and err.strip() == f"spellshield demo: error: {out} already holds a finished demo; choose another --out"
+
+
+def bad_input_cases(bucket, corpus_dir, index) -> list[list[str]]:
+    """Every newly URI-capable path of these commands, on the store ``bucket`` (an s3:// URI)."""
+    return [["memorizer", "--corpus", f"{bucket}/corpus/digits-*.tar", "--out", "model"],
+            ["memorizer", "--corpus", corpus_dir, "--out", f"{bucket}/model"],
+            ["index", "calibrate", f"{bucket}/index"],
+            ["index", "calibrate", index, "--holdout", f"{bucket}/corpus/digits-000007.tar"],
+            ["index", "verify", f"{bucket}/index"],
+            ["demo", "--out", f"{bucket}/demo"]]
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "credentials", "bucket"])
+def test_bad_storage_input_of_every_job(problem, capsys, s3_env, s3_bucket, digits_corpus, protected_index, tmp_path,
+                                        monkeypatch):
+    """One line naming the problem, exit 2, before Ray starts, nothing written on the store or
+    in the working directory (the index calibrated locally keeps its manifest)."""
+    from tests.s3server import free_ports
+
+    put_corpus(digits_corpus, s3_bucket)
+    storage.put_tree(protected_index, f"{s3_bucket}/index", last="manifest.json")
+    before = sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True))
+    with open(os.path.join(protected_index, "manifest.json"), "rb") as f:
+        manifest = f.read()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    bucket, expected = s3_bucket, {"unreachable": "cannot reach the object store", "credentials": "refused the credentials",
+                                   "bucket": "bucket no-such-bucket-9 does not exist"}[problem]
+    if problem == "bucket":
+        bucket = "s3://no-such-bucket-9"
+    elif problem == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "WRONG-SECRET-VALUE")
+    for argv in bad_input_cases(bucket, os.path.dirname(digits_corpus[0]), protected_index):
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+        assert err[0].startswith(f"spellshield {argv[0]}: error: ") and "WRONG-SECRET-VALUE" not in err[0]
+    for name, value in s3_env.env().items():  # back to the working identity to look
+        monkeypatch.setenv(name, value)
+    assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
+    assert os.listdir(work) == []
+    with open(os.path.join(protected_index, "manifest.json"), "rb") as f:
+        assert f.read() == manifest
+
+
+def test_existing_results_and_missing_prefixes_on_s3(capsys, s3_env, s3_bucket, tmp_path, monkeypatch):
+    """An --out on S3 that already holds a model or a demo, an index or corpus prefix with
+    nothing there: one line each, exit 2, nothing written."""
+    storage.write_bytes(f"{s3_bucket}/model/model_index.json", b"{}")
+    storage.write_bytes(f"{s3_bucket}/demo/summary.json", b"{}")
+    before = sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True))
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        ("memorizer", "--corpus", f"{s3_bucket}/none-*.tar", "--out", "m"): f"corpus pattern {s3_bucket}/none-*.tar matches no file",
+        ("memorizer", "--corpus", f"{s3_bucket}/model/model_index.json", "--out", f"{s3_bucket}/model"):
+            f"{s3_bucket}/model already holds a finished model; choose another --out",
+        ("demo", "--out", f"{s3_bucket}/demo"): f"{s3_bucket}/demo already holds a finished demo; choose another --out",
+        ("index", "calibrate", f"{s3_bucket}/nothing"): f"{s3_bucket}/nothing is not a finished index: no manifest.json",
+        ("index", "verify", f"{s3_bucket}/nothing"): f"{s3_bucket}/nothing is not a finished index: no manifest.json",
+        ("project-index", f"{s3_bucket}/nothing"): f"{s3_bucket}/nothing is not a finished index: no manifest.json",
+    }
+    for argv, expected in cases.items():
+        code = main(list(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+    assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
+    assert os.listdir(tmp_path) == []
+
+
+def test_project_index_on_s3(capsys, s3_env, s3_bucket, protected_index, tmp_path, monkeypatch):
+    """project-index s3://... --lists: the projection and inverted file are uploaded beside the
+    index; the ivf and projected backends opened on the URI fetch them into the node's cache and
+    find what exact search on the local index finds."""
+    import numpy as np
+
+    from spellshield.indexing.search import open_index
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    index = f"{s3_bucket}/index"
+    storage.put_tree(protected_index, index, last="manifest.json")
+    assert main(["project-index", index, "--dims", "16", "--lists", "0"]) == 0
+    uploaded = [loc.uri[len(index) + 1:] for loc in storage.list_dir(f"{index}/projection-16", recursive=True)]
+    assert "projection-16/projection.json" in uploaded and any(n.endswith("/ivf.json") for n in uploaded)
+    assert not os.path.exists(os.path.join(protected_index, "projection-16"))  # the local index is untouched
+    exact = open_index(protected_index)
+    queries = exact.vectors(list(range(0, 900, 45))).reshape(20, -1) + 0.01
+    expected = [list(ids) for ids, _ in exact.knn(queries, 3)]
+    for backend in ("ivf", "projected"):
+        shield = open_index(index, backend=backend, dims=16)
+        assert [list(ids) for ids, _ in shield.knn(queries, 3)] == expected, backend
+    capsys.readouterr()
+    assert main(["project-index", index, "--dims", "16", "--lists", "0"]) == 2  # as on local disk: --overwrite to rebuild
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"spellshield project-index: error: {index}/projection-16/ivf-64 exists already (pass overwrite=True to rebuild it)")
+    assert sorted(loc.uri[len(index) + 1:] for loc in storage.list_dir(f"{index}/projection-16", recursive=True)) == sorted(uploaded)
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
