@@ -62,17 +62,20 @@ def generate(model: str, out: str, *, address: str | None = None, **options) -> 
 
 
 def audit(run: str, *, address: str | None = None, **options) -> dict:
-    """Audit the run directory ``run``: near-duplicate rates (recomputed from the images when
-    ``index`` is given), per-step sparsity, a report. ``options``: the fields of ``AuditConfig``
-    by name (``index``, ``radius``, ``top``, and the gate's ``fail_above``, ``fail_on``) or
-    ``gate=GateConfig(...)``. Returns the summary (its ``verdict`` says whether the gate passed)."""
+    """Audit the run directory ``run`` (a path or an ``s3://`` URI; the report is written to its
+    own ``audit/``): near-duplicate rates (recomputed from the images when ``index`` is given),
+    per-step sparsity, a report. ``options``: the fields of ``AuditConfig`` by name (``index``,
+    ``radius``, ``top``, and the gate's ``fail_above``, ``fail_on``) or ``gate=GateConfig(...)``.
+    Returns the summary (its ``verdict`` says whether the gate passed)."""
     from spellshield.jobs.audit import audit as run_audit
+    from spellshield.jobs.audit import check_inputs
     from spellshield.jobs.runtime import ray_cluster
     from spellshield.pipeline.config import AuditConfig
 
     config = AuditConfig.build(run, **options)
     if config.compare is not None:
         raise TypeError("compare= is for the command line; call audit on each run")
+    check_inputs(config.run_dir, config.index)  # bad input (a URI too) fails before Ray starts
     with ray_cluster(address):
         return run_audit(config.run_dir, index=config.index, radius=config.radius, top=config.top,
                          gate=config.gate if config.gate.gated else None)
