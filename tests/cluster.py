@@ -140,11 +140,15 @@ class RayHead:
         self.__exit__(None, None, None)
         raise RuntimeError("ray start --head did not come up in 90 s")
 
-    def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
+    def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300, runtime_env: dict | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir .`` from ``cwd``; ``runtime_env`` (e.g. ``{"env_vars": {...}}``) as
+        ``--runtime-env-json``; ``env``: the environment of the ``ray job submit`` process itself."""
+        extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+        cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", *extra, "--"] + entrypoint
         deadline = time.time() + 90
         while True:
-            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
             # The dashboard answers before its job agent is up: retry only that refusal.
             if "No available agent" not in proc.stderr or time.time() > deadline:
                 return proc

@@ -12,13 +12,16 @@ their own. Everything is stopped by the process ids this test started.
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -210,3 +213,39 @@ def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, 
     for uri in (f"{run}/run.json", f"{index}/manifest.json"):
         text = storage.read_bytes(uri).decode()
         assert ADMIN[0] not in text and ADMIN[1] not in text, uri
+
+
+def test_credentials_reach_the_workers_of_an_existing_cluster_through_the_job(s3_server, s3_env, s3_bucket, memorizer_model,
+                                                                             tmp_path):
+    """A cluster whose nodes have no storage credentials: a job without them is refused in one
+    line (nothing written); with them in the job's runtime environment (``env_vars``) the
+    driver and every worker have them, and no secret reaches run.json or the job's output.
+    The trade-off docs/storage.md states: Ray keeps the runtime environment, secrets included,
+    in its job table, readable by whoever can read the dashboard."""
+    from tests.conftest import ROOT
+
+    storage.put_tree(memorizer_model, f"{s3_bucket}/model")
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare.pop("RAY_ADDRESS", None)
+    run = f"{s3_bucket}/run"
+    generate = ["python", "-m", "spellshield.jobs.generate", "--model", f"{s3_bucket}/model", "--out", run, "--num-images", "4",
+                "--unit-size", "4", "--batch-size", "4", "--steps", "10", "--workers", "1"]
+    with RayHead(num_cpus=2, env=bare) as head:
+        refused = head.submit(generate, cwd=ROOT, env=bare)
+        assert refused.returncode != 0
+        # the job's one error line (ray job submit echoes the job's output, so it may appear twice)
+        lines = {line for line in (refused.stdout + refused.stderr).splitlines() if "spellshield generate: error:" in line}
+        assert len(lines) == 1 and f"{s3_bucket}/model" in lines.pop(), (refused.stdout + refused.stderr)[-3000:]
+        assert storage.list_dir(run, recursive=True) == []  # nothing written
+
+        secrets = {**s3_server.env(), CACHE_ENV: str(tmp_path / "job-cache")}
+        done = head.submit(generate, cwd=ROOT, env=bare, runtime_env={"env_vars": secrets})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", done.stdout + done.stderr).group(0)
+        logs = head.job_logs(job_id)
+        with urllib.request.urlopen(f"{head.address}/api/jobs/{job_id}", timeout=5) as r:
+            job = json.load(r)
+    assert storage.read_json(f"{run}/run.json")["status"] == "finished"
+    for text in (storage.read_bytes(f"{run}/run.json").decode(), logs, done.stdout, done.stderr, refused.stdout, refused.stderr):
+        assert ADMIN[1] not in text and ADMIN[0] not in text
+    assert job["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == ADMIN[1]  # the trade-off: the job table has it
