@@ -32,6 +32,9 @@ def corpus_image(index_dir: str, shield, global_id: int) -> np.ndarray:
 
 
 def _source_shard(index_dir: str, manifest, global_id: int) -> str | None:
+    from spellshield.indexing.index_cache import local_index_dir
+
+    index_dir = local_index_dir(index_dir)  # an index on object storage: this node's (already filled) cache
     for shard in manifest.shards:
         if shard.first_id <= global_id <= shard.last_id:
             table = pq.read_table(os.path.join(index_dir, shard.ids_file), columns=["id", "shard"]).to_pandas()

@@ -60,8 +60,29 @@ def fetch_index(index: str, shards=None, cache_dir: str | None = None, extras: t
         raise IndexFormatError(str(exc)) from None
 
 
-def local_index_dir(index: str, shards=None, cache_dir: str | None = None, extras: tuple[str, ...] = ()) -> str:
-    """A local directory to search ``index`` from: ``index`` itself, or its verified cached copy."""
+DERIVED_PREFIX = "projection-"  # project-index's files beside an index: the projected and ivf backends'
+DERIVED_BACKENDS = ("projected", "ivf")
+
+
+def derived_files(index: str) -> tuple[str, ...]:
+    """Relative names of the files ``project-index`` uploaded beside an index on object storage
+    (``projection-<d>/...``, with its inverted files); their own metadata anchors them to the
+    manifest's sha256 and the ivf files carry checksums, so the cache checks them by size."""
+    location = storage.resolve(index)
+    base = location.path.rstrip("/") + "/"
+    names = (item.path[len(base):] for item in storage.list_dir(location, recursive=True))
+    return tuple(name for name in names if name.startswith(DERIVED_PREFIX))
+
+
+def local_index_dir(index: str, shards=None, cache_dir: str | None = None, extras: tuple[str, ...] = (),
+                    backend: str = "exact") -> str:
+    """A local directory to search ``index`` from: ``index`` itself, or its verified cached copy
+    (with project-index's files when ``backend`` reads them)."""
     if not storage.is_remote(index):
         return index
+    if backend in DERIVED_BACKENDS:
+        try:
+            extras = tuple(extras) + derived_files(index)
+        except storage.StorageError as exc:
+            raise IndexFormatError(str(exc)) from None
     return fetch_index(index, shards, cache_dir, extras).directory

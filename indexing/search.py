@@ -59,7 +59,7 @@ def open_index(index_dir: str, backend: str = "exact", device="cpu", **options):
     """Open a finished index directory with one of the search backends (module doc)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown search backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    index_dir = local_index_dir(index_dir)  # s3://, gs://: this node's verified cached copy
+    index_dir = local_index_dir(index_dir, backend=backend)  # s3://, gs://: this node's verified cached copy
     manifest = read_manifest(index_dir)
     if backend == "sharded":
         from .sharded import open_sharded

@@ -14,6 +14,10 @@ evaluated (auditing.collapse), and with ``--fail-above`` the verdict decides the
 0 pass, 1 fail (rate above the limit, or the run incomplete), 2 bad input. Writes
 RUN_DIR/audit/summary.json (with ``schema_version`` and ``verdict``), report.html and its
 PNGs; with ``--compare RUN_B`` also RUN_DIR/audit/compare.html. The gate applies to RUN_DIR.
+
+RUN_DIR, RUN_B and the index may be ``s3://`` / ``gs://`` URIs: a remote run is read through its
+commit records (committed units only) and its report is written back to its own ``audit/``
+prefix (``auditing.run_files``); the index is searched from each node's verified cache.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from spellshield.auditing.completeness import EXAMPLES, check_completeness
 from spellshield.auditing.corpus_images import corpus_image
 from spellshield.auditing.report import (comparison_warnings, plot_corrected_share, plot_correction_ratios,
                                          plot_nearest_distances, rate_text, save_pair, write_comparison, write_report)
-from spellshield.auditing.run_files import RunError, image_tars, load_run, read_tar_images, resolve_image_ref
+from spellshield.auditing.run_files import (RunError, check_run, image_tars, load_run, local_run, read_tar_images, report_dir,
+                                            resolve_image_ref)
 from spellshield.auditing.stats import correction_ratios, perceptual_summary, written_attempt_hits
 from spellshield.auditing.summary import FAIL_ON, Gate, summarize, verdict
 from spellshield.indexing.manifest import manifest_hash, read_manifest, write_json_atomic
 from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
-from spellshield.workers.run_layout import AUDIT_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,12 +71,22 @@ def _radius(radius, run: dict, manifest) -> tuple[float | None, str | None]:
 
 def audit(run_dir: str, index: str | None = None, radius: float | None = None, top: int = 12, gate: Gate | None = None,
           quiet: bool = False) -> dict:
-    """Python API: audit ``run_dir``; returns the summary (also written to audit/summary.json).
-    Uses Ray when there is an index."""
+    """Python API: audit ``run_dir`` (a path or an object-store URI); returns the summary (also
+    written to audit/summary.json on the run's own storage). Uses Ray when there is an index."""
     if radius is not None and not (radius > 0 and math.isfinite(radius)):
         raise UsageError(f"--radius must be a finite number > 0, got {radius}")
     try:
-        run, rows, hits = load_run(run_dir)
+        with local_run(run_dir) as local:  # a remote run: its committed units, in a temporary directory
+            return _audit(run_dir, local, index, radius, top, gate, quiet)
+    except RunError as exc:  # the snapshot's; _audit converts its own
+        raise UsageError(str(exc)) from None
+
+
+def _audit(run_dir: str, local: str, index: str | None, radius: float | None, top: int, gate: Gate | None,
+           quiet: bool) -> dict:
+    """``audit`` of the run at ``run_dir``, whose files (a local snapshot for a remote run) are at ``local``."""
+    try:
+        run, rows, hits = load_run(local)
         index = index or ((run.get("config") or {}).get("shield") or {}).get("index")
         manifest = read_manifest(index) if index else None
         radius, radius_source = _radius(radius, run, manifest)
@@ -81,12 +95,12 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
             resolve_image_ref(run_dir, ref)  # refuse before any work: a reference must stay inside the run
         if gate is not None and index is None and not (len(samples) and samples["inside_shield"].notna().all()):
             raise UsageError("--fail-above needs a near-duplicate rate: pass --index (the run has no index and its rows no verdict)")
-        completeness = check_completeness(run_dir, run, rows)
+        completeness = check_completeness(local, run, rows)
         inside, extra_inside, checked = None, None, None
         if index is not None:
             if radius is None:
                 raise UsageError("no radius: pass --radius (the run and the index have none)")
-            checked, undecodable, missing = _recheck(run_dir, samples, index, radius, quiet)
+            checked, undecodable, missing = _recheck(run_dir, local, samples, index, radius, quiet)
             is_listed = checked["listed"].astype(bool)
             listed = checked.loc[is_listed].drop(columns=["image", "listed"])
             samples = samples.merge(listed, on="sample", how="inner")  # a sample whose image is gone is not audited
@@ -113,9 +127,13 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
     all_steps = float(rows["steps"].sum())
     summary["collapse"] = assess_collapse(float(rows["active_steps"].sum() / all_steps) if all_steps else 0.0, distances, calibration)
     summary["verdict"] = verdict(summary, gate)
+    with report_dir(run_dir) as out:  # a remote run's report is uploaded when the block ends
+        _write_report(out, local, summary, samples, hits, checked, distances, radius, calibration, index, top)
+    return summary
 
-    audit_dir = os.path.join(run_dir, AUDIT_DIR)
-    os.makedirs(audit_dir, exist_ok=True)
+
+def _write_report(out, local: str, summary: dict, samples, hits, checked, distances, radius, calibration, index, top) -> None:
+    audit_dir = out.local
     quantiles = (calibration or {}).get("nn_distance_quantiles") or {}
     plots = {
         "distances": plot_nearest_distances(distances, radius, os.path.join(audit_dir, "nearest_distance.png"),
@@ -130,11 +148,10 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
     for key, name in names.items():
         if not plots[key] and os.path.exists(os.path.join(audit_dir, name)):
             os.remove(os.path.join(audit_dir, name))  # a stale plot of an earlier audit must not stand in
-    offenders = _offenders(run_dir, checked, index, top, audit_dir) if checked is not None else []
+    offenders = _offenders(local, checked, index, top, audit_dir) if checked is not None else []
     summary["top_offenders"] = [{k: v for k, v in o.items() if k != "thumbnail"} for o in offenders]
-    summary["report"] = write_report(audit_dir, summary, offenders, {k: names[k] if plots[k] else None for k in names})
+    summary["report"] = out.final(write_report(audit_dir, summary, offenders, {k: names[k] if plots[k] else None for k in names}))
     write_json_atomic(os.path.join(audit_dir, "summary.json"), summary)
-    return summary
 
 
 def _note_unaudited(completeness: dict, undecodable: dict, missing: list[str]) -> None:
@@ -150,28 +167,36 @@ def _note_unaudited(completeness: dict, undecodable: dict, missing: list[str]) -
     completeness["complete"] = not completeness["problems"]
 
 
-def _recheck(run_dir: str, samples: pd.DataFrame, index: str, radius: float, quiet: bool = False):
-    """(rows of every image file, {ref: why undecodable}, [listed refs missing]), one Ray task per tar."""
+def _task_path(path: str) -> str:
+    """A path as a Ray task on any node takes it: a URI as it is, a local path absolute."""
+    from spellshield import storage
+
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
+def _recheck(run_dir: str, local: str, samples: pd.DataFrame, index: str, radius: float, quiet: bool = False):
+    """(rows of every image file, {ref: why undecodable}, [listed refs missing]), one Ray task per
+    tar; the tasks read ``run_dir`` (on a remote run each fetches its own tar), the driver ``local``."""
     import ray
 
     from spellshield.auditing.run_files import tar_image_names
     from spellshield.workers.audit import recheck_tar
 
-    listed: dict[str, list[tuple[str, str]]] = {tar: [] for tar in image_tars(run_dir)}
+    listed: dict[str, list[tuple[str, str]]] = {tar: [] for tar in image_tars(local)}
     for sample, ref in zip(samples["sample"], samples["image"]):
         tar_ref, member = ref.split("#")
         listed.setdefault(tar_ref, []).append((sample, member))
     sizes = {}
     for tar_ref in listed:
         try:
-            sizes[tar_ref] = len(tar_image_names(os.path.join(run_dir, *tar_ref.split("/"))))
+            sizes[tar_ref] = len(tar_image_names(os.path.join(local, *tar_ref.split("/"))))
         except Exception:  # noqa: BLE001 - a missing or unreadable tar: the task reports it
             sizes[tar_ref] = 0
     bar = ProgressBar("audit", total=sum(sizes.values()), unit="images", quiet=quiet)
     task = ray.remote(recheck_tar).options(num_cpus=0.5)
     results = []
     with ray_cluster():
-        pending = {task.remote(os.path.abspath(run_dir), tar_ref, pairs, os.path.abspath(index), radius): tar_ref
+        pending = {task.remote(_task_path(run_dir), tar_ref, pairs, _task_path(index), radius): tar_ref
                    for tar_ref, pairs in sorted(listed.items())}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -217,7 +242,11 @@ def _offenders(run_dir: str, checked: pd.DataFrame, index: str, top: int, audit_
 def compare(run_a: str, run_b: str, summary_a: dict, summary_b: dict) -> str:
     """RUN_A/audit/compare.html: the two summaries side by side, per-step shares overlaid, and a
     warning when the runs are not like for like (index, radius, model)."""
-    audit_dir = os.path.join(run_a, AUDIT_DIR)
+    with report_dir(run_a) as out:
+        return out.final(_write_comparison(out.local, summary_a, summary_b))
+
+
+def _write_comparison(audit_dir: str, summary_a: dict, summary_b: dict) -> str:
     name_a = summary_a["run"] or "A"
     name_b = summary_b["run"] or "B"
     if name_b == name_a:
@@ -246,6 +275,19 @@ def describe(summary: dict) -> list[str]:
     return lines
 
 
+def check_inputs(run_dir: str, index: str | None = None, compare_with: str | None = None) -> None:
+    """Refuse, before Ray starts and writing nothing, a run or index that cannot be read or a run
+    whose report cannot be written (unreachable store, credentials, bucket, no run.json)."""
+    try:
+        check_run(run_dir, report=True)
+        if compare_with:
+            check_run(compare_with)
+    except RunError as exc:
+        raise UsageError(str(exc)) from None
+    if index:
+        read_manifest(index)  # IndexFormatError: one line
+
+
 def run(args) -> int:
     if args.radius is not None and not (args.radius > 0 and math.isfinite(args.radius)):
         raise UsageError(f"--radius must be a finite number > 0, got {args.radius}")
@@ -255,9 +297,7 @@ def run(args) -> int:
             gate = Gate(args.fail_above, args.fail_on)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    for path in filter(None, (args.run_dir, args.compare)):
-        if not os.path.isfile(os.path.join(path, "run.json")):
-            raise UsageError(f"{path} is not a run directory: no run.json")
+    check_inputs(args.run_dir, args.index, args.compare)
     with ray_cluster(args.address):
         summary = audit(args.run_dir, args.index, args.radius, args.top, gate)
         for line in describe(summary):

@@ -1,6 +1,6 @@
 """demo: the whole pipeline offline, in one command, on a small real corpus.
 
-    spellshield demo --out DIR
+    spellshield demo --out DIR          (DIR: a local directory or an s3:// / gs:// prefix)
 
 1. writes scikit-learn's 1,797 handwritten digits (8x8, shipped inside its wheel) as 8
    WebDataset shards in DIR/corpus;
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import pandas as pd
 
+from spellshield import storage
 from spellshield.indexing.digits import write_digits_corpus
-from spellshield.indexing.manifest import write_json_atomic
 from spellshield.jobs.audit import audit
 from spellshield.jobs.build_index import build_index, check_output_dir
 from spellshield.jobs.dataflow import EncodeOptions
@@ -31,6 +32,7 @@ from spellshield.jobs.generate import generate, validate
 from spellshield.pipeline.config import GenerateConfig, SpellConfig
 from spellshield.jobs.memorizer import build_memorizer
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
+from spellshield.workers.run_layout import SAMPLES_DIR
 
 NUM_SHARDS = 8
 
@@ -47,21 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: float = SpellConfig.overcompensation) -> dict:
     """Python API of the demo (Ray must be up)."""
     started = time.time()
-    corpus_dir = os.path.join(out, "corpus")
-    shards = write_digits_corpus(corpus_dir, NUM_SHARDS)
+    shards = _write_corpus(out)
     protected = ",".join(shards[: NUM_SHARDS // 2])
     everything = ",".join(shards)
     options = EncodeOptions(encoder="pixels", resolution=8, batch_size=512)
-    index_dir, model_dir = os.path.join(out, "index"), os.path.join(out, "model")
+    index_dir, model_dir = _under(out, "index"), _under(out, "model")
     build_index(protected, index_dir, options, shard_size=500)
     build_memorizer(everything, model_dir, options)
     rates = {}
     for name, index in (("unshielded", None), ("shielded", index_dir)):
-        run_dir = os.path.join(out, f"run-{name}")
+        run_dir = _under(out, f"run-{name}")
         generate(validate(GenerateConfig.build(model_dir, run_dir, index=index, overcompensation=overcompensation,
                                                num_images=num_images, batch_size=32, steps=steps)))
         summary = audit(run_dir, index=index_dir)
-        rows = pd.read_parquet(os.path.join(run_dir, "audit", "samples"))
+        logs = storage.resolve(run_dir).child(SAMPLES_DIR)
+        rows = pd.read_parquet(logs.path, filesystem=logs.fs)
         first = rows[rows["attempt"] == 1]
         summary["inside_before_final_check"] = float(first["inside_shield"].mean()) if index else None
         summary["actions"] = {str(k): int(v) for k, v in rows["action"].value_counts().items()}
@@ -83,8 +85,23 @@ def demo(out: str, num_images: int = 128, steps: int = 50, overcompensation: flo
         "reports": {name: s["report"] for name, s in rates.items()},
         "seconds": round(time.time() - started, 1),
     }
-    write_json_atomic(os.path.join(out, "summary.json"), result)
+    storage.write_json(_under(out, "summary.json"), result)
     return result
+
+
+def _under(out: str, name: str) -> str:
+    """``out/name``: a local path, or a URI under an s3:// / gs:// prefix."""
+    return storage.resolve(out).child(name).uri if storage.is_remote(out) else os.path.join(out, name)
+
+
+def _write_corpus(out: str) -> list[str]:
+    """The digits shards in ``out/corpus``; on an object store written locally first, then uploaded."""
+    if not storage.is_remote(out):
+        return write_digits_corpus(os.path.join(out, "corpus"), NUM_SHARDS)
+    with tempfile.TemporaryDirectory(prefix="spellshield-demo-") as local:
+        paths = write_digits_corpus(local, NUM_SHARDS)
+        storage.put_tree(local, _under(out, "corpus"))
+        return [_under(out, f"corpus/{os.path.basename(p)}") for p in paths]
 
 
 def run(args) -> int:

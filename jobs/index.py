@@ -5,7 +5,8 @@
 
 ``calibrate`` recomputes the 1-NN distance quantiles of the corpus (self excluded) and, with
 ``--holdout``, of images that are not in the index (encoded with the index's encoder), and
-writes them with the radius they suggest into the manifest (atomically). ``verify`` checks
+writes them with the radius they suggest into the manifest (atomically). INDEX_DIR and
+``--holdout`` may be s3:// / gs:// URIs (the index is read from this node's cache). ``verify`` checks
 checksums, counts, ids and the manifest; a problem ends with one line naming it and exit code 2.
 Neither needs Ray.
 """
@@ -13,12 +14,12 @@ Neither needs Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from spellshield import storage
 from spellshield.indexing.calibrate import calibrate_index, encode_holdout
 from spellshield.indexing.encoders import Encoder
-from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest, write_json_atomic
+from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest
 from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.verify import verify_index
 from spellshield.jobs.runtime import UsageError, progress
@@ -60,13 +61,15 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
         if len(latents) == 0:
             raise UsageError(f"--holdout {holdout} has no decodable image ({info['rejects']} rejected)")
         progress(f"index calibrate: {len(latents)} held-out images encoded with {manifest.latent.encoder}")
-    calibration = calibrate_index(index_dir, manifest, sample_size, seed, latents, info)
-    # Rewrite only the calibration entry of the manifest as found, through a temporary name.
-    path = os.path.join(index_dir, MANIFEST)
-    with open(path) as f:
-        payload = json.load(f)
+    # an index on object storage is read from this node's verified cache
+    calibration = calibrate_index(local_index_dir(index_dir), manifest, sample_size, seed, latents, info)
+    # Rewrite only the calibration entry of the manifest as found: locally through a temporary
+    # name, on an object store with one PUT (the manifest, the index's finished marker, is
+    # replaced whole; its new sha256 keys a new cache entry on each node).
+    path = storage.resolve(index_dir).child(MANIFEST)
+    payload = storage.read_json(path)
     payload["calibration"] = calibration
-    write_json_atomic(path, payload)
+    storage.write_json(path, payload)
     return calibration
 
 

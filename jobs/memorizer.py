@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import torch
 
 import pyarrow as pa
 
+from spellshield import storage
 from spellshield.indexing.corpus import CorpusError, expand_shards
 from spellshield.indexing.encoders import load_autoencoder
 from spellshield.indexing.manifest import REJECTS
@@ -46,12 +48,20 @@ def make_scheduler():
 
 
 def save_memorizer(latents: torch.Tensor, out: str, encoder: str = "pixels", rejects: list[dict] | None = None) -> str:
-    """Python API: write a MemorizerPipeline over ``latents`` (N, C, H, W) to ``out``.
+    """Python API: write a MemorizerPipeline over ``latents`` (N, C, H, W) to ``out`` (a
+    directory, or an s3:// / gs:// prefix).
 
     ``rejects`` (key, shard, reason) of corpus samples left out go to ``out/rejects.parquet``.
     """
     from spellshield.pipeline.memorizer import MemorizerPipeline, MemorizerUNet
 
+    if storage.is_remote(out):
+        # No rename on an object store: saved whole here, then uploaded with model_index.json (the
+        # marker from_pretrained and check_output_dir look for) last.
+        with tempfile.TemporaryDirectory(prefix="spellshield-memorizer-") as local:
+            save_memorizer(latents, os.path.join(local, "model"), encoder, rejects)
+            storage.put_tree(os.path.join(local, "model"), out, last=MODEL_MARKER)
+        return out
     scheduler = make_scheduler()
     unet = MemorizerUNet.from_latents(latents.float(), scheduler.alphas_cumprod, encoder=encoder)
     vae = None if encoder == "pixels" else load_autoencoder(encoder)

@@ -9,6 +9,7 @@ place. ``open_index(INDEX_DIR, backend="projected", dims=...)`` reads it, and wr
 use when it is absent. ``--lists K`` (0: auto, about 2 sqrt(N)) also builds the ``ivf`` backend's
 inverted file over that projection (``indexing.ivf``), streaming the memory-mapped vectors; an
 existing projection is reused unless ``--overwrite``. No Ray: one process, one shard in memory at a time.
+INDEX_DIR may be an s3:// / gs:// URI: the files are computed locally and uploaded beside the index.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import os
 
-from spellshield.indexing.manifest import read_manifest
+from spellshield.indexing.manifest import is_remote, read_manifest
 from spellshield.jobs.runtime import UsageError, progress
 
 
@@ -44,6 +45,8 @@ def run(args) -> int:
     if args.lists is not None and args.lists < 0:
         raise UsageError(f"--lists must be >= 0, got {args.lists}")
     manifest = read_manifest(args.index_dir)  # IndexFormatError (exit 2) before anything is written
+    if is_remote(args.index_dir):
+        return _run_remote(args)
     if args.lists is not None and args.lists > manifest.count:
         raise UsageError(f"--lists must be at most the {manifest.count} vectors of the index, got {args.lists}")
     out = projection_dir(args.index_dir, min(args.dims, manifest.latent.dim))
@@ -68,6 +71,48 @@ def run(args) -> int:
         progress(f"project-index: {path}: {ivf['lists']} lists (sizes {ivf['list_sizes']['min']}.."
                  f"{ivf['list_sizes']['max']}), {ivf['code_dtype']} codes, built in {ivf['build_seconds']:.1f} s")
     return 0
+
+
+def _run_remote(args) -> int:
+    """project-index on an index on object storage: run on a local working copy (links to this
+    node's verified cache of the index, and the projection files already uploaded), then the
+    files it wrote are uploaded beside the index, each metadata file after the files it
+    describes, so a reader never meets a projection or inverted file before it is whole.
+    ``open_index(uri, backend="projected"|"ivf")`` then fetches them into each node's cache."""
+    import tempfile
+
+    from spellshield import storage
+    from spellshield.indexing.index_cache import derived_files, fetch_index
+
+    remote = storage.resolve(args.index_dir)
+    cached = fetch_index(args.index_dir).directory
+    before = derived_files(args.index_dir)
+    with tempfile.TemporaryDirectory(prefix="spellshield-project-index-") as work:
+        for name in os.listdir(cached):
+            if name != ".lock":
+                os.symlink(os.path.join(cached, name), os.path.join(work, name))
+        for name in before:
+            storage.get_file(remote.child(name), os.path.join(work, *name.split("/")))
+
+        def state():  # the files under projection-*/ (the linked index files are not walked into)
+            return {os.path.relpath(os.path.join(d, n), work): os.stat(os.path.join(d, n)).st_mtime_ns
+                    for d, _, names in os.walk(work) if d != work for n in names}
+
+        old = state()
+        try:
+            code = run(argparse.Namespace(**{**vars(args), "index_dir": work}))
+        except UsageError as exc:  # name the index, not the working copy
+            raise UsageError(str(exc).replace(work, remote.uri)) from None
+        new = state()
+        changed = [name for name in new if old.get(name) != new[name]]
+        # metadata last, deepest first: the inverted file's before its projection's
+        changed.sort(key=lambda name: (os.path.basename(name).endswith(".json"), -name.count(os.sep), name))
+        for name in changed:
+            storage.put_file(os.path.join(work, name), remote.child(*name.split(os.sep)))
+        for name in sorted(set(before) - {n.replace(os.sep, "/") for n in new}):  # replaced by --overwrite
+            storage.delete(remote.child(name))
+    progress(f"project-index: {len(changed)} file(s) uploaded beside {remote.uri}")
+    return code
 
 
 def main(argv=None) -> int:

@@ -147,7 +147,10 @@ def _check_remote_run_dir(uri: str) -> None:
             return f"{run.uri} already holds a finished run; choose another --out"
         return f"{run.uri} holds an unfinished run (status {status}); finish it with --resume {run.uri}"
 
+    from spellshield.storage.commit import check_conditional_writes
+
     try:
+        check_conditional_writes(uri)  # gs://: refused before anything is read or written
         storage.check_new_output(uri, RUN_FILE, finished)
     except storage.StorageError as exc:
         raise UsageError(str(exc)) from None
@@ -157,9 +160,10 @@ def resume_config(args) -> GenerateConfig:
     """The config of the run in ``args.resume``; any options given must reproduce it exactly."""
     run_dir = args.resume
     if storage.is_remote(run_dir):
-        from spellshield.storage.commit import LEASE, check_lease_free
+        from spellshield.storage.commit import LEASE, check_conditional_writes, check_lease_free
 
         try:  # a driver still holds this run (or was killed less than a lease TTL ago): refuse before Ray
+            check_conditional_writes(run_dir)
             check_lease_free(storage.resolve(run_dir).child(LEASE))
         except storage.StorageError as exc:
             raise UsageError(str(exc)) from None

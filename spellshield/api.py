@@ -62,10 +62,13 @@ def generate(model: str, out: str, *, address: str | None = None, **options) -> 
 
 def audit(run: str, *, index: str | None = None, radius: float | None = None, top: int = 12,
           address: str | None = None) -> dict:
-    """Audit the run directory ``run``: near-duplicate rates (recomputed from the images when
+    """Audit the run directory ``run`` (a path or an ``s3://`` / ``gs://`` URI; the report is
+    written to its own ``audit/``): near-duplicate rates (recomputed from the images when
     ``index`` is given), per-step sparsity, a report. Returns the summary."""
     from spellshield.jobs.audit import audit as run_audit
+    from spellshield.jobs.audit import check_inputs
     from spellshield.jobs.runtime import ray_cluster
 
+    check_inputs(run, index)  # bad input (a URI too) fails before Ray starts
     with ray_cluster(address):
         return run_audit(run, index=index, radius=radius, top=top)

@@ -13,6 +13,7 @@ pyarrow.fs. On local disk the same calls use ``os.link`` (fails if the name exis
     commit_unit(run, unit, files)    stage -> create-only commit record -> publish (marker last)
     committed_units(run)             the units whose commit record exists
     retract_unit(run, unit)          undo a commit found broken or stale (record first)
+    fetch_committed(run, record, f)  a committed file's content (published or staged), sha256-checked
     roll_forward(run)                publish committed units a killed writer left unpublished,
                                      delete attempts that never committed
 """
@@ -30,8 +31,8 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .fs import (Location, StorageError, copy, delete, delete_tree, exists, file_sha256, list_dir, local_tmp_beside, put_file,
-                 read_bytes, resolve, storage_error)
+from .fs import (Location, StorageError, copy, delete, delete_tree, exists, file_sha256, get_file, list_dir, local_tmp_beside,
+                 put_file, read_bytes, resolve, storage_error)
 
 COMMITS = "_commits"  # <run>/_commits/<unit>.json: the unit is committed (create-only)
 ATTEMPTS = "_attempts"  # <run>/_attempts/<unit>/<attempt>/<name>: an attempt's staged files
@@ -59,10 +60,21 @@ def _s3_client():
                         config=Config(connect_timeout=5, retries={"max_attempts": 3, "mode": "standard"}))
 
 
+def check_conditional_writes(target: Location | str) -> None:
+    """Raise StorageError, before any work, where this module cannot keep its guarantees.
+
+    gs:// has the primitive (``ifGenerationMatch=0`` and ``ifGenerationMatch=<generation>``
+    preconditions of the JSON API), but pyarrow's GcsFileSystem does not expose it and no GCS
+    client is a dependency yet, so a run or lease on gs:// is refused rather than run without
+    at-most-once commits or the second-driver refusal (docs/storage.md)."""
+    location = _location(target)
+    if location.remote and not location.uri.startswith("s3://"):
+        raise StorageError(f"{location.uri}: runs and leases need create-only writes, implemented for s3:// and local "
+                           f"paths only (not gs:// yet, see docs/storage.md); write the run to s3:// or a local path")
+
+
 def _bucket_key(location: Location) -> tuple[str, str]:
-    if not location.uri.startswith("s3://"):
-        raise StorageError(f"{location.uri}: conditional writes are implemented for s3:// and local paths only "
-                           f"(see docs/storage.md)")
+    check_conditional_writes(location)
     parsed = urlparse(location.uri)
     return parsed.netloc, parsed.path.lstrip("/")
 
@@ -326,6 +338,27 @@ def retract_unit(run: Location | str, unit: str) -> None:
             delete(run.child(item["name"]))
 
 
+def fetch_committed(run: Location | str, record: dict, name: str, local_path: str) -> None:
+    """Download the committed content of ``name``, a file of the unit ``record`` commits, to
+    ``local_path``, checked against the sha256 the record names: the published object, or, while
+    the unit is not yet published (its writer was killed between commit and publish), the stage
+    the record names. Never a file of another attempt; a reader needs no lease for this."""
+    run = _location(run)
+    item = next((f for f in record["files"] if f["name"] == name), None)
+    if item is None:
+        raise StorageError(f"the commit record of {record['unit']} in {run.uri} names no {name}")
+    final, staged = run.child(name), run.child(ATTEMPTS, record["unit"], record["attempt"], name)
+    # a publisher may copy the object and drop the stage between two looks: look at the final name again
+    source = next((loc for loc in (final, staged, final) if exists(loc)), None)
+    if source is None:
+        raise StorageError(f"{final.uri} is committed but neither published nor staged (was the stage deleted?)")
+    get_file(source, local_path)
+    if file_sha256(local_path) != item["sha256"]:
+        os.remove(local_path)
+        raise StorageError(f"{source.uri} does not match its commit record (sha256 {item['sha256'][:12]}): "
+                           f"corrupted or replaced after its unit was committed")
+
+
 def roll_forward(run: Location | str) -> dict[str, list[str]]:
     """After a crash: publish every committed unit whose stage is still there (its writer died
     mid-publication) and delete every attempt that never committed. Call with the lease held."""
@@ -346,5 +379,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units", "retract_unit",
-           "create_only", "read_with_etag", "replace_if", "roll_forward"]
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units", "retract_unit",
+           "create_only", "fetch_committed", "read_with_etag", "replace_if", "roll_forward"]

@@ -7,11 +7,9 @@ code in ``spellshield.auditing``; ``jobs.audit`` fans ``recheck_tar`` out and ga
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from spellshield.auditing.run_files import RunError, read_tar_images, resolve_image_ref
+from spellshield.auditing.run_files import RunError, local_tar, read_tar_images, resolve_image_ref
 
 CHUNK = 64  # images encoded and searched together
 _JUDGES: dict = {}  # index_dir -> workers.final_check.Judges (deterministic: the same for every tar)
@@ -39,18 +37,19 @@ def perceptual_audit_columns(check, j: int) -> dict:
 
 def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index_dir: str, radius: float,
                 backend: str = "exact") -> dict:
-    """Every image file of one ``images/*.tar``, searched exactly.
+    """Every image file of one ``images/*.tar``, searched exactly. ``run_dir`` and ``index_dir``
+    may be object-store URIs: the tar is fetched to a temporary file, the index to the node's cache.
 
     ``listed``: (sample, member) pairs the sample rows name in this tar. Returns {"rows": one per
     image member (sample None when no row names it), "undecodable": {ref: reason}, "missing":
     [refs of listed members the tar lacks]}.
     """
-    tar_path, _ = resolve_image_ref(run_dir, f"{tar_ref}#x.png")
-    if not os.path.isfile(tar_path):
-        return {"rows": [], "undecodable": {}, "missing": [f"{tar_ref}#{m}" for _, m in listed]}
+    with local_tar(run_dir, tar_ref) as tar_path:  # a run on an object store: its committed tar, fetched here
+        if tar_path is None:
+            return {"rows": [], "undecodable": {}, "missing": [f"{tar_ref}#{m}" for _, m in listed]}
+        images, bad = read_tar_images(tar_path)
     from spellshield.indexing.manifest import read_manifest
 
-    images, bad = read_tar_images(tar_path)
     size = read_manifest(index_dir).latent.resolution
     for name in [n for n, im in images.items() if im.shape[:2] != (size, size)]:
         height, width = images.pop(name).shape[:2]

@@ -26,7 +26,7 @@ from spellshield.workers.placement import node_id
 class IndexShardServer:
     def __init__(self, index_dir: str, shards, backend: str = "exact", device: str = "cpu", **options):
         # An index on object storage: this node's cached copy of the shards it serves (verified).
-        index_dir = local_index_dir(index_dir, list(shards))
+        index_dir = local_index_dir(index_dir, list(shards), backend=backend)
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
         # Fail closed: a server (or a restarted one) serves only shards that match the manifest.
