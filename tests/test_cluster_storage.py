@@ -12,6 +12,7 @@ their own. Everything is stopped by the process ids this test started.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -119,7 +120,7 @@ def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, 
     head_machine, b_machine, driver = (Machine(tmp_path, name, s3) for name in ("head", "b", "driver"))
     cwd = tmp_path / "cwd"  # the drivers' working directory: empty, and it must stay so
     cwd.mkdir()
-    # what must not change: the working directory, every HOME, the local model and corpus
+    # what must not change: the working directory, every HOME (but its .cache/), the local model and corpus
     untouched = [cwd, head_machine.home, b_machine.home, driver.home, memorizer_model, os.path.dirname(tars[0])]
     snapshot = {str(d): files_under(d) for d in untouched}
     top = sorted(os.listdir(tmp_path))
@@ -171,7 +172,12 @@ def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, 
         assert code == 0, err
 
         status = storage.read_json(f"{run}/run.json")
-        # TODO(issue9a): audit RUN --index with its report written to S3, once audit takes URIs
+        before_audit = sorted(loc.uri for loc in storage.list_dir(run, recursive=True))
+
+        # audit from S3, on the cluster, its report written back to the run's audit/ prefix
+        code, err = run_job("audit", [run, "--index", index, "--address", address], driver_env, cwd, timeout=600)
+        assert code == 0, err
+        assert f"audit: report: {run}/audit/report.html" in err
 
         # no credential in any log of either node (Ray's and the workers')
         for temp_dir in temp_dirs:
@@ -197,6 +203,14 @@ def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, 
             keys += list(tar_images(os.path.join(local, f"{unit}.tar")))
     assert sorted(keys) == expected
 
+    summary = storage.read_json(f"{run}/audit/summary.json")
+    assert summary["num_images"] == NUM_IMAGES and summary["report"] == f"{run}/audit/report.html"
+    assert summary["audit"]["index_manifest_sha256"] == hashlib.sha256(storage.read_bytes(f"{index}/manifest.json")).hexdigest()
+    after_audit = sorted(loc.uri for loc in storage.list_dir(run, recursive=True))
+    assert set(before_audit) <= set(after_audit)  # the audit only adds its report
+    assert {u for u in set(after_audit) - set(before_audit)} >= {f"{run}/audit/summary.json", f"{run}/audit/report.html"}
+    assert all(u.startswith(f"{run}/audit/") for u in set(after_audit) - set(before_audit))
+
     # each node's workers filled their own cache: the model and the index, once per node
     for machine in (head_machine, b_machine):
         assert len(os.listdir(machine.cache / "models")) == 1, machine.name
@@ -206,11 +220,12 @@ def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, 
 
     # nothing written on local disk outside the caches and temporary directories
     assert os.listdir(cwd) == []
-    assert {d: files_under(d) for d in snapshot} == snapshot
+    # (a HOME's .cache/ is the user's cache directory: the audit's matplotlib keeps its font list there)
+    assert {d: {f: n for f, n in files_under(d).items() if not f.startswith(".cache/")} for d in snapshot} == snapshot
     assert sorted(os.listdir(tmp_path)) == top
 
     # no credential in what the run wrote
-    for uri in (f"{run}/run.json", f"{index}/manifest.json"):
+    for uri in (f"{run}/run.json", f"{index}/manifest.json", f"{run}/audit/summary.json", f"{run}/audit/report.html"):
         text = storage.read_bytes(uri).decode()
         assert ADMIN[0] not in text and ADMIN[1] not in text, uri
 
