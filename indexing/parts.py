@@ -313,7 +313,7 @@ class StagedParts:
         self.committed: dict[str, dict] = {}
 
     def open(self) -> None:
-        from spellshield.storage.commit import committed_units, open_run
+        from spellshield.storage.commit import committed_units, fetch_committed, open_run
 
         self.lease = open_run(self.remote)  # LeaseHeld while another build driver is alive
         if storage.exists(self.remote.child(BUILD_CONFIG)):
@@ -321,7 +321,10 @@ class StagedParts:
         self.committed = committed_units(self.remote)
         for record in self.committed.values():
             for item in record["files"]:
-                storage.get_file(self.remote.child(item["name"]), os.path.join(self.local, *item["name"].split("/")))
+                try:  # each file checked against the sha256 its commit record names
+                    fetch_committed(self.remote, record, item["name"], os.path.join(self.local, *item["name"].split("/")))
+                except storage.StorageError:
+                    break  # a part that does not hold: finished_parts drops it, retract_all_but un-commits it
 
     def publish_config(self) -> None:
         """``build.json`` on the store, if it has none yet (a new build)."""
