@@ -35,8 +35,10 @@ def corpus(work: str) -> tuple[str, str, int]:
 
 
 def unit_breakdown(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "run.json")) as f:
-        progress = json.load(f)["progress"]
+    """Throughput and time split of a finished run (a local directory or an object-store URI)."""
+    from spellshield import storage
+
+    progress = storage.read_json(f"{run_dir}/run.json")["progress"]
     units = list(progress["units"].values())
     total = sum(u["seconds"] for u in units)
     busy: dict = {}

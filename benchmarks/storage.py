@@ -6,6 +6,9 @@ A real S3 server (SeaweedFS, tests/s3server.py) on this machine; CIFAR-10 tars o
 pixel space (32 x 32, D = 3072). Measured in one process, alternating the two modes:
 
     build   build-index, corpus and --out on local disk vs corpus and --out on S3: images/s
+    generate  generate (memorizer over the same tars, shielded by the index just built), model,
+            index and --out on local disk vs all three on S3: images/s; the node cache is cold
+            on the first S3 run (model and index downloaded), warm after
     cache   the index on S3 opened from a node cache: cold (every shard downloaded and checked)
             vs warm (nothing downloaded), and the same open on the local index
 
@@ -30,6 +33,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4, help="CIFAR-10 tars (1,000 images each)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--gen-images", type=int, default=64, help="images per generate run")
+    parser.add_argument("--gen-steps", type=int, default=50, help="denoising steps per image")
     parser.add_argument("--cifar-dir", default=CIFAR_DIR, help="the CIFAR-10 tars (default ../shared/data/cifar10)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "storage.json"))
     args = parser.parse_args(argv)
@@ -59,6 +64,7 @@ def run(args, server, work) -> list[dict]:
     from spellshield.indexing.search import open_index
     from spellshield.jobs.build_index import build_index
     from spellshield.jobs.dataflow import EncodeOptions
+    from spellshield.jobs.memorizer import build_memorizer
     from spellshield.storage.cache import CACHE_ENV
 
     shards = [os.path.join(args.cifar_dir, f"train-{i:06d}.tar") for i in range(args.shards)]
@@ -68,6 +74,7 @@ def run(args, server, work) -> list[dict]:
     corpora = {"local": ",".join(shards), "s3": f"{bucket}/corpus/train-{{000000..{args.shards - 1:06d}}}.tar"}
     options = EncodeOptions(resolution=32, batch_size=256)
     results = []
+    os.environ[CACHE_ENV] = os.path.join(work, "node-cache")  # before Ray starts: the generation workers' cache
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         for repeat in range(args.repeats):
@@ -80,6 +87,13 @@ def run(args, server, work) -> list[dict]:
                        "seconds": round(seconds, 3), "images_per_s": round(manifest["count"] / seconds, 1)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
+        model = build_memorizer(corpora["local"], os.path.join(work, "model"), options)
+        storage.put_tree(model, f"{bucket}/model")
+        places = {"local": (model, os.path.join(work, "index-local-0"), os.path.join(work, "run-local-{}")),
+                  "s3": (f"{bucket}/model", f"{bucket}/index-0", f"{bucket}/run-{{}}")}
+        for repeat in range(args.repeats):
+            for mode in ("local", "s3"):
+                results.append(generate_row(args, mode, repeat, *places[mode]))
     finally:
         ray.shutdown()
     for repeat in range(args.repeats):
@@ -103,6 +117,30 @@ def run(args, server, work) -> list[dict]:
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
+
+
+def generate_row(args, mode: str, repeat: int, model: str, index: str, out: str) -> dict:
+    """One shielded generate run of ``args.gen_images`` with model, index and run at ``mode``'s place."""
+    from benchmarks.generation import unit_breakdown
+    from spellshield.jobs.generate import generate, validate
+    from spellshield.pipeline.config import GenerateConfig
+    from spellshield.storage.cache import cache_root
+
+    cold = mode == "s3" and not os.path.isdir(os.path.join(cache_root(), "indexes"))
+    config = validate(GenerateConfig.build(model, out.format(repeat), index=index, num_images=args.gen_images,
+                                           steps=args.gen_steps, batch_size=8, unit_size=8, seed=0, workers=2))
+    started = time.perf_counter()
+    generate(config)
+    seconds = time.perf_counter() - started
+    units = unit_breakdown(config.out)
+    row = {"measure": "generate", "mode": mode, "repeat": repeat, "images": args.gen_images, "steps": args.gen_steps,
+           "node_cache": "cold" if cold else ("warm" if mode == "s3" else "-"), "seconds": round(seconds, 3),
+           # wall: the whole call (actors start, model and index load, the S3 run's lease and commits);
+           # steady: images over the busiest worker's time inside units (benchmarks.generation)
+           "images_per_s": round(args.gen_images / seconds, 2), "steady_images_per_s": units["steady_images_per_second"],
+           "write_seconds": units["atomic_write_seconds"]}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":

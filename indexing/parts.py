@@ -18,6 +18,9 @@ encodes only the other tars (img2dataset's resume-by-what-exists; FAISS big_batc
 write-then-rename checkpoints). Part names depend only on the tar's position in the corpus, so
 a rerun overwrites instead of duplicating, and global ids (assigned at assembly, in part order)
 are the same whether or not the build was interrupted.
+
+An OUT on an object store has the same parts, committed through the commit protocol of
+``storage.commit`` instead of renamed (``StagedParts``, docs/storage.md).
 """
 
 from __future__ import annotations
@@ -279,3 +282,78 @@ def iter_part(parts_dir: str, info: PartInfo, rows_per_read: int = 8192):
         position += indexed
     if position != info.count:
         raise ValueError(f"part {info.number}: rows name {position} indexed samples, its latents hold {info.count}")
+
+
+def part_unit(number: int) -> str:
+    """The part's name as a unit of the commit protocol (and the stem of its files)."""
+    return f"part-{number:05d}"
+
+
+class StagedParts:
+    """The parts of a build whose OUT is on an object store, staged at ``OUT.partial`` through
+    the commit protocol of ``storage.commit`` (docs/storage.md), so that a build killed on one
+    machine resumes on another and a part is committed at most once, whole:
+
+        OUT.partial/build.json                          the build's config
+        OUT.partial/_lease.json                         the build driver's lease: a second driver is refused
+        OUT.partial/_attempts/part-N/<attempt>/parts/   a part being staged; never read, dropped on resume
+        OUT.partial/_commits/part-N.json                create-only: part N is committed, naming its files' sha256
+        OUT.partial/parts/part-N.{latents,rows.parquet,json}   its published files
+
+    The driver works in a local copy (``local_partial``) holding only committed parts:
+    ``open`` takes the lease and rolls forward (publishes a committed part whose publication a
+    killed driver left half done, deletes uncommitted attempts), then fetches ``build.json`` and
+    the committed parts; ``push`` commits a part the driver just finished.
+    """
+
+    def __init__(self, remote_partial: str, local_partial: str):
+        self.remote = storage.resolve(remote_partial)
+        self.local = local_partial
+        self.lease = None
+        self.committed: dict[str, dict] = {}
+
+    def open(self) -> None:
+        from spellshield.storage.commit import committed_units, fetch_committed, open_run
+
+        self.lease = open_run(self.remote)  # LeaseHeld while another build driver is alive
+        if storage.exists(self.remote.child(BUILD_CONFIG)):
+            storage.get_file(self.remote.child(BUILD_CONFIG), os.path.join(self.local, BUILD_CONFIG))
+        self.committed = committed_units(self.remote)
+        for record in self.committed.values():
+            for item in record["files"]:
+                try:  # each file checked against the sha256 its commit record names
+                    fetch_committed(self.remote, record, item["name"], os.path.join(self.local, *item["name"].split("/")))
+                except storage.StorageError:
+                    break  # a part that does not hold: finished_parts drops it, retract_all_but un-commits it
+
+    def publish_config(self) -> None:
+        """``build.json`` on the store, if it has none yet (a new build)."""
+        if not storage.exists(self.remote.child(BUILD_CONFIG)):
+            storage.put_file(os.path.join(self.local, BUILD_CONFIG), self.remote.child(BUILD_CONFIG))
+
+    def retract_all_but(self, kept: dict[int, "PartInfo"]) -> None:
+        """Undo the commits of the parts ``finished_parts`` did not keep (their tar changed, or
+        their files do not match their checksums), so that they can be committed again."""
+        from spellshield.storage.commit import retract_unit
+
+        keep = {part_unit(n) for n in kept}
+        for unit in sorted(set(self.committed) - keep):
+            retract_unit(self.remote, unit)
+            del self.committed[unit]
+
+    def push(self, info: "PartInfo") -> None:
+        """Commit a finished local part: stage, create-only record, publish with the marker last."""
+        from spellshield.storage.commit import LeaseLost, commit_unit
+
+        unit = part_unit(info.number)
+        paths = part_paths(os.path.join(self.local, PARTS), info.number)
+        if not commit_unit(self.remote, unit, [(f"{PARTS}/{os.path.basename(p)}", p) for p in paths]):
+            raise LeaseLost(f"{self.remote.uri}: {unit} was committed by another build driver (this one lost its lease); "
+                            f"stopping this build")
+        self.committed[unit] = {}
+
+    def close(self) -> None:
+        """Release the lease (the staged parts stay for a resume unless the build deleted them)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None

@@ -33,8 +33,8 @@ from spellshield import storage
 from spellshield.indexing.corpus import CorpusError, expand_shards
 from spellshield.indexing.manifest import MANIFEST
 from spellshield.indexing.parts import BuildConfig as StagedBuild  # what a partial build was started with
-from spellshield.indexing.parts import (BUILD_CONFIG, PARTS, PartialBuildError, PartWriter, check_staging, finished_parts,
-                                        open_staging, part_paths, sources_of)
+from spellshield.indexing.parts import (BUILD_CONFIG, PARTS, PartialBuildError, PartWriter, StagedParts, check_staging,
+                                        finished_parts, open_staging, sources_of)
 from spellshield.jobs.checks import check_out_path, from_args, weight_load_errors
 from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
@@ -135,11 +135,14 @@ def plan_build(config: BuildConfig) -> BuildPlan:
 
 def _check_remote_staging(remote_partial: str, config: StagedBuild) -> bool:
     """``check_staging`` of a partial build staged on an object store (reads its build.json only)."""
+    from spellshield.storage.commit import LEASE, check_lease_free
+
     remote = storage.resolve(remote_partial)
+    check_lease_free(remote.child(LEASE))  # a live build driver holds it: refused before Ray starts
     with tempfile.TemporaryDirectory(prefix="spellshield-plan-") as tmp:
         if storage.exists(remote.child(BUILD_CONFIG)):
             storage.get_file(remote.child(BUILD_CONFIG), os.path.join(tmp, BUILD_CONFIG))
-        elif storage.list_dir(remote, recursive=True):
+        elif [o for o in storage.list_dir(remote, recursive=True) if o.name != LEASE]:
             raise PartialBuildError(f"{remote.uri} exists but is not a partial build (no {BUILD_CONFIG}); remove it")
         try:
             return check_staging(tmp, config)
@@ -160,16 +163,24 @@ def build_index(corpus: str | BuildConfig, out: str | None = None, options: Enco
     # An OUT on an object store: its parts are staged at OUT.partial on the store (a resume may
     # run on another machine) and worked on in a local copy, made here and removed at the end.
     partial = plan.partial or tempfile.mkdtemp(prefix="spellshield-build-")
-    push_part = None
-    if plan.remote_partial:
-        storage.copy_prefix_to_local(plan.remote_partial, partial)
-        push_part = part_pusher(partial, plan.remote_partial)
-    open_staging(partial, plan.config)
-    if plan.remote_partial and not plan.resuming:
-        storage.put_file(os.path.join(partial, BUILD_CONFIG), storage.resolve(plan.remote_partial).child(BUILD_CONFIG))
-    parts_dir = os.path.join(partial, PARTS)
-    changed: list[str] = []
-    parts = finished_parts(parts_dir, plan.config, latent.dim, changed)
+    # Parts of a remote OUT are committed through storage.commit (indexing.parts.StagedParts):
+    # the local copy starts with the committed parts only, an aborted attempt's leftovers are dropped.
+    staged = StagedParts(plan.remote_partial, partial) if plan.remote_partial else None
+    try:
+        if staged is not None:
+            staged.open()  # the build's lease: a second driver on this OUT is refused
+        open_staging(partial, plan.config)
+        if staged is not None:
+            staged.publish_config()
+        parts_dir = os.path.join(partial, PARTS)
+        changed: list[str] = []
+        parts = finished_parts(parts_dir, plan.config, latent.dim, changed)
+        if staged is not None:
+            staged.retract_all_but(parts)  # committed parts that no longer hold are encoded again
+    except BaseException:
+        if staged is not None:
+            staged.close()
+        raise
     for source in changed:
         progress(f"build-index: {source} changed since its part was written (sha256 differs): encoding it again")
     if plan.resuming:
@@ -177,32 +188,25 @@ def build_index(corpus: str | BuildConfig, out: str | None = None, options: Enco
     reused = len(parts)
     encode_started = time.time()
     try:
-        encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=push_part)
+        encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=staged.push if staged else None)
     except BaseException:
-        if plan.remote_partial:
-            shutil.rmtree(partial, ignore_errors=True)  # a working copy: the finished parts are on the store
+        if staged is not None:
+            staged.close()
+            shutil.rmtree(partial, ignore_errors=True)  # a working copy: the committed parts are on the store
         raise
     images = sum(p.count + p.rejects for p in parts.values())
-    manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
-                         {"corpus": corpus, "source_shards": len(shards), "encode": dataclasses.asdict(options), "resumed_parts": reused,
-                          "encode_seconds": round(time.time() - encode_started, 3),
-                          "sources": source_records(parts, plan.config.sources)}, remote_partial=plan.remote_partial)
+    try:
+        manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
+                             {"corpus": corpus, "source_shards": len(shards), "encode": dataclasses.asdict(options), "resumed_parts": reused,
+                              "encode_seconds": round(time.time() - encode_started, 3),
+                              "sources": source_records(parts, plan.config.sources)}, remote_partial=plan.remote_partial)
+    finally:
+        if staged is not None:
+            staged.close()  # after a finished build the lease went with the staging prefix
     elapsed = time.time() - started
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
              f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
     return manifest.to_json()
-
-
-def part_pusher(partial: str, remote_partial: str):
-    """Stages each finished part of a local working copy on the object store: latents and rows
-    first, the marker (.json) last, so a part on the store is whole when its marker is there."""
-    remote_parts = storage.resolve(remote_partial).child(PARTS)
-
-    def push(info) -> None:
-        for path in part_paths(os.path.join(partial, PARTS), info.number):
-            storage.put_file(path, remote_parts.child(os.path.basename(path)))
-
-    return push
 
 
 def source_records(parts: dict, sources) -> list[dict]:

@@ -12,6 +12,7 @@ pyarrow.fs. On local disk the same calls use ``os.link`` (fails if the name exis
                                      taken over by compare-and-swap, so two takers cannot both win
     commit_unit(run, unit, files)    stage -> create-only commit record -> publish (marker last)
     committed_units(run)             the units whose commit record exists
+    retract_unit(run, unit)          undo a commit found broken or stale (record first)
     fetch_committed(run, record, f)  a committed file's content (published or staged), sha256-checked
     roll_forward(run)                publish committed units a killed writer left unpublished,
                                      delete attempts that never committed
@@ -321,6 +322,22 @@ def committed_units(run: Location | str) -> dict[str, dict]:
     return out
 
 
+def retract_unit(run: Location | str, unit: str) -> None:
+    """Undo a unit's commit (with the lease held): its record first, so that from then on its
+    published files are leftovers that readers ignore and the next commit overwrites, then
+    those files. For a committed unit found broken or stale (a build part whose source tar
+    changed): it can then be committed again."""
+    run = _location(run)
+    record = run.child(COMMITS, f"{unit}.json")
+    if not exists(record):
+        return
+    files = json.loads(read_bytes(record))["files"]
+    delete(record)
+    for item in files:
+        if exists(run.child(item["name"])):
+            delete(run.child(item["name"]))
+
+
 def fetch_committed(run: Location | str, record: dict, name: str, local_path: str) -> None:
     """Download the committed content of ``name``, a file of the unit ``record`` commits, to
     ``local_path``, checked against the sha256 the record names: the published object, or, while
@@ -362,5 +379,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units",
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units", "retract_unit",
            "create_only", "fetch_committed", "read_with_etag", "replace_if", "roll_forward"]

@@ -34,7 +34,7 @@ def kill_tree(pid: int, grace: float = 5.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.time() + grace
-    while time.time() < deadline and any(_alive(p) for p in pids):
+    while time.time() < deadline and any(alive(p) for p in pids):
         time.sleep(0.2)
     for p in pids + descendants(pid):
         try:
@@ -57,7 +57,7 @@ def processes_with(title: bytes, among=None) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
@@ -73,14 +73,16 @@ class RayHead:
     """``with RayHead(num_cpus=2) as head: head.submit([...])``; ``head.add_node(...)`` starts
     another node (``ray start --address``) on this machine, with its own custom resources."""
 
-    def __init__(self, num_cpus: int = 2, resources: str | None = None, dashboard: bool = True):
+    def __init__(self, num_cpus: int = 2, resources: str | None = None, dashboard: bool = True, env: dict | None = None):
         self.num_cpus = num_cpus
+        self.env = env  # the head's environment (its workers inherit it); None: this process's
         self.resources = resources
         self.dashboard = dashboard
         self.port = free_port()
         self.dashboard_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
+        self.node_temp_dirs: list[str] = []  # temporary directories of added nodes that have their own
         # Short (unix socket paths are limited to 107 bytes) and ours alone: not /tmp/ray.
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
@@ -106,7 +108,7 @@ class RayHead:
         if self.resources:
             cmd += ["--resources", self.resources]
         self.log = open(os.devnull, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.time() + 90
         if not self.dashboard:
             return self._wait_without_dashboard(deadline)
@@ -138,11 +140,15 @@ class RayHead:
         self.__exit__(None, None, None)
         raise RuntimeError("ray start --head did not come up in 90 s")
 
-    def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", "--"] + entrypoint
+    def submit(self, entrypoint: list[str], cwd: str, timeout: float = 300, runtime_env: dict | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir .`` from ``cwd``; ``runtime_env`` (e.g. ``{"env_vars": {...}}``) as
+        ``--runtime-env-json``; ``env``: the environment of the ``ray job submit`` process itself."""
+        extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+        cmd = [_ray_bin(), "job", "submit", "--address", self.address, "--working-dir", ".", *extra, "--"] + entrypoint
         deadline = time.time() + 90
         while True:
-            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
             # The dashboard answers before its job agent is up: retry only that refusal.
             if "No available agent" not in proc.stderr or time.time() > deadline:
                 return proc
@@ -152,16 +158,23 @@ class RayHead:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def add_node(self, num_cpus: int = 2, resources: str | None = None, timeout: float = 60) -> subprocess.Popen:
-        """Start a worker node and wait until the cluster counts it."""
+    def add_node(self, num_cpus: int = 2, resources: str | None = None, timeout: float = 60, env: dict | None = None,
+                 own_temp_dir: bool = False) -> subprocess.Popen:
+        """Start a worker node and wait until the cluster counts it. ``env``: the node's environment
+        (its workers inherit it); ``own_temp_dir``: its own Ray temporary directory, as a separate
+        machine has (``node_temp_dirs[-1]``), instead of the head's."""
+        temp_dir = self.temp_dir
+        if own_temp_dir:
+            temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            self.node_temp_dirs.append(temp_dir)
         cmd = [_ray_bin(), "start", "--block", "--address", self.gcs_address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats",
                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-               "--dashboard-agent-grpc-port", str(free_port()), "--temp-dir", self.temp_dir]
+               "--dashboard-agent-grpc-port", str(free_port()), "--temp-dir", temp_dir]
         if resources:
             cmd += ["--resources", resources]
         before = self.alive_nodes()
-        proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.nodes.append(proc)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -224,4 +237,5 @@ class RayHead:
             self.proc.wait(timeout=10)
             self.log.close()
             self.proc = None
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for temp_dir in [self.temp_dir, *self.node_temp_dirs]:
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ import pytest
 
 from spellshield import storage
 from spellshield.storage.commit import (ATTEMPTS, COMMITS, LeaseHeld, LeaseLost, acquire_lease, commit_unit, committed_units,
-                                        create_only, read_with_etag, replace_if, roll_forward)
+                                        create_only, read_with_etag, replace_if, retract_unit, roll_forward)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -102,3 +102,12 @@ def test_roll_forward_after_a_writer_killed_between_commit_and_publication(root,
     assert not storage.exists(f"{root}/images/unit-00002.tar")
     assert storage.list_dir(f"{root}/{ATTEMPTS}", recursive=True) == []
     assert list(committed_units(root)) == ["unit-00001"]
+
+
+def test_a_retracted_unit_can_be_committed_again(root, tmp_path):
+    assert commit_unit(root, "unit-00004", _unit_files(tmp_path, "stale", "unit-00004")) is True
+    retract_unit(root, "unit-00004")
+    assert committed_units(root) == {} and storage.list_dir(root, recursive=True) == []
+    retract_unit(root, "unit-00004")  # nothing committed: nothing to do
+    assert commit_unit(root, "unit-00004", _unit_files(tmp_path, "fresh", "unit-00004")) is True
+    assert storage.read_bytes(f"{root}/audit/samples/unit-00004.parquet") == b"fresh:audit/samples/unit-00004.parquet"
