@@ -168,7 +168,7 @@ def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: 
 
 def read_unit_images(tar_path: str) -> tuple[list[str], np.ndarray]:
     """(member names, uint8 images (B, H, W, 3)) of one unit tar, in name order."""
-    images = read_tar_images(tar_path)
+    images, _ = read_tar_images(tar_path)
     keys = sorted(images)
     return keys, np.stack([images[k] for k in keys])
 
@@ -203,7 +203,7 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     outputs = []
     for sample in frame["sample"]:
         tar, member = samples.loc[sample, "image"].split("#")
-        outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar)))[member])
+        outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar))[0])[member])
     size = nearest.shape[1]
     pad = 2
     rows = (len(frame) + per_row - 1) // per_row
