@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 from spellshield import storage
-from spellshield.indexing.calibrate import calibrate_index
 from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES, CorpusError, expand_shards
 from spellshield.indexing.encoders import Encoder, LatentSpec
 from spellshield.indexing.manifest import MANIFEST
@@ -40,6 +39,7 @@ from spellshield.jobs.dataflow import EncodeOptions, encode_chunks
 from spellshield.jobs.progress import ProgressBar
 from spellshield.jobs.runtime import UsageError, progress, ray_cluster
 from spellshield.workers.encode import chunk_latents
+from spellshield.workers.final_check import calibrate_with_judges
 
 DEFAULT_SHARD_SIZE = 100_000  # vectors per FAISS shard; assembly holds one shard in memory
 
@@ -288,7 +288,7 @@ def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build
     writer = IndexWriter(local_out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
     try:
         assemble_parts(parts_dir, parts, writer)
-        manifest = writer.finish(build_info, calibrate=lambda staging, m: calibrate_index(staging, m))
+        manifest = writer.finish(build_info, calibrate=calibrate_with_judges)  # 1-NN quantiles and judges.json
         if remote_partial:
             storage.put_tree(local_out, out, last=MANIFEST)
     except CorpusError:

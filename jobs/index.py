@@ -5,8 +5,11 @@
 
 ``calibrate`` recomputes the 1-NN distance quantiles of the corpus (self excluded) and, with
 ``--holdout``, of images that are not in the index (encoded with the index's encoder), and
-writes them with the radius they suggest into the manifest (atomically). ``verify`` checks
-checksums, counts, ids and the manifest; a problem ends with one line naming it and exit code 2.
+writes them with the radius they suggest into the manifest (atomically); it also calibrates the
+judges (workers.final_check) into a new judges file of the index, listed with its sha256 in the
+manifest, so that generation workers and the audit load it instead of calibrating them each
+(the file the manifest listed before is removed once the manifest no longer lists it). ``verify``
+checks checksums, counts, ids and the manifest; a problem ends with one line naming it and exit code 2.
 Neither needs Ray.
 """
 
@@ -16,17 +19,19 @@ import argparse
 import json
 import os
 
-from spellshield.indexing.calibrate import calibrate_index, encode_holdout
+from spellshield.indexing.calibrate import encode_holdout
 from spellshield.indexing.encoders import Encoder
 from spellshield.indexing.manifest import MANIFEST, REJECTS, read_manifest, write_json_atomic
 from spellshield.indexing.index_cache import local_index_dir
 from spellshield.indexing.verify import verify_index
 from spellshield.jobs.runtime import UsageError, progress
+from spellshield.workers.final_check import calibrate_with_judges
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
-    text = "1-NN distance quantiles of the corpus and of a held-out sample, and the radius they suggest, into the manifest"
+    text = ("1-NN distance quantiles of the corpus and of a held-out sample, and the radius they suggest, into the manifest; "
+            "the judges' calibration into the index's judges file")
     cal = sub.add_parser("calibrate", help=text, description=text)
     cal.add_argument("index_dir", metavar="INDEX_DIR", help="a finished index directory")
     cal.add_argument("--holdout", default=None, help="WebDataset shards of images NOT in the index (pattern, glob, dir, list)")
@@ -34,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--sample-size", type=int, default=2000, help="corpus latents whose 1-NN is measured (default 2000)")
     cal.add_argument("--seed", type=int, default=0, help="seed of the corpus sample (default 0)")
     cal.add_argument("--batch-size", type=int, default=64, help="images per encoder batch for the held-out sample")
-    cal.add_argument("--device", default=None, help="encoder device for the held-out sample (default: cuda if available)")
+    cal.add_argument("--device", default=None, help="encoder device for the held-out sample and the judges' decoding (default: cuda if available)")
     text = "check checksums, counts, id uniqueness and contiguity, and manifest consistency; exit 2 naming the first problem"
     ver = sub.add_parser("verify", help=text, description=text)
     ver.add_argument("index_dir", metavar="INDEX_DIR", help="a finished index directory")
@@ -51,22 +56,26 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
             raise UsageError(f"{name} must be >= 1, got {value}")
     manifest = read_manifest(index_dir)
     latents, info = None, None
-    if holdout:
-        import torch
+    import torch
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = Encoder(manifest.latent.encoder, device=device).init()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = Encoder(manifest.latent.encoder, device=device).init()  # the held-out sample; decoding for the judges
+    if holdout:
         latents, info = encode_holdout(holdout, encoder, manifest.latent.resolution, holdout_size, batch_size)
         if len(latents) == 0:
             raise UsageError(f"--holdout {holdout} has no decodable image ({info['rejects']} rejected)")
         progress(f"index calibrate: {len(latents)} held-out images encoded with {manifest.latent.encoder}")
-    calibration = calibrate_index(index_dir, manifest, sample_size, seed, latents, info)
+    calibration = calibrate_with_judges(index_dir, manifest, encoder, sample_size=sample_size, seed=seed, holdout=latents,
+                                        holdout_info=info)
     # Rewrite only the calibration entry of the manifest as found, through a temporary name.
     path = os.path.join(index_dir, MANIFEST)
     with open(path) as f:
         payload = json.load(f)
     payload["calibration"] = calibration
     write_json_atomic(path, payload)
+    previous = manifest.judges_file
+    if previous and previous[0] != calibration["judges"]["file"]:
+        os.remove(os.path.join(index_dir, previous[0]))  # listed by no manifest any more
     return calibration
 
 
@@ -87,7 +96,8 @@ def run(args) -> int:
     held = calibration.get("holdout", {}).get("nn_distance_quantiles", {})
     progress(f"index calibrate: corpus 1-NN median {quantiles.get('0.5', float('nan')):.4g}"
              + (f", held-out 1-NN 1% quantile {held['0.01']:.4g}" if held else "")
-             + f", suggested radius {calibration['suggested_radius']:.4g} -> {os.path.join(args.index_dir, MANIFEST)}")
+             + f", suggested radius {calibration['suggested_radius']:.4g} -> {os.path.join(args.index_dir, MANIFEST)}; "
+             f"judges' calibration -> {os.path.join(args.index_dir, calibration['judges']['file'])}")
     return 0
 
 

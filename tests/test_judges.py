@@ -3,6 +3,7 @@ correction (SpellConfig.min_noise_radii), and the memorizer writing neither nois
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -21,7 +22,9 @@ from spellshield.pipeline.repellency import repel
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
 from spellshield.pipeline.sources import StaticSource
 from spellshield.workers.breach import is_breach
-from spellshield.workers.final_check import check_images, prepare_judges
+from spellshield.indexing.manifest import JUDGES, IndexFormatError, file_sha256, read_manifest, write_listed_json
+from spellshield.indexing.verify import verify_index
+from spellshield.workers.final_check import calibrate_with_judges, check_images, prepare_judges
 
 from .conftest import CIFAR_DIR, needs_shared
 
@@ -144,14 +147,16 @@ def smooth_images(count: int, seed: int = 0, size: int = 32) -> np.ndarray:
     return ((fine.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
-def pixel_index(path: str, images: np.ndarray) -> str:
-    """A real calibrated pixel index over ``images`` (N, S, S, 3) uint8, keys p0, p1, ..."""
+def pixel_index(path: str, images: np.ndarray, judges: bool = True) -> str:
+    """A real calibrated pixel index over ``images`` (N, S, S, 3) uint8, keys p0, p1, ...; with
+    ``judges`` finished as build-index finishes one (the judges' calibration stored), without as
+    an index built before it existed."""
     size = images.shape[1]
     spec = LatentSpec(PIXELS, "pixels", PIXELS, size, (3, size, size), 1.0, 0.0)
     vectors = Encoder(PIXELS).encode(images).reshape(len(images), -1).numpy()
     writer = IndexWriter(str(path), spec, 1000)
     writer.add([f"p{i}" for i in range(len(images))], ["s.tar"] * len(images), ["0"] * len(images), vectors)
-    writer.finish({}, calibrate=lambda staging, m: calibrate_index(staging, m))
+    writer.finish({}, calibrate=calibrate_with_judges if judges else lambda staging, m: calibrate_index(staging, m))
     return str(path)
 
 
@@ -177,6 +182,66 @@ def test_protected_image_under_noise_passes_l2_and_is_caught_by_the_perceptual_j
     assert not check.perceptual_copy[8:].any()
     assert not check.off_manifold[8:].any()  # (the noisy ones are rougher than this very smooth corpus)
     assert all(is_breach(i, p, o) for i, p, o in zip(check.inside[:8], check.perceptual_copy[:8], check.off_manifold[:8]))
+
+
+# -- the judges' calibration, computed once and stored in the index --------------------------------
+def test_judge_calibration_is_stored_in_the_index_and_loaded(tmp_path, capsys):
+    protected = smooth_images(64)
+    stored_dir = pixel_index(tmp_path / "stored", protected)
+    bare_dir = pixel_index(tmp_path / "bare", protected, judges=False)  # an index from before issue 14's part 1
+    encoder = Encoder(PIXELS).init()
+    manifest = read_manifest(stored_dir)
+    name, sha256 = manifest.judges_file
+    assert name == JUDGES.format(sha256[:16]) and file_sha256(os.path.join(stored_dir, name)) == sha256
+    assert read_manifest(bare_dir).judges_file is None
+    capsys.readouterr()
+    stored = prepare_judges(open_index(stored_dir), encoder)
+    assert stored.source == "stored" and capsys.readouterr().err == ""  # loaded: nothing calibrated, nothing said
+    computed = prepare_judges(open_index(bare_dir), encoder)
+    err = capsys.readouterr().err
+    assert computed.source == "computed"
+    assert "has no stored judge calibration" in err and f"`spellshield index calibrate {bare_dir}` stores it" in err
+    # either way the thresholds are the math's on the protected images themselves (all 64 < the sample size)
+    expected = judges.calibrate(protected)
+    quantile = manifest.calibration["nn_distance_quantiles"][judges.DISTANCE_QUANTILE]
+    for j in (stored, computed):
+        assert j.perceptual == expected and j.roughness_limit == judges.roughness_limit(protected)
+        assert j.corpus_nn_quantile == quantile
+    # a calibration made with other judge settings is stale: calibrated afresh, and said
+    with open(os.path.join(stored_dir, name)) as f:
+        payload = json.load(f)
+    payload["settings"]["blur_fraction"] = 0.125
+    with open(os.path.join(stored_dir, "manifest.json")) as f:
+        raw = json.load(f)
+    raw["calibration"]["judges"] = write_listed_json(stored_dir, JUDGES, payload)
+    with open(os.path.join(stored_dir, "manifest.json"), "w") as f:
+        json.dump(raw, f)
+    stale = prepare_judges(open_index(stored_dir), encoder)
+    assert stale.source == "computed" and stale.perceptual == expected
+    assert "was calibrated with other judge settings" in capsys.readouterr().err
+
+
+def test_tampered_judge_calibration_fails_closed(tmp_path):
+    from spellshield.workers.generation import ShieldUnavailable, verify_index_files
+
+    index = pixel_index(tmp_path / "index", smooth_images(32))
+    name, _ = read_manifest(index).judges_file
+    path = os.path.join(index, name)
+    with open(path) as f:
+        payload = json.load(f)
+    payload["perceptual"]["radius"] = 1e-9  # the perceptual judge quietly disabled
+    with open(path, "w") as f:
+        json.dump(payload, f)
+    encoder = Encoder(PIXELS).init()
+    with pytest.raises(IndexFormatError, match=f"{name} does not match its sha256 in the manifest"):
+        prepare_judges(open_index(index), encoder)  # the audit's and the generation worker's loader
+    with pytest.raises(ShieldUnavailable, match="does not match its sha256"):
+        verify_index_files(index)  # what a generation worker checks before it opens the shield
+    with pytest.raises(IndexFormatError, match="does not match its sha256"):
+        verify_index(index, check_corpus=False)
+    os.remove(path)
+    with pytest.raises(IndexFormatError, match=f"{name} cannot be read"):
+        prepare_judges(open_index(index), encoder)
 
 
 # -- the memorizer at reduced size, with the defaults ---------------------------------------------

@@ -8,15 +8,26 @@ the image files. With ``judges`` (``prepare_judges``) it also runs the two judge
 pipeline.judges on the same pixels: off-manifold (far from the corpus, or rough as noise) and
 the perceptual copy judge (low-pass L2 and SSIM against the nearest protected images, taken
 from the exact knn of the L2 check and decoded from the index).
+
+The judges' thresholds are calibrated once per index, on protected images (decoded, for an
+autoencoder space): by build-index's final step and ``spellshield index calibrate``
+(``calibrate_with_judges``), stored as the index's judges-<sha>.json with its sha256 in the manifest,
+and loaded (checked) by every generation worker and audit process (``prepare_judges``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from spellshield.indexing.calibrate import calibrate_index, sample_corpus, sample_ids
+from spellshield.indexing.encoders import Encoder
+from spellshield.indexing.manifest import JUDGES, IndexFormatError, read_listed_json, write_listed_json
 from spellshield.pipeline import judges as judge_math
 
 # The perceptual judge compares each image with this many of its nearest protected latents (the
@@ -24,9 +35,20 @@ from spellshield.pipeline import judges as judge_math
 # (noise adds about the same to every distance), so the original is among them.
 PERCEPTUAL_CANDIDATES = 8
 # Protected images the perceptual thresholds are calibrated on (all of them below this count):
-# drawn with a fixed seed, so the generator and the audit compute the same thresholds. A sample
-# of a larger corpus has larger 1-NN distances than the corpus: the radius errs on the strict side.
+# drawn with a fixed seed (indexing.calibrate.sample_ids), so every process computes the same
+# thresholds. A sample of a larger corpus has larger 1-NN distances than the corpus: the radius
+# errs on the strict side.
 CALIBRATION_SAMPLE = 1000
+JUDGES_FORMAT = 1
+DECODE_BATCH = 256
+
+
+def judge_settings() -> dict:
+    """The constants of pipeline.judges a calibration depends on: a stored calibration made with
+    other ones is stale, and the judges are calibrated afresh instead (and say so)."""
+    return {"format": JUDGES_FORMAT, "blur_fraction": judge_math.BLUR_FRACTION, "ssim_window": judge_math.SSIM_WINDOW,
+            "ssim_quantile": judge_math.SSIM_QUANTILE, "radius_rule": judge_math.RADIUS_RULE,
+            "roughness_factor": judge_math.ROUGHNESS_FACTOR, "roughness_quantile": judge_math.ROUGHNESS_QUANTILE}
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,7 @@ class Judges:
     perceptual: judge_math.PerceptualThresholds
     corpus_nn_quantile: float | None  # the index's corpus 1-NN distance quantile (off-manifold scale)
     roughness_limit: float  # off-manifold above this roughness (from the same corpus sample)
+    source: str = "computed"  # "stored": the index's judges-<sha>.json; "computed": calibrated in this process
 
 
 @dataclass(frozen=True)
@@ -53,24 +76,82 @@ class FinalCheck:
     perceptual_copy: np.ndarray | None = None  # bool (B,)
 
 
+def decode_latents(encoder, vectors, shape) -> np.ndarray:
+    """uint8 (N, H, W, 3) of flat latents (N, D) as the model would write them (the pixel
+    encoder: the images exactly; an autoencoder: decoded), a batch at a time."""
+    vectors = torch.as_tensor(vectors)
+    return np.concatenate([np.asarray(encoder.decode(vectors[i : i + DECODE_BATCH].reshape(-1, *shape)), dtype=np.uint8)
+                           for i in range(0, len(vectors), DECODE_BATCH)])
+
+
 def corpus_images(shield, encoder, ids: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) of indexed latents as the model would write them (the pixel encoder:
-    the images exactly; an autoencoder: decoded)."""
-    shape = tuple(shield.manifest.latent.shape)
-    vectors = shield.vectors(np.asarray(ids, dtype=np.int64))
-    return np.asarray(encoder.decode(vectors.reshape(-1, *shape)), dtype=np.uint8)
+    """uint8 (N, H, W, 3) of indexed latents as the model would write them."""
+    return decode_latents(encoder, shield.vectors(np.asarray(ids, dtype=np.int64)), tuple(shield.manifest.latent.shape))
+
+
+def judge_calibration(vectors, shape, encoder, seed: int) -> dict:
+    """The judges' thresholds from sampled corpus latents (N, D): the content of the index's judges file."""
+    images = decode_latents(encoder, vectors, tuple(shape))
+    thresholds = judge_math.calibrate(images)
+    return {"settings": judge_settings(), "seed": seed, "sample_size": len(images),
+            "perceptual": {"radius": thresholds.radius, "ssim_threshold": thresholds.ssim_threshold,
+                           "sample_size": thresholds.sample_size, "rule": thresholds.rule},
+            "roughness_limit": judge_math.roughness_limit(images)}
+
+
+def store_judges(index_dir: str, manifest, encoder, sample_size: int = CALIBRATION_SAMPLE, seed: int = 0) -> dict:
+    """Calibrate the judges on the index in ``index_dir`` (its shards read one at a time) and write
+    judges-<sha>.json there; returns the manifest entry {file, sha256} for ``calibration["judges"]``."""
+    _, vectors = sample_corpus(index_dir, manifest, sample_size, seed)
+    return write_listed_json(index_dir, JUDGES, judge_calibration(vectors, manifest.latent.shape, encoder, seed))
+
+
+def calibrate_with_judges(index_dir: str, manifest, encoder=None, **options) -> dict:
+    """The manifest's calibration (indexing.calibrate.calibrate_index, ``options``) with the
+    judges' calibration stored beside it (a new file: the caller's manifest rewrite makes it the
+    one listed): build-index's final step and ``index calibrate``."""
+    calibration = calibrate_index(index_dir, manifest, **options)
+    if encoder is None:
+        encoder = Encoder(manifest.latent.encoder, device="cuda" if torch.cuda.is_available() else "cpu").init()
+    calibration["judges"] = store_judges(index_dir, manifest, encoder, seed=options.get("seed", 0))
+    return calibration
+
+
+def _judges(payload: dict, manifest, source: str) -> Judges:
+    quantiles = (manifest.calibration or {}).get("nn_distance_quantiles") or {}
+    scale = quantiles.get(judge_math.DISTANCE_QUANTILE)
+    perceptual = payload["perceptual"]
+    return Judges(perceptual=judge_math.PerceptualThresholds(
+                      radius=float(perceptual["radius"]), ssim_threshold=float(perceptual["ssim_threshold"]),
+                      sample_size=int(perceptual["sample_size"]), rule=perceptual["rule"]),
+                  corpus_nn_quantile=float(scale) if scale else None,
+                  roughness_limit=float(payload["roughness_limit"]), source=source)
 
 
 def prepare_judges(shield, encoder, sample_size: int = CALIBRATION_SAMPLE, seed: int = 0) -> Judges:
-    """Calibrate the perceptual judge on protected images and read the off-manifold scale."""
-    count = int(shield.manifest.count)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(count, size=min(sample_size, count), replace=False)).astype(np.int64)
-    images = np.concatenate([corpus_images(shield, encoder, ids[i : i + 256]) for i in range(0, len(ids), 256)])
-    quantiles = (shield.manifest.calibration or {}).get("nn_distance_quantiles") or {}
-    scale = quantiles.get(judge_math.DISTANCE_QUANTILE)
-    return Judges(perceptual=judge_math.calibrate(images), corpus_nn_quantile=float(scale) if scale else None,
-                  roughness_limit=judge_math.roughness_limit(images))
+    """The judges of ``shield``'s index: its stored calibration (judges-<sha>.json, checked against the
+    manifest's sha256: missing or changed fails closed with IndexFormatError), or, for an index
+    without one (built before it existed) or with a stale one, calibrated here on protected
+    images, saying so on stderr."""
+    manifest = shield.manifest
+    if manifest.judges_file:
+        name, sha256 = manifest.judges_file
+        payload = read_listed_json(shield.index_dir, name, sha256)
+        if payload.get("settings") == judge_settings():
+            try:
+                return _judges(payload, manifest, "stored")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise IndexFormatError(f"{shield.index_dir}/{name} is not a judge calibration: {exc!r}") from None
+        why = f"its {name} was calibrated with other judge settings"
+    else:
+        why = "it has no stored judge calibration"
+    started = time.time()
+    ids = sample_ids(int(manifest.count), sample_size, seed)
+    judges = _judges(judge_calibration(shield.vectors(ids), manifest.latent.shape, encoder, seed), manifest, "computed")
+    print(f"spellshield: index {shield.index_dir}: {why}; calibrated the judges here on {len(ids)} protected images "
+          f"({time.time() - started:.1f} s, in every generation worker and audit process); "
+          f"`spellshield index calibrate {shield.index_dir}` stores it once", file=sys.stderr, flush=True)
+    return judges
 
 
 def check_images(images_uint8: np.ndarray, encoder, shield, radius: float | None = None,
