@@ -185,8 +185,7 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     """Every stranded output of a run (not within 0.1 r of an unprotected image: not one of the
     memorizer's own outputs) beside its nearest protected image, as one PNG under
     benchmarks/stranded/; returns the count and the file."""
-    from PIL import Image
-
+    from spellshield.auditing.report import save_pair_grid
     from spellshield.indexing.encoders import Encoder
     from spellshield.indexing.search import open_index
     from spellshield.workers.final_check import corpus_images
@@ -204,19 +203,11 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     for sample in frame["sample"]:
         tar, member = samples.loc[sample, "image"].split("#")
         outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar))[0])[member])
-    size = nearest.shape[1]
-    pad = 2
-    rows = (len(frame) + per_row - 1) // per_row
-    canvas = np.full((rows * (size + pad), min(per_row, len(frame)) * (2 * size + 3 * pad), 3), 255, np.uint8)
-    for i, (out_img, near) in enumerate(zip(outputs, nearest)):
-        y, x = (i // per_row) * (size + pad), (i % per_row) * (2 * size + 3 * pad)
-        canvas[y : y + size, x : x + size] = out_img
-        canvas[y : y + size, x + size + pad : x + 2 * size + pad] = near
     folder = os.path.join(HERE, "stranded")
     os.makedirs(folder, exist_ok=True)
     space = "pixels" if setup["encoder"] == "pixels" else os.path.basename(os.path.normpath(setup["encoder"]))
     path = os.path.join(folder, f"{space}-shard{setup.get('shard', 0)}-{name}.png")
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+    save_pair_grid(np.stack(outputs), nearest, path, per_row=per_row)
     result["png"] = os.path.relpath(path, HERE)
     return result
 

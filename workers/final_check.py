@@ -70,7 +70,8 @@ class FinalCheck:
     # pipeline.judges, when check_images was given judges (else None):
     off_manifold: np.ndarray | None = None  # bool (B,)
     roughness: np.ndarray | None = None  # float64 (B,)
-    perceptual_keys: list[str] | None = None  # corpus key of the closest protected image, low-pass space
+    perceptual_ids: np.ndarray | None = None  # int64 (B,): the closest protected latent in the low-pass space
+    perceptual_keys: list[str] | None = None  # its corpus key
     perceptual_distances: np.ndarray | None = None  # float64 (B,): low-pass L2 to it
     perceptual_ssim: np.ndarray | None = None  # float64 (B,): best SSIM over the candidates
     perceptual_copy: np.ndarray | None = None  # bool (B,)
@@ -181,6 +182,6 @@ def check_images(images_uint8: np.ndarray, encoder, shield, radius: float | None
     closest = cand_ids[np.arange(len(found)), verdict.index]
     return dataclasses.replace(
         check, off_manifold=judge_math.off_manifold(images_uint8, distances, judges.corpus_nn_quantile, judges.roughness_limit),
-        roughness=judge_math.roughness(images_uint8), perceptual_keys=shield.keys(closest),
+        roughness=judge_math.roughness(images_uint8), perceptual_ids=closest.astype(np.int64), perceptual_keys=shield.keys(closest),
         perceptual_distances=verdict.distance, perceptual_ssim=verdict.ssim, perceptual_copy=verdict.copy,
     )
