@@ -365,6 +365,39 @@ def plot(results: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
+def judge_cells(results: dict) -> list[str]:
+    """The lam x M grid at the default gate, one cell per configuration: the shares of L2 copies,
+    perceptual copies and off-manifold outputs, SPELL alone -> written, and the stranded grid."""
+    default_gate = SpellConfig().min_noise_radii
+    cells = {(r["overcompensation"], r["correction_iterations"]): r for r in results["configs"]
+             if r["overcompensation"] is not None and r.get("min_noise_radii", default_gate) == default_gate
+             and "off_manifold_before_check" in r}
+    if not cells:
+        return []
+    lams = sorted({lam for lam, _ in cells})
+    ms = sorted({m for _, m in cells})
+    default = SpellConfig()
+    lines = ["Each cell: L2 copies / perceptual copies / off-manifold outputs, SPELL alone -> written (`--on-breach "
+             "resample`), and the stranded outputs (not within 0.1 r of an unprotected image) in the linked grid, each "
+             f"beside its nearest protected image. Defaults: lam {default.overcompensation:g}, M "
+             f"{default.correction_iterations}.", "",
+             "| lam | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+
+    def cell(r):
+        if r is None:
+            return "-"
+        grid = r["stranded"]
+        link = f"[{grid['count']} stranded]({grid['png']})" if grid.get("png") else f"{grid['count']} stranded"
+        return (f"{r['inside_protected_before_check']:.1%} / {r['perceptual_copies_before_check']:.1%} / "
+                f"{r['off_manifold_before_check']:.1%} -> {r['written_inside_protected']:.1%} / "
+                f"{r['written_perceptual_copies']:.1%} / {r['written_off_manifold']:.1%}; {link}")
+
+    for lam in lams:
+        bold = "**" if lam == default.overcompensation else ""
+        lines.append(f"| {bold}{lam:g}{bold} | " + " | ".join(cell(cells.get((lam, m))) for m in ms) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     s = results["setup"]
     lines = [
@@ -392,6 +425,9 @@ def markdown(results: dict) -> str:
             f"| {r['resampled_attempts']} / {r['dropped']} | {r['seconds_per_image_spell_alone']:.3f}, "
             f"{r['seconds_per_written_image']:.3f} |"
         )
+    cells = judge_cells(results)
+    if cells:
+        lines += ["", "The three judges on the lam x M grid (pipeline.judges, recomputed from the PNGs):", "", *cells]
     lines += ["", "Noise and perceptual copies (pipeline.judges, recomputed from the PNGs): off-manifold outputs, "
               "perceptual copies of a protected image (low-pass L2 or SSIM), and the stranded outputs (not within "
               "0.1 r of an unprotected image), each beside its nearest protected image in the linked grid. "
