@@ -156,7 +156,7 @@ def rate_text(summary: dict) -> str:
 def judge_rate_text(rate: dict | None) -> str:
     """'6.3% (95% CI 1.1% to 28.3%): 1 of 16 images' of a second judge's rate (auditing.stats.rate)."""
     if not rate:
-        return "not measured"
+        return "not measured"  # (a descriptor judge: only where the index has one)
     low, high = rate["near_duplicate_rate_ci95"]
     return (f"{pct(rate['near_duplicate_rate'])} (95% CI {pct(low)} to {pct(high)}): "
             f"{rate['near_duplicates']} of {rate['num_samples']} images")
@@ -169,6 +169,9 @@ JUDGES = (  # (summary key, name, what it catches, what it misses): README "Judg
      "copies altered at low frequencies (recoloured, shifted, cropped, mirrored)"),
     ("off_manifold", "Off-manifold", "far beyond the corpus's own 1-NN distances, or rough as noise",
      "a smooth image that is simply new (as it should)"),
+    ("descriptor_copy", "Descriptor copy (optional)", "cosine similarity of a copy-detection model's descriptors with every "
+     "protected image's: the alterations it was trained on", "what its training did not cover; not measured unless "
+     "`index calibrate --descriptor` gave the index one"),
 )
 
 

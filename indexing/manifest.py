@@ -6,6 +6,8 @@
     rejects.parquet               every corpus sample not indexed, with its reason
     judges-<sha256[:16]>.json     the judges' calibration (workers.final_check), listed with its
                                   sha256 in ``calibration["judges"]`` and checked on every read
+    descriptors-<sha256[:16]>.npy with a descriptor judge: every protected image's descriptor,
+                                  listed in ``calibration["judges"]["files"]``
 """
 
 from __future__ import annotations
@@ -92,8 +94,11 @@ class Manifest:
 
     @property
     def listed_files(self) -> dict[str, str]:
-        """{file: sha256} of the files beside the shards that the manifest lists."""
-        return dict([self.judges_file]) if self.judges_file else {}
+        """{file: sha256} of the files beside the shards that the manifest lists: the judges'
+        calibration and the files it uses (a descriptor judge's protected descriptors)."""
+        if not self.judges_file:
+            return {}
+        return {**dict([self.judges_file]), **(self.calibration["judges"].get("files") or {})}
 
 
 def file_sha256(path: str) -> str:
@@ -136,11 +141,10 @@ def manifest_hash(index_dir: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def write_listed_json(index_dir: str, pattern: str, payload: dict) -> dict:
-    """Write ``payload`` as ``index_dir/<pattern with the first 16 hex digits of its sha256>``
+def write_listed_bytes(index_dir: str, pattern: str, data: bytes) -> dict:
+    """Write ``data`` as ``index_dir/<pattern with the first 16 hex digits of its sha256>``
     (atomically); returns its manifest entry {file, sha256}. Named by content, so that a manifest
     not yet rewritten still finds the file it lists (an interrupted ``index calibrate``)."""
-    data = (json.dumps(payload, indent=2) + "\n").encode()
     digest = hashlib.sha256(data).hexdigest()
     name = pattern.format(digest[:16])
     tmp = os.path.join(index_dir, f"{name}.tmp-{os.getpid()}")
@@ -152,8 +156,12 @@ def write_listed_json(index_dir: str, pattern: str, payload: dict) -> dict:
     return {"file": name, "sha256": digest}
 
 
-def read_listed_json(index_dir: str, name: str, sha256: str) -> dict:
-    """A JSON file the manifest lists, read (local or s3://, gs://) and checked against its sha256:
+def write_listed_json(index_dir: str, pattern: str, payload: dict) -> dict:
+    return write_listed_bytes(index_dir, pattern, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def read_listed_bytes(index_dir: str, name: str, sha256: str) -> bytes:
+    """A file the manifest lists, read (local or s3://, gs://) and checked against its sha256:
     missing or changed fails closed with an IndexFormatError, as a changed shard does."""
     where = f"{index_dir.rstrip('/')}/{name}"
     try:
@@ -168,10 +176,15 @@ def read_listed_json(index_dir: str, name: str, sha256: str) -> dict:
         raise IndexFormatError(f"index file {where} cannot be read ({exc}): refusing to use the index") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise IndexFormatError(f"index file {where} does not match its sha256 in the manifest (corrupted or replaced)")
+    return data
+
+
+def read_listed_json(index_dir: str, name: str, sha256: str) -> dict:
+    data = read_listed_bytes(index_dir, name, sha256)
     try:
         return json.loads(data)
     except json.JSONDecodeError as exc:
-        raise IndexFormatError(f"index file {where} is not valid JSON: {exc}") from None
+        raise IndexFormatError(f"index file {index_dir.rstrip('/')}/{name} is not valid JSON: {exc}") from None
 
 
 def write_json_atomic(path: str, payload: dict) -> None:

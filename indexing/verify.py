@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .calibrate import calibrate_index
-from .manifest import REJECTS, IndexFormatError, file_sha256, manifest_hash, read_listed_json, read_manifest
+from .manifest import (REJECTS, IndexFormatError, file_sha256, manifest_hash, read_listed_bytes, read_listed_json,
+                       read_manifest)
 from .writer import DTYPES
 
 
@@ -66,8 +67,11 @@ def verify_index(index_dir: str, check_corpus: bool = True) -> dict:
     if radius is not None and not radius > 0:
         raise IndexFormatError(f"manifest suggested_radius {radius!r} is not > 0")
     verify_calibration(index_dir, manifest)
-    for name, sha256 in manifest.listed_files.items():  # the judges' calibration: present, unchanged, JSON
-        read_listed_json(index_dir, name, sha256)
+    for name, sha256 in manifest.listed_files.items():  # the judges' calibration and its files: present, unchanged
+        if name.endswith(".json"):
+            read_listed_json(index_dir, name, sha256)
+        else:
+            read_listed_bytes(index_dir, name, sha256)
     checked, absent = verify_corpus(manifest) if check_corpus else (0, 0)
     return {"count": manifest.count, "shards": len(manifest.shards), "rejects": manifest.rejects, "dtype": manifest.dtype,
             "manifest_sha256": manifest_hash(index_dir), "corpus_checked": checked, "corpus_absent": absent}
@@ -133,7 +137,7 @@ def verify_checksums(index_dir: str, manifest, shards=None) -> None:
                 raise IndexFormatError(f"index file {path} does not match its sha256 in the manifest (corrupted or replaced)")
     if shards is None:  # and the files listed beside the shards (the judges' calibration)
         for name, sha256 in manifest.listed_files.items():
-            read_listed_json(index_dir, name, sha256)
+            read_listed_bytes(index_dir, name, sha256)
 
 
 def _verify_shard(index_dir: str, manifest, shard) -> None:

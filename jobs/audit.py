@@ -234,14 +234,17 @@ def _flagged(run_dir: str, checked: pd.DataFrame, index: str, audit_dir: str, li
     if os.path.exists(grid):
         os.remove(grid)  # a stale grid of an earlier audit must not stand in
     copy, off = checked["audit_perceptual_copy"].astype(bool), checked["audit_off_manifold"].astype(bool)
+    described = checked["audit_descriptor_copy"].fillna(False).astype(bool)
     frame = pd.concat([checked[copy].sort_values("audit_perceptual_distance"),
-                       checked[off & ~copy].sort_values("audit_nearest_distance", ascending=False)])
+                       checked[described & ~copy].sort_values("audit_descriptor_similarity", ascending=False),
+                       checked[off & ~copy & ~described].sort_values("audit_nearest_distance", ascending=False)])
     shown = frame.head(limit)
     result = {"total": int(len(frame)), "grid": None, "images": []}
     if not len(shown):
         return result
-    protected = [int(p if c else n) for p, n, c in zip(shown["audit_perceptual_id"], shown["audit_nearest_id"],
-                                                     shown["audit_perceptual_copy"])]
+    protected = [int(p if c else (d if dc else n)) for p, d, n, c, dc in zip(
+        shown["audit_perceptual_id"], shown["audit_descriptor_id"], shown["audit_nearest_id"], shown["audit_perceptual_copy"],
+        shown["audit_descriptor_copy"].fillna(False).astype(bool))]
     shield = open_index(index)
     keys = shield.keys(protected)
     nearest = corpus_images(shield, Encoder(shield.manifest.latent.encoder).init(), protected)
@@ -252,10 +255,12 @@ def _flagged(run_dir: str, checked: pd.DataFrame, index: str, audit_dir: str, li
     save_pair_grid(np.stack(outputs), nearest, grid)
     result["grid"] = FLAGGED_GRID
     result["images"] = [
-        {"image": ref, "judge": ", ".join(j for j, on in (("perceptual copy", c), ("off-manifold", o)) if on),
+        {"image": ref, "judge": ", ".join(j for j, on in (("perceptual copy", c), ("descriptor copy", dc), ("off-manifold", o))
+                                          if on),
          "protected_key": key, "perceptual_distance": float(d), "perceptual_ssim": float(q)}
-        for ref, c, o, key, d, q in zip(shown["image"], shown["audit_perceptual_copy"], shown["audit_off_manifold"], keys,
-                                        shown["audit_perceptual_distance"], shown["audit_perceptual_ssim"])]
+        for ref, c, dc, o, key, d, q in zip(shown["image"], shown["audit_perceptual_copy"],
+                                            shown["audit_descriptor_copy"].fillna(False).astype(bool), shown["audit_off_manifold"],
+                                            keys, shown["audit_perceptual_distance"], shown["audit_perceptual_ssim"])]
     return result
 
 

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--sample-size", type=int, default=2000, help="corpus latents whose 1-NN is measured (default 2000)")
     cal.add_argument("--seed", type=int, default=0, help="seed of the corpus sample (default 0)")
     cal.add_argument("--batch-size", type=int, default=64, help="images per encoder batch for the held-out sample")
+    cal.add_argument("--descriptor", default=None, metavar="MODULE.pt",
+                     help="a TorchScript copy-detection model (images (B, 3, H, W) in [0, 1] -> descriptors (B, d)), e.g. "
+                          "SSCD: adds the descriptor judge, its threshold calibrated on the protected images (default: none; "
+                          "a calibration without it drops it)")
     cal.add_argument("--device", default=None, help="encoder device for the held-out sample and the judges' decoding (default: cuda if available)")
     text = "check checksums, counts, id uniqueness and contiguity, and manifest consistency; exit 2 naming the first problem"
     ver = sub.add_parser("verify", help=text, description=text)
@@ -49,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 1000, sample_size: int = 2000,
-              seed: int = 0, batch_size: int = 64, device: str | None = None) -> dict:
+              seed: int = 0, batch_size: int = 64, device: str | None = None, descriptor: str | None = None) -> dict:
     """Python API: recompute the calibration and write it into the manifest; returns it."""
     for name, value in (("--holdout-size", holdout_size), ("--sample-size", sample_size), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
+    if descriptor is not None and not os.path.isfile(descriptor):
+        raise UsageError(f"--descriptor {descriptor} does not exist")
     manifest = read_manifest(index_dir)
     latents, info = None, None
     import torch
@@ -65,17 +71,18 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
         if len(latents) == 0:
             raise UsageError(f"--holdout {holdout} has no decodable image ({info['rejects']} rejected)")
         progress(f"index calibrate: {len(latents)} held-out images encoded with {manifest.latent.encoder}")
-    calibration = calibrate_with_judges(index_dir, manifest, encoder, sample_size=sample_size, seed=seed, holdout=latents,
-                                        holdout_info=info)
+    calibration = calibrate_with_judges(index_dir, manifest, encoder, descriptor, sample_size=sample_size, seed=seed,
+                                        holdout=latents, holdout_info=info)
     # Rewrite only the calibration entry of the manifest as found, through a temporary name.
     path = os.path.join(index_dir, MANIFEST)
     with open(path) as f:
         payload = json.load(f)
     payload["calibration"] = calibration
     write_json_atomic(path, payload)
-    previous = manifest.judges_file
-    if previous and previous[0] != calibration["judges"]["file"]:
-        os.remove(os.path.join(index_dir, previous[0]))  # listed by no manifest any more
+    listed = read_manifest(index_dir).listed_files
+    for name in manifest.listed_files:
+        if name not in listed:
+            os.remove(os.path.join(index_dir, name))  # listed by no manifest any more
     return calibration
 
 
@@ -91,7 +98,7 @@ def run(args) -> int:
                  f"manifest sha256 {summary['manifest_sha256']} (pin it with generate --index-sha256)")
         return 0
     calibration = calibrate(args.index_dir, args.holdout, args.holdout_size, args.sample_size, args.seed,
-                            args.batch_size, args.device)
+                            args.batch_size, args.device, args.descriptor)
     quantiles = calibration["nn_distance_quantiles"]
     held = calibration.get("holdout", {}).get("nn_distance_quantiles", {})
     progress(f"index calibrate: corpus 1-NN median {quantiles.get('0.5', float('nan')):.4g}"

@@ -244,6 +244,56 @@ def test_tampered_judge_calibration_fails_closed(tmp_path):
         prepare_judges(open_index(index), encoder)
 
 
+# -- a pluggable copy-detection descriptor ------------------------------------------------------------
+class MirrorDescriptor(torch.nn.Module):
+    """A tiny stand-in for SSCD: 4x4 mean colours, summed with their mirror image (so a mirrored
+    copy has exactly its original's descriptor), centred."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+        both = pooled + torch.flip(pooled, dims=[3])
+        return (both - both.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)
+
+
+def test_descriptor_judge_catches_a_mirrored_copy_and_fails_closed_on_another_module(tmp_path, capsys):
+    from spellshield.jobs.cli import main
+
+    protected = smooth_images(64)
+    index = pixel_index(tmp_path / "index", protected)
+    module = str(tmp_path / "mirror.pt")
+    torch.jit.script(MirrorDescriptor()).save(module)
+    assert main(["index", "calibrate", index, "--descriptor", module]) == 0
+    manifest = read_manifest(index)
+    files = manifest.calibration["judges"]["files"]
+    assert len(files) == 1 and set(files) <= set(manifest.listed_files) and verify_index(index, check_corpus=False)
+    shield = open_index(index)
+    encoder = Encoder(PIXELS).init()
+    setup = prepare_judges(shield, encoder)
+    # the threshold by its rule, brute force: 0.99 quantile of each protected image's best other similarity
+    with torch.no_grad():
+        mine = MirrorDescriptor()(torch.from_numpy(protected).permute(0, 3, 1, 2).float() / 255).numpy()
+    mine /= np.linalg.norm(mine, axis=1, keepdims=True)
+    sims = mine @ mine.T
+    np.fill_diagonal(sims, -np.inf)
+    assert setup.descriptor.threshold == pytest.approx(np.quantile(sims.max(axis=1), 0.99), abs=1e-5)
+    mirrored = np.ascontiguousarray(protected[:8, :, ::-1])
+    new = smooth_images(8, seed=99)
+    check = check_images(np.concatenate([mirrored, new]), encoder, shield, shield.manifest.suggested_radius, setup)
+    assert not check.inside[:8].any()  # a mirrored copy is far in L2
+    assert check.descriptor_copy[:8].all() and check.descriptor_keys[:8] == [f"p{i}" for i in range(8)]
+    assert check.copy_judged[:8].all()  # a breach for the final check (generation: perceptual_copy)
+    assert not check.descriptor_copy[8:].any() and not check.copy_judged[8:].any()
+    # the module changed after calibration: refuse to judge with it
+    with open(module, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IndexFormatError, match="is not the one the index's judges were calibrated with"):
+        prepare_judges(open_index(index), encoder)
+    # recalibrating without --descriptor drops the judge and its descriptors file
+    assert main(["index", "calibrate", index]) == 0
+    assert prepare_judges(open_index(index), encoder).descriptor is None
+    assert not [f for f in os.listdir(index) if f.startswith("descriptors-")]
+
+
 # -- the memorizer at reduced size, with the defaults ---------------------------------------------
 def memorizer_setup(tmp_path, count: int, protected: int):
     from spellshield.jobs.memorizer import save_memorizer

@@ -18,6 +18,8 @@ and loaded (checked) by every generation worker and audit process (``prepare_jud
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ import torch
 
 from spellshield.indexing.calibrate import calibrate_index, sample_corpus, sample_ids
 from spellshield.indexing.encoders import Encoder
-from spellshield.indexing.manifest import JUDGES, IndexFormatError, read_listed_json, write_listed_json
+from spellshield.indexing.manifest import (JUDGES, IndexFormatError, file_sha256, read_listed_bytes, read_listed_json,
+                                           write_listed_bytes, write_listed_json)
 from spellshield.pipeline import judges as judge_math
 
 # The perceptual judge compares each image with this many of its nearest protected latents (the
@@ -41,6 +44,7 @@ PERCEPTUAL_CANDIDATES = 8
 CALIBRATION_SAMPLE = 1000
 JUDGES_FORMAT = 1
 DECODE_BATCH = 256
+DESCRIPTORS = "descriptors-{}.npy"  # a descriptor judge's protected descriptors, named by content
 
 
 def judge_settings() -> dict:
@@ -52,6 +56,17 @@ def judge_settings() -> dict:
 
 
 @dataclass(frozen=True)
+class DescriptorJudge:
+    """A copy-detection model the user brings (TorchScript: (B, 3, H, W) float in [0, 1] -> (B, d)),
+    every protected image's unit descriptor by index id, and the threshold (pipeline.judges)."""
+
+    module: object
+    protected: np.ndarray  # float32 (N, d)
+    threshold: float
+    path: str
+
+
+@dataclass(frozen=True)
 class Judges:
     """What the final check judges besides the L2 ball (pipeline.judges), calibrated once."""
 
@@ -59,6 +74,7 @@ class Judges:
     corpus_nn_quantile: float | None  # the index's corpus 1-NN distance quantile (off-manifold scale)
     roughness_limit: float  # off-manifold above this roughness (from the same corpus sample)
     source: str = "computed"  # "stored": the index's judges-<sha>.json; "computed": calibrated in this process
+    descriptor: DescriptorJudge | None = None  # only from a stored calibration made with --descriptor
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,19 @@ class FinalCheck:
     perceptual_keys: list[str] | None = None  # its corpus key
     perceptual_distances: np.ndarray | None = None  # float64 (B,): low-pass L2 to it
     perceptual_ssim: np.ndarray | None = None  # float64 (B,): best SSIM over the candidates
-    perceptual_copy: np.ndarray | None = None  # bool (B,)
+    perceptual_copy: np.ndarray | None = None  # bool (B,): the low-pass judge's call
+    # the descriptor judge, when the index's judges have one (else None); a breach like perceptual_copy:
+    descriptor_ids: np.ndarray | None = None  # int64 (B,): the most similar protected image
+    descriptor_keys: list[str] | None = None
+    descriptor_similarity: np.ndarray | None = None  # float64 (B,): cosine similarity with it
+    descriptor_copy: np.ndarray | None = None  # bool (B,)
+
+    @property
+    def copy_judged(self) -> np.ndarray | None:
+        """A copy by the perceptual judge or the descriptor judge: what the breach policy counts."""
+        if self.perceptual_copy is None:
+            return None
+        return self.perceptual_copy | self.descriptor_copy if self.descriptor_copy is not None else self.perceptual_copy
 
 
 def decode_latents(encoder, vectors, shape) -> np.ndarray:
@@ -100,22 +128,72 @@ def judge_calibration(vectors, shape, encoder, seed: int) -> dict:
             "roughness_limit": judge_math.roughness_limit(images)}
 
 
-def store_judges(index_dir: str, manifest, encoder, sample_size: int = CALIBRATION_SAMPLE, seed: int = 0) -> dict:
+def load_descriptor(path: str, sha256: str | None = None):
+    """The TorchScript copy-detection module at ``path``; with ``sha256`` (the one the index was
+    calibrated with) a changed or missing file fails closed with IndexFormatError."""
+    if not os.path.isfile(path):
+        raise IndexFormatError(f"descriptor module {path} does not exist")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise IndexFormatError(f"descriptor module {path} is not the one the index's judges were calibrated with "
+                               "(sha256 differs): refusing to judge with it; run `spellshield index calibrate` again")
+    try:
+        return torch.jit.load(path, map_location="cpu").eval()
+    except (RuntimeError, ValueError) as exc:
+        raise IndexFormatError(f"descriptor module {path} is not a TorchScript module: {str(exc).splitlines()[0]}") from None
+
+
+def describe(module, images_uint8: np.ndarray) -> np.ndarray:
+    """Unit descriptors (B, d) float32 of uint8 images (B, H, W, 3), the module fed [0, 1] floats."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    with torch.no_grad():
+        out = module(x)
+    return judge_math.unit_rows(out.reshape(len(x), -1).cpu().numpy())
+
+
+def store_judges(index_dir: str, manifest, encoder, sample_size: int = CALIBRATION_SAMPLE, seed: int = 0,
+                 descriptor: str | None = None) -> dict:
     """Calibrate the judges on the index in ``index_dir`` (its shards read one at a time) and write
-    judges-<sha>.json there; returns the manifest entry {file, sha256} for ``calibration["judges"]``."""
+    judges-<sha>.json there; returns the manifest entry {file, sha256} for ``calibration["judges"]``.
+    With ``descriptor`` (a TorchScript file) also the descriptor of every protected image
+    (descriptors-<sha>.npy, in the entry's ``files``) and the descriptor judge's threshold."""
     _, vectors = sample_corpus(index_dir, manifest, sample_size, seed)
-    return write_listed_json(index_dir, JUDGES, judge_calibration(vectors, manifest.latent.shape, encoder, seed))
+    payload = judge_calibration(vectors, manifest.latent.shape, encoder, seed)
+    files = {}
+    if descriptor:
+        module = load_descriptor(descriptor)
+        ids, everything = sample_corpus(index_dir, manifest, int(manifest.count), seed)  # all of them, in id order
+        protected = np.concatenate([describe(module, decode_latents(encoder, everything[i : i + DECODE_BATCH], manifest.latent.shape))
+                                    for i in range(0, len(everything), DECODE_BATCH)])
+        buffer = io.BytesIO()
+        np.save(buffer, protected)
+        stored = write_listed_bytes(index_dir, DESCRIPTORS, buffer.getvalue())
+        files[stored["file"]] = stored["sha256"]
+        payload["descriptor"] = {"module": os.path.abspath(descriptor), "module_sha256": file_sha256(descriptor),
+                                 "descriptors": stored["file"], "count": len(protected), "dim": int(protected.shape[1]),
+                                 "threshold": judge_math.descriptor_threshold(protected),
+                                 "quantile": judge_math.DESCRIPTOR_QUANTILE}
+    entry = write_listed_json(index_dir, JUDGES, payload)
+    return {**entry, "files": files} if files else entry
 
 
-def calibrate_with_judges(index_dir: str, manifest, encoder=None, **options) -> dict:
+def calibrate_with_judges(index_dir: str, manifest, encoder=None, descriptor: str | None = None, **options) -> dict:
     """The manifest's calibration (indexing.calibrate.calibrate_index, ``options``) with the
     judges' calibration stored beside it (a new file: the caller's manifest rewrite makes it the
     one listed): build-index's final step and ``index calibrate``."""
     calibration = calibrate_index(index_dir, manifest, **options)
     if encoder is None:
         encoder = Encoder(manifest.latent.encoder, device="cuda" if torch.cuda.is_available() else "cpu").init()
-    calibration["judges"] = store_judges(index_dir, manifest, encoder, seed=options.get("seed", 0))
+    calibration["judges"] = store_judges(index_dir, manifest, encoder, seed=options.get("seed", 0), descriptor=descriptor)
     return calibration
+
+
+def _descriptor_judge(index_dir: str, manifest, stored: dict) -> DescriptorJudge:
+    files = manifest.calibration["judges"].get("files") or {}
+    if stored["descriptors"] not in files:
+        raise IndexFormatError(f"the manifest of {index_dir} does not list {stored['descriptors']}")
+    protected = np.load(io.BytesIO(read_listed_bytes(index_dir, stored["descriptors"], files[stored["descriptors"]])))
+    return DescriptorJudge(module=load_descriptor(stored["module"], stored["module_sha256"]), protected=protected,
+                           threshold=float(stored["threshold"]), path=stored["module"])
 
 
 def _judges(payload: dict, manifest, source: str) -> Judges:
@@ -140,7 +218,13 @@ def prepare_judges(shield, encoder, sample_size: int = CALIBRATION_SAMPLE, seed:
         payload = read_listed_json(shield.index_dir, name, sha256)
         if payload.get("settings") == judge_settings():
             try:
-                return _judges(payload, manifest, "stored")
+                judges = _judges(payload, manifest, "stored")
+                if payload.get("descriptor"):
+                    judges = dataclasses.replace(judges, descriptor=_descriptor_judge(shield.index_dir, manifest,
+                                                                                      payload["descriptor"]))
+                return judges
+            except IndexFormatError:
+                raise
             except (KeyError, TypeError, ValueError) as exc:
                 raise IndexFormatError(f"{shield.index_dir}/{name} is not a judge calibration: {exc!r}") from None
         why = f"its {name} was calibrated with other judge settings"
@@ -180,6 +264,12 @@ def check_images(images_uint8: np.ndarray, encoder, shield, radius: float | None
     candidates = corpus_images(shield, encoder, cand_ids.reshape(-1)).reshape(len(found), k, *images_uint8.shape[1:])
     verdict = judge_math.judge(images_uint8, candidates, judges.perceptual)
     closest = cand_ids[np.arange(len(found)), verdict.index]
+    if judges.descriptor is not None:  # against every protected image: its copies need not be L2 neighbours
+        similarity = describe(judges.descriptor.module, images_uint8) @ judges.descriptor.protected.T
+        best = similarity.argmax(axis=1).astype(np.int64)
+        score = similarity[np.arange(len(best)), best].astype(np.float64)
+        check = dataclasses.replace(check, descriptor_ids=best, descriptor_keys=shield.keys(best), descriptor_similarity=score,
+                                    descriptor_copy=score > judges.descriptor.threshold)
     return dataclasses.replace(
         check, off_manifold=judge_math.off_manifold(images_uint8, distances, judges.corpus_nn_quantile, judges.roughness_limit),
         roughness=judge_math.roughness(images_uint8), perceptual_ids=closest.astype(np.int64), perceptual_keys=shield.keys(closest),
