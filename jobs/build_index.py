@@ -288,7 +288,7 @@ def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build
     writer = IndexWriter(local_out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
     try:
         assemble_parts(parts_dir, parts, writer)
-        manifest = writer.finish(build_info, calibrate=calibrate_with_judges)  # 1-NN quantiles and judges.json
+        manifest = writer.finish(build_info, calibrate=calibrate_with_judges)  # 1-NN quantiles, the judges' file
         if remote_partial:
             storage.put_tree(local_out, out, last=MANIFEST)
     except CorpusError:
