@@ -366,3 +366,19 @@ def test_allow_off_manifold_option_reaches_the_worker(tmp_path):
     for extra, expected in (([], False), (["--allow-off-manifold"], True)):
         config = validate(config_from_args(parser.parse_args(["--model", model, "--out", str(tmp_path / "run"), *extra])))
         assert config.breach.allow_off_manifold is expected  # the very object the workers get
+
+
+def test_audit_reports_the_descriptor_judge_only_where_the_index_has_one():
+    from spellshield.auditing.report import judge_rate_text, judges_html
+    from spellshield.auditing.stats import perceptual_summary, wilson_interval
+
+    rows = pd.DataFrame({"audit_perceptual_copy": [True, False, False, False], "audit_off_manifold": [False] * 4,
+                         "audit_descriptor_copy": [True, True, False, False]})
+    second = perceptual_summary(rows)
+    assert second["descriptor_copy"] == {"near_duplicates": 2, "num_samples": 4, "near_duplicate_rate": 0.5,
+                                         "near_duplicate_rate_ci95": list(wilson_interval(2, 4))}
+    page = judges_html({"second_judges": second, "near_duplicate_rate": None})
+    assert judge_rate_text(second["descriptor_copy"]) in page and "Descriptor copy" in page
+    without = perceptual_summary(rows.assign(audit_descriptor_copy=None))  # an index without a descriptor judge
+    assert "descriptor_copy" not in without
+    assert "not measured" in judges_html({"second_judges": without, "near_duplicate_rate": None})
