@@ -4,8 +4,9 @@ runs: what a trust-and-safety reviewer reads and signs.
 First screen: the verdict and every warning in words (collapse, incompleteness), the headline
 rate as a percentage with its 95% interval, the run's settings and the index's fingerprint.
 Then the distance histogram (every audited image's nearest protected distance against the
-radius), the per-step corrections, the per-prompt rates, and the offenders (only when there are
-any). A plot with nothing to show is replaced by a sentence saying so.
+radius), the per-step corrections, the per-prompt rates, the offenders (only when there are
+any), and the three judges side by side (L2, perceptual copy, off-manifold) with a grid of the
+images the second judges flag. A plot with nothing to show is replaced by a sentence saying so.
 
 Everything is written to a temporary name and renamed; file names are made here (never from
 corpus keys or prompts), so nothing a dataset or a user wrote can steer where a file goes.
@@ -109,6 +110,24 @@ def save_pair(generated: np.ndarray, corpus: np.ndarray, path: str, size: int = 
     os.replace(tmp, path)
 
 
+def save_pair_grid(outputs: np.ndarray, nearest: np.ndarray, path: str, per_row: int = 8, scale: int = 2,
+                   pad: int = 2) -> None:
+    """Each output (N, H, W, 3) uint8 beside its protected image (N, H, W, 3), ``per_row`` pairs
+    a row in reading order, white gaps, upscaled ``scale`` times (nearest neighbour), one PNG."""
+    from PIL import Image
+
+    count, size = len(outputs), outputs.shape[1]
+    rows = (count + per_row - 1) // per_row
+    canvas = np.full((rows * (size + pad), min(per_row, count) * (2 * size + 3 * pad), 3), 255, np.uint8)
+    for i, (out_img, near) in enumerate(zip(outputs, nearest)):
+        y, x = (i // per_row) * (size + pad), (i % per_row) * (2 * size + 3 * pad)
+        canvas[y : y + size, x : x + size] = out_img
+        canvas[y : y + size, x + size + pad : x + 2 * size + pad] = near
+    tmp = path + ".tmp.png"
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(tmp)
+    os.replace(tmp, path)
+
+
 # -- words -------------------------------------------------------------------------------------
 
 LABELS = {
@@ -132,6 +151,53 @@ def rate_text(summary: dict) -> str:
     low, high = summary["near_duplicate_rate_ci95"]
     return (f"{pct(summary['near_duplicate_rate'])} (95% CI {pct(low)} to {pct(high)}): "
             f"{summary['near_duplicates']} of {summary['num_images']} images")
+
+
+def judge_rate_text(rate: dict | None) -> str:
+    """'6.3% (95% CI 1.1% to 28.3%): 1 of 16 images' of a second judge's rate (auditing.stats.rate)."""
+    if not rate:
+        return "not measured"  # (a descriptor judge: only where the index has one)
+    low, high = rate["near_duplicate_rate_ci95"]
+    return (f"{pct(rate['near_duplicate_rate'])} (95% CI {pct(low)} to {pct(high)}): "
+            f"{rate['near_duplicates']} of {rate['num_samples']} images")
+
+
+JUDGES = (  # (summary key, name, what it catches, what it misses): README "Judges"
+    (None, "L2 (the shield's)", "inside the radius of a protected image in the index's latent space",
+     "a protected image under noise (1.4-1.6 r away), anything altered"),
+    ("perceptual_copy", "Perceptual copy", "low-pass L2 or SSIM against the nearest protected images: a copy under noise",
+     "copies altered at low frequencies (recoloured, shifted, cropped, mirrored)"),
+    ("off_manifold", "Off-manifold", "far beyond the corpus's own 1-NN distances, or rough as noise",
+     "a smooth image that is simply new (as it should)"),
+    ("descriptor_copy", "Descriptor copy (optional)", "cosine similarity of a copy-detection model's descriptors with every "
+     "protected image's: the alterations it was trained on", "what its training did not cover; not measured unless "
+     "`index calibrate --descriptor` gave the index one"),
+)
+
+
+def judges_html(summary: dict) -> str:
+    """The three judges side by side (rates with 95% Wilson intervals) and the grid of the images
+    the second judges flag, each beside the protected image it was compared with."""
+    second = summary.get("second_judges") or {}
+    if not second:
+        return '<p class="note">Not measured: the second judges run when the audit searches an index (--index).</p>'
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(rate_text(summary) if key is None else judge_rate_text(second.get(key)))}</td>"
+        f"<td>{html.escape(catches)}</td><td>{html.escape(misses)}</td></tr>" for key, name, catches, misses in JUDGES)
+    table = f"<table><tr><th>Judge</th><th>Flagged (95% CI)</th><th>Catches</th><th>Misses</th></tr>{rows}</table>"
+    flagged = second.get("flagged") or {}
+    if not flagged.get("grid"):
+        return table + "<p>No image is flagged by the perceptual or the off-manifold judge.</p>"
+    shown = flagged["images"]
+    listing = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(f['image'])}</td><td>{html.escape(f['judge'])}</td>"
+        f"<td>{html.escape(f['protected_key'])}</td><td>{f['perceptual_distance']:.4g}</td><td>{f['perceptual_ssim']:.3f}</td></tr>"
+        for i, f in enumerate(shown))
+    first = f"; the first {len(shown)} of {flagged['total']}" if flagged["total"] > len(shown) else ""
+    return (table + f"<p>Flagged images (generated | the protected image the judge compared it with), in reading order{first}:</p>"
+            f'<img src="{html.escape(flagged["grid"])}" alt="flagged images beside their protected images">'
+            f"<table><tr><th>#</th><th>Image</th><th>Judge</th><th>Protected image</th><th>Low-pass distance</th>"
+            f"<th>SSIM</th></tr>{listing}</table>")
 
 
 def _value(value) -> str:
@@ -255,7 +321,8 @@ def write_report(audit_dir: str, summary: dict, offenders: list[dict], plots: di
 <h2>Size of the corrections</h2>
 {_figure(plots.get('ratios'), 'correction ratio histogram', 'No corrections: nothing to plot.')}
 <h2>Near-duplicate rate per prompt</h2>{prompt_table}
-<h2>Offenders: protected images with generated images inside their radius</h2>{offender_html}"""
+<h2>Offenders: protected images with generated images inside their radius</h2>{offender_html}
+<h2>The three judges</h2>{judges_html(summary)}"""
     return _write_html(os.path.join(audit_dir, "report.html"), body, "spellshield audit")
 
 
@@ -287,6 +354,8 @@ def write_comparison(path: str, summaries: dict[str, dict], plot_name: str | Non
             ("Verdict", [(s.get("verdict") or {}).get("status", "-") for s in summaries.values()]),
             ("Complete", ["yes" if (s.get("completeness") or {}).get("complete") else "no" for s in summaries.values()]),
             ("Collapse warning", ["yes" if (s.get("collapse") or {}).get("warning") else "no" for s in summaries.values()]),
+            *[(f"{name} rate", [judge_rate_text((s.get("second_judges") or {}).get(key)) for s in summaries.values()])
+              for key, name, _, _ in JUDGES[1:]],
             ("Steps corrected by the shield", [pct(s.get("active_step_fraction")) for s in summaries.values()]),
             ("Audit radius", [_value(s.get("radius")) for s in summaries.values()]),
             ("Audit index", [_value((s.get("audit") or {}).get("index")) for s in summaries.values()])]

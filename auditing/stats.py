@@ -71,5 +71,8 @@ def perceptual_summary(samples) -> dict:
     the L2 rate (pipeline.judges; the columns of workers.audit.perceptual_audit_columns)."""
     if "audit_perceptual_copy" not in samples:
         return {}
-    return {"perceptual_copy": rate(samples["audit_perceptual_copy"].astype(bool)),
-            "off_manifold": rate(samples["audit_off_manifold"].astype(bool))}
+    out = {"perceptual_copy": rate(samples["audit_perceptual_copy"].astype(bool)),
+           "off_manifold": rate(samples["audit_off_manifold"].astype(bool))}
+    if "audit_descriptor_copy" in samples and len(samples) and samples["audit_descriptor_copy"].notna().all():
+        out["descriptor_copy"] = rate(samples["audit_descriptor_copy"].astype(bool))  # the index has a descriptor judge
+    return out

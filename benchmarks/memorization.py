@@ -168,7 +168,7 @@ def generate_run(setup: dict, run_dir: str, seeds: int, steps: int, batch_size: 
 
 def read_unit_images(tar_path: str) -> tuple[list[str], np.ndarray]:
     """(member names, uint8 images (B, H, W, 3)) of one unit tar, in name order."""
-    images = read_tar_images(tar_path)
+    images, _ = read_tar_images(tar_path)
     keys = sorted(images)
     return keys, np.stack([images[k] for k in keys])
 
@@ -185,8 +185,7 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     """Every stranded output of a run (not within 0.1 r of an unprotected image: not one of the
     memorizer's own outputs) beside its nearest protected image, as one PNG under
     benchmarks/stranded/; returns the count and the file."""
-    from PIL import Image
-
+    from spellshield.auditing.report import save_pair_grid
     from spellshield.indexing.encoders import Encoder
     from spellshield.indexing.search import open_index
     from spellshield.workers.final_check import corpus_images
@@ -203,20 +202,12 @@ def stranded_grid(setup: dict, run_dir: str, protected: pd.DataFrame, precise: p
     outputs = []
     for sample in frame["sample"]:
         tar, member = samples.loc[sample, "image"].split("#")
-        outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar)))[member])
-    size = nearest.shape[1]
-    pad = 2
-    rows = (len(frame) + per_row - 1) // per_row
-    canvas = np.full((rows * (size + pad), min(per_row, len(frame)) * (2 * size + 3 * pad), 3), 255, np.uint8)
-    for i, (out_img, near) in enumerate(zip(outputs, nearest)):
-        y, x = (i // per_row) * (size + pad), (i % per_row) * (2 * size + 3 * pad)
-        canvas[y : y + size, x : x + size] = out_img
-        canvas[y : y + size, x + size + pad : x + 2 * size + pad] = near
+        outputs.append(tars.setdefault(tar, read_tar_images(os.path.join(run_dir, tar))[0])[member])
     folder = os.path.join(HERE, "stranded")
     os.makedirs(folder, exist_ok=True)
     space = "pixels" if setup["encoder"] == "pixels" else os.path.basename(os.path.normpath(setup["encoder"]))
     path = os.path.join(folder, f"{space}-shard{setup.get('shard', 0)}-{name}.png")
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+    save_pair_grid(np.stack(outputs), nearest, path, per_row=per_row)
     result["png"] = os.path.relpath(path, HERE)
     return result
 
@@ -374,6 +365,39 @@ def plot(results: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
+def judge_cells(results: dict) -> list[str]:
+    """The lam x M grid at the default gate, one cell per configuration: the shares of L2 copies,
+    perceptual copies and off-manifold outputs, SPELL alone -> written, and the stranded grid."""
+    default_gate = SpellConfig().min_noise_radii
+    cells = {(r["overcompensation"], r["correction_iterations"]): r for r in results["configs"]
+             if r["overcompensation"] is not None and r.get("min_noise_radii", default_gate) == default_gate
+             and "off_manifold_before_check" in r}
+    if not cells:
+        return []
+    lams = sorted({lam for lam, _ in cells})
+    ms = sorted({m for _, m in cells})
+    default = SpellConfig()
+    lines = ["Each cell: L2 copies / perceptual copies / off-manifold outputs, SPELL alone -> written (`--on-breach "
+             "resample`), and the stranded outputs (not within 0.1 r of an unprotected image) in the linked grid, each "
+             f"beside its nearest protected image. Defaults: lam {default.overcompensation:g}, M "
+             f"{default.correction_iterations}.", "",
+             "| lam | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+
+    def cell(r):
+        if r is None:
+            return "-"
+        grid = r["stranded"]
+        link = f"[{grid['count']} stranded]({grid['png']})" if grid.get("png") else f"{grid['count']} stranded"
+        return (f"{r['inside_protected_before_check']:.1%} / {r['perceptual_copies_before_check']:.1%} / "
+                f"{r['off_manifold_before_check']:.1%} -> {r['written_inside_protected']:.1%} / "
+                f"{r['written_perceptual_copies']:.1%} / {r['written_off_manifold']:.1%}; {link}")
+
+    for lam in lams:
+        bold = "**" if lam == default.overcompensation else ""
+        lines.append(f"| {bold}{lam:g}{bold} | " + " | ".join(cell(cells.get((lam, m))) for m in ms) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     s = results["setup"]
     lines = [
@@ -401,6 +425,9 @@ def markdown(results: dict) -> str:
             f"| {r['resampled_attempts']} / {r['dropped']} | {r['seconds_per_image_spell_alone']:.3f}, "
             f"{r['seconds_per_written_image']:.3f} |"
         )
+    cells = judge_cells(results)
+    if cells:
+        lines += ["", "The three judges on the lam x M grid (pipeline.judges, recomputed from the PNGs):", "", *cells]
     lines += ["", "Noise and perceptual copies (pipeline.judges, recomputed from the PNGs): off-manifold outputs, "
               "perceptual copies of a protected image (low-pass L2 or SSIM), and the stranded outputs (not within "
               "0.1 r of an unprotected image), each beside its nearest protected image in the linked grid. "

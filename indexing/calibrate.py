@@ -38,10 +38,15 @@ def _read_shard(index_dir: str, file: str):
     return faiss.read_index(path)
 
 
+def sample_ids(count: int, sample_size: int, seed: int = 0) -> np.ndarray:
+    """Sorted int64 ids of ``min(sample_size, count)`` of ``count`` indexed latents, without replacement."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(count, size=min(sample_size, count), replace=False)).astype(np.int64)
+
+
 def sample_corpus(index_dir: str, manifest: Manifest, sample_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) of ``min(sample_size, count)`` indexed latents drawn without replacement."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(manifest.count, size=min(sample_size, manifest.count), replace=False)).astype(np.int64)
+    ids = sample_ids(manifest.count, sample_size, seed)
     vectors = np.empty((len(ids), manifest.latent.dim), np.float32)
     for shard in manifest.shards:
         inside = np.flatnonzero((ids >= shard.first_id) & (ids <= shard.last_id))

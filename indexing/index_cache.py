@@ -52,6 +52,7 @@ def fetch_index(index: str, shards=None, cache_dir: str | None = None, extras: t
         for shard in selected:
             files[shard.file] = shard.sha256
             files[shard.ids_file] = shard.ids_sha256
+        files.update(manifest.listed_files)  # the judges' calibration, read by every generation worker
         for name in extras:
             files[name] = storage.size(location.child(name))
         return fetch_verified(location, files, key=hashlib.sha256(data).hexdigest(), namespace=NAMESPACE,

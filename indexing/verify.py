@@ -12,6 +12,8 @@ then the manifest's own content:
   disabled) fails. A held-out sample's quantiles cannot be recomputed without its images, but
   the suggested radius must still follow the rule from the recorded numbers; pin the whole
   manifest with ``generate --index-sha256`` (the sha256 this check prints) against any edit.
+- the files it lists beside the shards (the judges' calibration) must be present with their
+  sha256 (their thresholds are not recomputed here: that needs the encoder; ``index calibrate``).
 - each corpus tar recorded by the build (path, size, sha256) that is still at its path must
   still have that sha256: an index that no longer matches its corpus fails. Tars no longer at
   their paths (an index moved to another machine) are counted, not failed.
@@ -28,7 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .calibrate import calibrate_index
-from .manifest import REJECTS, IndexFormatError, file_sha256, manifest_hash, read_manifest
+from .manifest import (REJECTS, IndexFormatError, file_sha256, manifest_hash, read_listed_bytes, read_listed_json,
+                       read_manifest)
 from .writer import DTYPES
 
 
@@ -64,6 +67,11 @@ def verify_index(index_dir: str, check_corpus: bool = True) -> dict:
     if radius is not None and not radius > 0:
         raise IndexFormatError(f"manifest suggested_radius {radius!r} is not > 0")
     verify_calibration(index_dir, manifest)
+    for name, sha256 in manifest.listed_files.items():  # the judges' calibration and its files: present, unchanged
+        if name.endswith(".json"):
+            read_listed_json(index_dir, name, sha256)
+        else:
+            read_listed_bytes(index_dir, name, sha256)
     checked, absent = verify_corpus(manifest) if check_corpus else (0, 0)
     return {"count": manifest.count, "shards": len(manifest.shards), "rejects": manifest.rejects, "dtype": manifest.dtype,
             "manifest_sha256": manifest_hash(index_dir), "corpus_checked": checked, "corpus_absent": absent}
@@ -127,6 +135,9 @@ def verify_checksums(index_dir: str, manifest, shards=None) -> None:
                 raise IndexFormatError(f"index file {path} is missing")
             if file_sha256(path) != expected:
                 raise IndexFormatError(f"index file {path} does not match its sha256 in the manifest (corrupted or replaced)")
+    if shards is None:  # and the files listed beside the shards (the judges' calibration)
+        for name, sha256 in manifest.listed_files.items():
+            read_listed_bytes(index_dir, name, sha256)
 
 
 def _verify_shard(index_dir: str, manifest, shard) -> None:

@@ -26,13 +26,15 @@ import argparse
 import math
 import os
 
+import numpy as np
 import pandas as pd
 
 from spellshield.auditing.collapse import assess_collapse
 from spellshield.auditing.completeness import EXAMPLES, check_completeness
 from spellshield.auditing.corpus_images import corpus_image
 from spellshield.auditing.report import (comparison_warnings, plot_corrected_share, plot_correction_ratios,
-                                         plot_nearest_distances, rate_text, save_pair, write_comparison, write_report)
+                                         plot_nearest_distances, rate_text, save_pair, save_pair_grid, write_comparison,
+                                         write_report)
 from spellshield.auditing.run_files import (RunError, check_run, image_tars, load_run, local_run, read_tar_images, report_dir,
                                             resolve_image_ref)
 from spellshield.auditing.stats import correction_ratios, perceptual_summary, written_attempt_hits
@@ -143,6 +145,8 @@ def _write_report(out, local: str, summary: dict, samples, hits, checked, distan
         if not plots[key] and os.path.exists(os.path.join(audit_dir, name)):
             os.remove(os.path.join(audit_dir, name))  # a stale plot of an earlier audit must not stand in
     offenders = _offenders(local, checked, index, top, audit_dir) if checked is not None else []
+    if summary["second_judges"]:
+        summary["second_judges"]["flagged"] = _flagged(local, checked, index, audit_dir)
     summary["top_offenders"] = [{k: v for k, v in o.items() if k != "thumbnail"} for o in offenders]
     summary["report"] = out.final(write_report(audit_dir, summary, offenders, {k: names[k] if plots[k] else None for k in names}))
     write_json_atomic(os.path.join(audit_dir, "summary.json"), summary)
@@ -174,7 +178,7 @@ def _recheck(run_dir: str, local: str, samples: pd.DataFrame, index: str, radius
     import ray
 
     from spellshield.auditing.run_files import tar_image_names
-    from spellshield.workers.audit import recheck_tar
+    from spellshield.workers.audit import JUDGE_COLUMNS, L2_COLUMNS, recheck_tar
 
     listed: dict[str, list[tuple[str, str]]] = {tar: [] for tar in image_tars(local)}
     for sample, ref in zip(samples["sample"], samples["image"]):
@@ -199,7 +203,7 @@ def _recheck(run_dir: str, local: str, samples: pd.DataFrame, index: str, radius
             bar.advance(sizes[tar_ref], detail=f"{tar_ref} done, {len(pending)} tars left")
     bar.close()
     rows = [r for part in results for r in part["rows"]]
-    columns = ["sample", "image", "listed", "audit_nearest_id", "audit_nearest_key", "audit_nearest_distance", "audit_inside"]
+    columns = ["sample", "image", "listed", *L2_COLUMNS, *JUDGE_COLUMNS]  # (an empty run keeps its columns)
     undecodable = {k: v for part in results for k, v in part["undecodable"].items()}
     missing = [m for part in results for m in part["missing"]]
     return pd.DataFrame(rows, columns=columns), undecodable, missing
@@ -231,6 +235,52 @@ def _offenders(run_dir: str, checked: pd.DataFrame, index: str, top: int, audit_
                     "closest_sample": closest["image"] if pd.isna(closest["sample"]) else str(closest["sample"]),
                     "thumbnail": f"thumbs/{name}"})
     return out
+
+
+FLAGGED_SHOWN = 48  # images the second judges flag, shown in the report's grid (the surest first)
+FLAGGED_GRID = "judges_flagged.png"
+
+
+def _flagged(run_dir: str, checked: pd.DataFrame, index: str, audit_dir: str, limit: int = FLAGGED_SHOWN) -> dict:
+    """The images the perceptual or the off-manifold judge flags (perceptual copies by low-pass
+    distance, then off-manifold ones), each beside the protected image it was compared with (the
+    perceptual judge's closest, else the L2-nearest), decoded from the index as the judge saw it."""
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.search import open_index
+    from spellshield.workers.final_check import corpus_images
+
+    grid = os.path.join(audit_dir, FLAGGED_GRID)
+    if os.path.exists(grid):
+        os.remove(grid)  # a stale grid of an earlier audit must not stand in
+    copy, off = checked["audit_perceptual_copy"].astype(bool), checked["audit_off_manifold"].astype(bool)
+    described = checked["audit_descriptor_copy"].fillna(False).astype(bool)
+    frame = pd.concat([checked[copy].sort_values("audit_perceptual_distance"),
+                       checked[described & ~copy].sort_values("audit_descriptor_similarity", ascending=False),
+                       checked[off & ~copy & ~described].sort_values("audit_nearest_distance", ascending=False)])
+    shown = frame.head(limit)
+    result = {"total": int(len(frame)), "grid": None, "images": []}
+    if not len(shown):
+        return result
+    protected = [int(p if c else (d if dc else n)) for p, d, n, c, dc in zip(
+        shown["audit_perceptual_id"], shown["audit_descriptor_id"], shown["audit_nearest_id"], shown["audit_perceptual_copy"],
+        shown["audit_descriptor_copy"].fillna(False).astype(bool))]
+    shield = open_index(index)
+    keys = shield.keys(protected)
+    nearest = corpus_images(shield, Encoder(shield.manifest.latent.encoder).init(), protected)
+    outputs, tars = [], {}
+    for ref in shown["image"]:
+        tar_path, member = resolve_image_ref(run_dir, ref)
+        outputs.append(tars.setdefault(tar_path, read_tar_images(tar_path)[0])[member])
+    save_pair_grid(np.stack(outputs), nearest, grid)
+    result["grid"] = FLAGGED_GRID
+    result["images"] = [
+        {"image": ref, "judge": ", ".join(j for j, on in (("perceptual copy", c), ("descriptor copy", dc), ("off-manifold", o))
+                                          if on),
+         "protected_key": key, "perceptual_distance": float(d), "perceptual_ssim": float(q)}
+        for ref, c, dc, o, key, d, q in zip(shown["image"], shown["audit_perceptual_copy"],
+                                            shown["audit_descriptor_copy"].fillna(False).astype(bool), shown["audit_off_manifold"],
+                                            keys, shown["audit_perceptual_distance"], shown["audit_perceptual_ssim"])]
+    return result
 
 
 def compare(run_a: str, run_b: str, summary_a: dict, summary_b: dict) -> str:

@@ -259,15 +259,15 @@ def encode_parts(shards: list[str], parts: dict, parts_dir: str, dim: int, optio
 
 
 def _assemble(out, partial, parts_dir, latent, options, shard_size, parts, build_info, remote_partial=""):
-    from spellshield.indexing.calibrate import calibrate_index
     from spellshield.indexing.writer import IndexWriter, assemble_parts
+    from spellshield.workers.final_check import calibrate_with_judges
 
     # A remote OUT is assembled in the local working copy, then uploaded with the manifest last.
     local_out = os.path.join(partial, "published") if remote_partial else out
     writer = IndexWriter(local_out, latent, shard_size, options.dtype, staging_dir=os.path.join(partial, "index"))
     try:
         assemble_parts(parts_dir, parts, writer)
-        manifest = writer.finish(build_info, calibrate=lambda staging, m: calibrate_index(staging, m))
+        manifest = writer.finish(build_info, calibrate=calibrate_with_judges)  # 1-NN quantiles, the judges' file
         if remote_partial:
             storage.put_tree(local_out, out, last=MANIFEST)
     except CorpusError:

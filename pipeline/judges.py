@@ -29,6 +29,12 @@ copies"), and the two judges here that catch them, both computed from the writte
   low frequencies (recoloured, shifted, cropped, mirrored) - an SSCD-like descriptor would be
   the judge for those; and it needs the protected image's pixels (decoded from the index for an
   autoencoder space, so only as exact as the decoder).
+- **Descriptor copy** (optional, where the user has a copy-detection model's weights, e.g.
+  SSCD exported to TorchScript): ``unit_rows`` of the model's descriptors, cosine similarity
+  with every protected image's, a copy above ``descriptor_threshold`` (the 0.99 quantile of
+  the corpus's own 1-NN similarity, the SSIM threshold's rule). It catches what such a model
+  was trained to: copies recoloured, cropped, shifted, mirrored; it misses what its training
+  augmentations did not cover, and it is only as good as the model the user brings.
 """
 
 from __future__ import annotations
@@ -200,3 +206,28 @@ def judge(images_uint8: np.ndarray, candidates_uint8: np.ndarray, thresholds: Pe
     best_ssim = sims.max(axis=1)
     return Verdict(index=index.astype(np.int64), distance=best, ssim=best_ssim,
                    copy=(best < thresholds.radius) | (best_ssim > thresholds.ssim_threshold))
+
+
+# -- a pluggable copy-detection descriptor (an SSCD-like model, where the user has its weights) ---
+DESCRIPTOR_QUANTILE = 0.99  # descriptor threshold: this quantile of the corpus's 1-NN cosine similarity
+
+
+def unit_rows(descriptors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32): cosine similarity is then a dot product."""
+    d = np.asarray(descriptors, dtype=np.float32)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+
+def descriptor_threshold(corpus_unit: np.ndarray, chunk: int = 1024) -> float:
+    """The descriptor judge's threshold, by the SSIM threshold's rule: the DESCRIPTOR_QUANTILE
+    quantile of each corpus image's cosine similarity with its most similar *other* image
+    (N >= 2 unit rows). A generated image more similar than that to a protected one is a copy."""
+    n = len(corpus_unit)
+    if n < 2:
+        raise ValueError("descriptor calibration needs at least 2 corpus images")
+    best = np.empty(n)
+    for start in range(0, n, chunk):
+        sims = corpus_unit[start : start + chunk] @ corpus_unit.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        best[start : start + chunk] = sims.max(axis=1)
+    return float(np.quantile(best, DESCRIPTOR_QUANTILE))

@@ -79,7 +79,8 @@ class AttemptRecord:
                                                          "(blurred) space")
     perceptual_distance: float | None = column("float64", "L2 distance of the blurred images to it, in [-1, 1] pixel units")
     perceptual_ssim: float | None = column("float64", "largest SSIM of the blurred image with a nearby protected one")
-    perceptual_copy: bool | None = column("bool_", "the perceptual judge calls it a copy of a protected image (a breach)")
+    perceptual_copy: bool | None = column("bool_", "the perceptual judge (or the index's descriptor judge, when it has one) "
+                                                   "calls it a copy of a protected image (a breach)")
 
 
 def _columns(*classes) -> list:

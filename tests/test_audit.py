@@ -339,3 +339,42 @@ def test_tampered_image_reference_is_refused(runs, tmp_path):
     pq.write_table(pa.Table.from_pandas(table, schema=SAMPLE_SCHEMA, preserve_index=False), path)
     with pytest.raises(UsageError, match="points outside"):
         audit(str(run), index=index)
+
+
+def test_report_shows_the_three_judges_and_the_flagged_images(runs):
+    # issue 14: the perceptual and off-manifold judges beside the L2 one, each rate against a
+    # recomputation here (the final check on every written PNG), and the grid of flagged images
+    from spellshield.auditing.report import judge_rate_text
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.search import open_index
+    from spellshield.workers.final_check import check_images, prepare_judges
+
+    plain, _, index = runs
+    summary = audit(plain, index=index)
+    images = {}
+    for tar in sorted(glob.glob(os.path.join(plain, "images", "*.tar"))):
+        images.update({f"images/{os.path.basename(tar)}#{m}.png": im for m, im in tar_images(tar).items()})
+    shield = open_index(index)
+    encoder = Encoder(shield.manifest.latent.encoder).init()
+    check = check_images(np.stack(list(images.values())), encoder, shield, summary["radius"], prepare_judges(shield, encoder))
+    second = summary["second_judges"]
+    for key, flags in (("perceptual_copy", check.perceptual_copy), ("off_manifold", check.off_manifold)):
+        k = int(flags.sum())
+        assert second[key] == {"near_duplicates": k, "num_samples": 16, "near_duplicate_rate": k / 16,
+                               "near_duplicate_rate_ci95": list(wilson_interval(k, 16))}, key
+    assert check.inside.sum() == summary["near_duplicates"]
+    flagged = check.perceptual_copy | check.off_manifold
+    assert flagged.any()  # the unshielded memorizer copies protected digits
+    listed = second["flagged"]
+    assert listed["total"] == int(flagged.sum()) and listed["grid"] == "judges_flagged.png"
+    assert sorted(f["image"] for f in listed["images"]) == sorted(r for r, f in zip(images, flagged) if f)
+    keys = dict(zip(images, check.perceptual_keys))
+    assert all(f["protected_key"] == keys[f["image"]] for f in listed["images"] if "perceptual copy" in f["judge"])
+    with Image.open(os.path.join(plain, "audit", "judges_flagged.png")) as grid:  # 8x8 digits, pairs 8 a row, 2x
+        shown = len(listed["images"])
+        assert grid.size == (min(8, shown) * (2 * 8 + 6) * 2, -(-shown // 8) * (8 + 2) * 2)
+    page = open(os.path.join(plain, "audit", "report.html")).read()
+    judges = section(page, "The three judges")
+    for key in ("perceptual_copy", "off_manifold"):
+        assert judge_rate_text(second[key]) in judges
+    assert "L2 (the shield&#x27;s)" in judges and '<img src="judges_flagged.png"' in judges

@@ -1,6 +1,7 @@
 """`spellshield index verify` finds each kind of damage and names it; `index calibrate` writes the
 1-NN quantiles of the corpus and of a held-out sample, equal to brute force, into the manifest."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -163,3 +164,55 @@ def test_calibrate_with_holdout(copy, digits_corpus, capsys):
     expected = min(0.5 * np.median(corpus_nn), np.quantile(held_nn, 0.01))
     assert cal["suggested_radius"] == pytest.approx(expected, rel=1e-5) and cal["holdout"]["corpus"] == holdout
     assert verify(capsys, copy)[0] == 0  # the rewritten manifest is still consistent
+
+
+# -- the judges' calibration (issue 14): stored by the build and by `index calibrate`, checked ----
+def test_build_index_stores_the_judges_calibration(index):
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.pipeline import judges
+    from spellshield.workers.final_check import corpus_images, prepare_judges
+
+    shield = open_index(index)
+    encoder = Encoder(shield.manifest.latent.encoder).init()
+    loaded = prepare_judges(shield, encoder)
+    assert loaded.source == "stored"
+    images = corpus_images(shield, encoder, np.arange(shield.manifest.count))  # all 675: fewer than the sample size
+    assert loaded.perceptual == judges.calibrate(images) and loaded.roughness_limit == judges.roughness_limit(images)
+
+
+def test_tampered_judges_file(copy, capsys):
+    name, _ = read_manifest(copy).judges_file
+    with open(os.path.join(copy, name), "a") as f:
+        f.write(" ")
+    code, err = verify(capsys, copy)
+    assert code == 2 and len(err) == 1 and f"{name} does not match its sha256 in the manifest" in err[0], err
+
+
+def test_calibrate_stores_the_judges_of_an_index_without_them(copy, capsys):
+    from spellshield.indexing.encoders import Encoder
+    from spellshield.indexing.manifest import JUDGES, write_listed_json
+    from spellshield.workers.final_check import prepare_judges
+
+    name, _ = read_manifest(copy).judges_file
+    os.remove(os.path.join(copy, name))
+    edit_manifest(copy, lambda m: m["calibration"].pop("judges"))  # an index built before the judges were stored
+    assert verify(capsys, copy)[0] == 0
+    encoder = Encoder(read_manifest(copy).latent.encoder).init()
+    computed = prepare_judges(open_index(copy), encoder)
+    assert computed.source == "computed" and f"spellshield index calibrate {copy}" in capsys.readouterr().err
+    code = main(["index", "calibrate", copy])
+    err = capsys.readouterr().err.strip().splitlines()
+    stored_name, _ = read_manifest(copy).judges_file
+    assert code == 0 and err[-1].endswith(f"judges' calibration -> {os.path.join(copy, stored_name)}")
+    stored = prepare_judges(open_index(copy), encoder)
+    assert stored.source == "stored" and stored == dataclasses.replace(computed, source="stored")
+    assert capsys.readouterr().err == ""
+    # a stale file listed (other settings): calibrate writes a new one, lists it, removes the old one
+    with open(os.path.join(copy, stored_name)) as f:
+        payload = json.load(f)
+    stale = write_listed_json(copy, JUDGES, {**payload, "settings": {**payload["settings"], "ssim_window": 3}})
+    edit_manifest(copy, lambda m: m["calibration"].update(judges=stale))
+    assert main(["index", "calibrate", copy]) == 0
+    assert read_manifest(copy).judges_file[0] == stored_name and not os.path.exists(os.path.join(copy, stale["file"]))
+    assert sorted(f for f in os.listdir(copy) if f.startswith("judges-")) == [stored_name]
+    assert verify(capsys, copy)[0] == 0

@@ -3,6 +3,7 @@ correction (SpellConfig.min_noise_radii), and the memorizer writing neither nois
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -21,7 +22,9 @@ from spellshield.pipeline.repellency import repel
 from spellshield.pipeline.scheduler import ShieldedScheduler, SpellConfig
 from spellshield.pipeline.sources import StaticSource
 from spellshield.pipeline.breach import is_breach
-from spellshield.workers.final_check import check_images, prepare_judges
+from spellshield.indexing.manifest import JUDGES, IndexFormatError, file_sha256, read_manifest, write_listed_json
+from spellshield.indexing.verify import verify_index
+from spellshield.workers.final_check import calibrate_with_judges, check_images, prepare_judges
 
 from .conftest import CIFAR_DIR, needs_shared
 
@@ -144,14 +147,16 @@ def smooth_images(count: int, seed: int = 0, size: int = 32) -> np.ndarray:
     return ((fine.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
-def pixel_index(path: str, images: np.ndarray) -> str:
-    """A real calibrated pixel index over ``images`` (N, S, S, 3) uint8, keys p0, p1, ..."""
+def pixel_index(path: str, images: np.ndarray, judges: bool = True) -> str:
+    """A real calibrated pixel index over ``images`` (N, S, S, 3) uint8, keys p0, p1, ...; with
+    ``judges`` finished as build-index finishes one (the judges' calibration stored), without as
+    an index built before it existed."""
     size = images.shape[1]
     spec = LatentSpec(PIXELS, "pixels", PIXELS, size, (3, size, size), 1.0, 0.0)
     vectors = Encoder(PIXELS).encode(images).reshape(len(images), -1).numpy()
     writer = IndexWriter(str(path), spec, 1000)
     writer.add([f"p{i}" for i in range(len(images))], ["s.tar"] * len(images), ["0"] * len(images), vectors)
-    writer.finish({}, calibrate=lambda staging, m: calibrate_index(staging, m))
+    writer.finish({}, calibrate=calibrate_with_judges if judges else lambda staging, m: calibrate_index(staging, m))
     return str(path)
 
 
@@ -177,6 +182,116 @@ def test_protected_image_under_noise_passes_l2_and_is_caught_by_the_perceptual_j
     assert not check.perceptual_copy[8:].any()
     assert not check.off_manifold[8:].any()  # (the noisy ones are rougher than this very smooth corpus)
     assert all(is_breach(i, p, o) for i, p, o in zip(check.inside[:8], check.perceptual_copy[:8], check.off_manifold[:8]))
+
+
+# -- the judges' calibration, computed once and stored in the index --------------------------------
+def test_judge_calibration_is_stored_in_the_index_and_loaded(tmp_path, capsys):
+    protected = smooth_images(64)
+    stored_dir = pixel_index(tmp_path / "stored", protected)
+    bare_dir = pixel_index(tmp_path / "bare", protected, judges=False)  # an index from before issue 14's part 1
+    encoder = Encoder(PIXELS).init()
+    manifest = read_manifest(stored_dir)
+    name, sha256 = manifest.judges_file
+    assert name == JUDGES.format(sha256[:16]) and file_sha256(os.path.join(stored_dir, name)) == sha256
+    assert read_manifest(bare_dir).judges_file is None
+    capsys.readouterr()
+    stored = prepare_judges(open_index(stored_dir), encoder)
+    assert stored.source == "stored" and capsys.readouterr().err == ""  # loaded: nothing calibrated, nothing said
+    computed = prepare_judges(open_index(bare_dir), encoder)
+    err = capsys.readouterr().err
+    assert computed.source == "computed"
+    assert "has no stored judge calibration" in err and f"`spellshield index calibrate {bare_dir}` stores it" in err
+    # either way the thresholds are the math's on the protected images themselves (all 64 < the sample size)
+    expected = judges.calibrate(protected)
+    quantile = manifest.calibration["nn_distance_quantiles"][judges.DISTANCE_QUANTILE]
+    for j in (stored, computed):
+        assert j.perceptual == expected and j.roughness_limit == judges.roughness_limit(protected)
+        assert j.corpus_nn_quantile == quantile
+    # a calibration made with other judge settings is stale: calibrated afresh, and said
+    with open(os.path.join(stored_dir, name)) as f:
+        payload = json.load(f)
+    payload["settings"]["blur_fraction"] = 0.125
+    with open(os.path.join(stored_dir, "manifest.json")) as f:
+        raw = json.load(f)
+    raw["calibration"]["judges"] = write_listed_json(stored_dir, JUDGES, payload)
+    with open(os.path.join(stored_dir, "manifest.json"), "w") as f:
+        json.dump(raw, f)
+    stale = prepare_judges(open_index(stored_dir), encoder)
+    assert stale.source == "computed" and stale.perceptual == expected
+    assert "was calibrated with other judge settings" in capsys.readouterr().err
+
+
+def test_tampered_judge_calibration_fails_closed(tmp_path):
+    from spellshield.workers.generation import ShieldUnavailable, verify_index_files
+
+    index = pixel_index(tmp_path / "index", smooth_images(32))
+    name, _ = read_manifest(index).judges_file
+    path = os.path.join(index, name)
+    with open(path) as f:
+        payload = json.load(f)
+    payload["perceptual"]["radius"] = 1e-9  # the perceptual judge quietly disabled
+    with open(path, "w") as f:
+        json.dump(payload, f)
+    encoder = Encoder(PIXELS).init()
+    with pytest.raises(IndexFormatError, match=f"{name} does not match its sha256 in the manifest"):
+        prepare_judges(open_index(index), encoder)  # the audit's and the generation worker's loader
+    with pytest.raises(ShieldUnavailable, match="does not match its sha256"):
+        verify_index_files(index)  # what a generation worker checks before it opens the shield
+    with pytest.raises(IndexFormatError, match="does not match its sha256"):
+        verify_index(index, check_corpus=False)
+    os.remove(path)
+    with pytest.raises(IndexFormatError, match=f"{name} cannot be read"):
+        prepare_judges(open_index(index), encoder)
+
+
+# -- a pluggable copy-detection descriptor ------------------------------------------------------------
+class MirrorDescriptor(torch.nn.Module):
+    """A tiny stand-in for SSCD: 4x4 mean colours, summed with their mirror image (so a mirrored
+    copy has exactly its original's descriptor), centred."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+        both = pooled + torch.flip(pooled, dims=[3])
+        return (both - both.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)
+
+
+def test_descriptor_judge_catches_a_mirrored_copy_and_fails_closed_on_another_module(tmp_path, capsys):
+    from spellshield.jobs.cli import main
+
+    protected = smooth_images(64)
+    index = pixel_index(tmp_path / "index", protected)
+    module = str(tmp_path / "mirror.pt")
+    torch.jit.script(MirrorDescriptor()).save(module)
+    assert main(["index", "calibrate", index, "--descriptor", module]) == 0
+    manifest = read_manifest(index)
+    files = manifest.calibration["judges"]["files"]
+    assert len(files) == 1 and set(files) <= set(manifest.listed_files) and verify_index(index, check_corpus=False)
+    shield = open_index(index)
+    encoder = Encoder(PIXELS).init()
+    setup = prepare_judges(shield, encoder)
+    # the threshold by its rule, brute force: 0.99 quantile of each protected image's best other similarity
+    with torch.no_grad():
+        mine = MirrorDescriptor()(torch.from_numpy(protected).permute(0, 3, 1, 2).float() / 255).numpy()
+    mine /= np.linalg.norm(mine, axis=1, keepdims=True)
+    sims = mine @ mine.T
+    np.fill_diagonal(sims, -np.inf)
+    assert setup.descriptor.threshold == pytest.approx(np.quantile(sims.max(axis=1), 0.99), abs=1e-5)
+    mirrored = np.ascontiguousarray(protected[:8, :, ::-1])
+    new = smooth_images(8, seed=99)
+    check = check_images(np.concatenate([mirrored, new]), encoder, shield, shield.manifest.suggested_radius, setup)
+    assert not check.inside[:8].any()  # a mirrored copy is far in L2
+    assert check.descriptor_copy[:8].all() and check.descriptor_keys[:8] == [f"p{i}" for i in range(8)]
+    assert check.copy_judged[:8].all()  # a breach for the final check (generation: perceptual_copy)
+    assert not check.descriptor_copy[8:].any() and not check.copy_judged[8:].any()
+    # the module changed after calibration: refuse to judge with it
+    with open(module, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IndexFormatError, match="is not the one the index's judges were calibrated with"):
+        prepare_judges(open_index(index), encoder)
+    # recalibrating without --descriptor drops the judge and its descriptors file
+    assert main(["index", "calibrate", index]) == 0
+    assert prepare_judges(open_index(index), encoder).descriptor is None
+    assert not [f for f in os.listdir(index) if f.startswith("descriptors-")]
 
 
 # -- the memorizer at reduced size, with the defaults ---------------------------------------------
@@ -251,3 +366,19 @@ def test_allow_off_manifold_option_reaches_the_worker(tmp_path):
     for extra, expected in (([], False), (["--allow-off-manifold"], True)):
         config = validate(config_from_args(parser.parse_args(["--model", model, "--out", str(tmp_path / "run"), *extra])))
         assert config.breach.allow_off_manifold is expected  # the very object the workers get
+
+
+def test_audit_reports_the_descriptor_judge_only_where_the_index_has_one():
+    from spellshield.auditing.report import judge_rate_text, judges_html
+    from spellshield.auditing.stats import perceptual_summary, wilson_interval
+
+    rows = pd.DataFrame({"audit_perceptual_copy": [True, False, False, False], "audit_off_manifold": [False] * 4,
+                         "audit_descriptor_copy": [True, True, False, False]})
+    second = perceptual_summary(rows)
+    assert second["descriptor_copy"] == {"near_duplicates": 2, "num_samples": 4, "near_duplicate_rate": 0.5,
+                                         "near_duplicate_rate_ci95": list(wilson_interval(2, 4))}
+    page = judges_html({"second_judges": second, "near_duplicate_rate": None})
+    assert judge_rate_text(second["descriptor_copy"]) in page and "Descriptor copy" in page
+    without = perceptual_summary(rows.assign(audit_descriptor_copy=None))  # an index without a descriptor judge
+    assert "descriptor_copy" not in without
+    assert "not measured" in judges_html({"second_judges": without, "near_duplicate_rate": None})

@@ -28,11 +28,24 @@ def _check(images: list[np.ndarray], index_dir: str, radius: float, backend: str
         yield start, check_images(np.stack(images[start : start + CHUNK]), encoder, shield, radius, judges)
 
 
+# The columns of a rechecked image: the L2 judge's, then the second judges' (perceptual_audit_columns).
+L2_COLUMNS = ("audit_nearest_id", "audit_nearest_key", "audit_nearest_distance", "audit_inside")
+JUDGE_COLUMNS = ("audit_perceptual_copy", "audit_perceptual_id", "audit_perceptual_key", "audit_perceptual_distance",
+                 "audit_perceptual_ssim", "audit_off_manifold", "audit_descriptor_copy", "audit_descriptor_id",
+                 "audit_descriptor_key", "audit_descriptor_similarity")
+
+
 def perceptual_audit_columns(check, j: int) -> dict:
     """The second judges' columns of one rechecked image, beside the L2 ones."""
-    return {"audit_perceptual_copy": bool(check.perceptual_copy[j]), "audit_perceptual_key": check.perceptual_keys[j],
+    return {"audit_perceptual_copy": bool(check.perceptual_copy[j]), "audit_perceptual_id": int(check.perceptual_ids[j]),
+            "audit_perceptual_key": check.perceptual_keys[j],
             "audit_perceptual_distance": float(check.perceptual_distances[j]),
-            "audit_perceptual_ssim": float(check.perceptual_ssim[j]), "audit_off_manifold": bool(check.off_manifold[j])}
+            "audit_perceptual_ssim": float(check.perceptual_ssim[j]), "audit_off_manifold": bool(check.off_manifold[j]),
+            **({"audit_descriptor_copy": bool(check.descriptor_copy[j]), "audit_descriptor_id": int(check.descriptor_ids[j]),
+                "audit_descriptor_key": check.descriptor_keys[j],
+                "audit_descriptor_similarity": float(check.descriptor_similarity[j])} if check.descriptor_copy is not None else
+               {"audit_descriptor_copy": None, "audit_descriptor_id": None, "audit_descriptor_key": None,
+                "audit_descriptor_similarity": None})}
 
 
 def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index_dir: str, radius: float,

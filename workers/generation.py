@@ -215,4 +215,4 @@ def judged_columns(check: FinalCheck | None, row: int) -> dict:
                 "perceptual_ssim": None, "perceptual_copy": None}
     return {"off_manifold": bool(check.off_manifold[row]), "roughness": float(check.roughness[row]),
             "perceptual_nearest_key": check.perceptual_keys[row], "perceptual_distance": float(check.perceptual_distances[row]),
-            "perceptual_ssim": float(check.perceptual_ssim[row]), "perceptual_copy": bool(check.perceptual_copy[row])}
+            "perceptual_ssim": float(check.perceptual_ssim[row]), "perceptual_copy": bool(check.copy_judged[row])}
