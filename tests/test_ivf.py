@@ -283,3 +283,34 @@ def test_queries_just_beyond_the_farthest_point_of_every_list(tmp_path):
     check_range(shield, base, queries, [1.5 * delta, 4 * delta])
     for ids, _ in shield.range_search(queries, 1.5 * delta):
         assert len(ids) >= 1
+
+
+def test_bucketed_list_order_equals_one_bucket(tmp_path):
+    # The build sorts the codes into list order through buckets by list range (bounded memory):
+    # any number of buckets gives the same files, each list's rows ascending, each code the
+    # float16 rounding of its row's float64 projection, each row in the list of its nearest centroid.
+    from spellshield.indexing.ivf import build_ivf
+    from spellshield.indexing.projected import fit_projection, project
+
+    rng = np.random.default_rng(5)
+    base = (rng.standard_normal((3000, 24)) * (1.0 / (1 + np.arange(24)))).astype(np.float16)
+    base[2990:] = base[:10]
+    projection = fit_projection(torch.from_numpy(base.astype(np.float32)), 8)
+    files = {}
+    for buckets, size in (("one", 1 << 30), ("many", 3000 * 8 * 2 // 7)):
+        out = str(tmp_path / buckets)
+        build_ivf(out, base, projection, 40, chunk_rows=256, bucket_bytes=size)
+        files[buckets] = {n: np.load(os.path.join(out, n)) for n in ("codes.npy", "rows.npy", "offsets.npy", "radii.npy")}
+    for name, value in files["one"].items():
+        np.testing.assert_array_equal(value, files["many"][name], err_msg=name)
+    rows, offsets, codes = files["one"]["rows.npy"], files["one"]["offsets.npy"], files["one"]["codes.npy"]
+    assert sorted(rows.tolist()) == list(range(3000))
+    p64 = project(torch.from_numpy(base), torch.from_numpy(projection.basis).to(torch.float64),
+                  torch.from_numpy(projection.mean).to(torch.float64))
+    np.testing.assert_array_equal(codes, p64.to(torch.float16).numpy()[rows])
+    centroids = np.load(str(tmp_path / "one" / "centroids.npy")).astype(np.float64)
+    d2 = ((codes.astype(np.float64)[:, None, :] - centroids[None]) ** 2).sum(2)
+    for j in range(40):
+        inside = slice(offsets[j], offsets[j + 1])
+        assert np.all(np.diff(rows[inside]) > 0)
+        assert np.all(d2[inside, j] <= d2[inside].min(1) + 1e-3)  # nearest up to float32 ties
