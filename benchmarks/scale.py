@@ -242,6 +242,7 @@ def main(argv=None) -> int:
     vectors = np.load(path, mmap_mode="r")
     count, dim = vectors.shape
     result.update(n=count, dim=dim, vectors_file_gb=os.path.getsize(path) / 2**30)
+    del vectors
 
     def save() -> None:  # after every phase: a run stopped half-way leaves what it measured
         result["load_average_now"] = os.getloadavg()
@@ -251,8 +252,28 @@ def main(argv=None) -> int:
                 json.dump(result, f, indent=1)
             os.replace(args.out + ".tmp", args.out)
 
-    # Phases in the order of what they are worth if the run is stopped: radius, baseline, build,
-    # search, then the brute-force truth that turns the search's answers into recall and precision.
+    # Phases in the order of what they are worth if the run is stopped (at 10^7 on a loaded machine
+    # each takes an hour or more): build, radius, baseline, search, then the brute-force truth that
+    # turns the search's answers into recall and precision.
+    # -- build --------------------------------------------------------------------------------------
+    lists = args.lists or default_lists(count)
+    out = os.path.join(args.scratch, f"ivf-{count}x{dim}-d{args.dims}-l{lists}-{args.code_dtype}")
+    reset_peak()
+    base_rss = peak_rss_gb()
+    started = time.perf_counter()
+    fit_rows = np.sort(rng.choice(count, size=min(args.fit_sample, count), replace=False))
+    reader = NpyRows(path)
+    projection = fit_projection(torch.from_numpy(reader[fit_rows].astype(np.float32)), min(args.dims, dim), args.seed)
+    meta = build_ivf(out, reader, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
+                     log=lambda m: print("  " + m, flush=True))
+    result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,
+                       "lists": lists, "list_sizes": meta["list_sizes"], "explained_variance": projection.explained_variance,
+                       "stored_error": meta["stored_error"], "eps": meta["eps"],
+                       "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
+    print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
+    save()
+
+    # -- radius, queries and the GEMM scan baseline ---------------------------------------------------
     started = time.perf_counter()
     norms = []
     radius, median_nn = suggested_radius(path, count, rng, norms)
@@ -268,25 +289,6 @@ def main(argv=None) -> int:
     del norms
     print(f"plain float32 GEMM scan of {count:,} vectors: {result['gemm_scan_ms']:.0f} ms per batch "
           f"({result['gemm_compute_ms']:.0f} ms of it arithmetic, the rest reading the file)", flush=True)
-    save()
-
-    # -- build --------------------------------------------------------------------------------------
-    lists = args.lists or default_lists(count)
-    out = os.path.join(args.scratch, f"ivf-{count}x{dim}-d{args.dims}-l{lists}-{args.code_dtype}")
-    reset_peak()
-    base_rss = peak_rss_gb()
-    started = time.perf_counter()
-    fit_rows = np.sort(rng.choice(count, size=min(args.fit_sample, count), replace=False))
-    del vectors
-    reader = NpyRows(path)
-    projection = fit_projection(torch.from_numpy(reader[fit_rows].astype(np.float32)), min(args.dims, dim), args.seed)
-    meta = build_ivf(out, reader, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
-                     log=lambda m: print("  " + m, flush=True))
-    result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,
-                       "lists": lists, "list_sizes": meta["list_sizes"], "explained_variance": projection.explained_variance,
-                       "stored_error": meta["stored_error"], "eps": meta["eps"],
-                       "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
-    print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
     save()
 
     # -- search -------------------------------------------------------------------------------------
