@@ -40,8 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
-TAEF2 = os.path.join(os.path.dirname(ROOT), "shared", "models", "taef2")
+SHARED = os.environ.get("SPELLSHIELD_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")  # a worktree: set it
+CIFAR = os.path.join(SHARED, "data", "cifar10")
+TAEF2 = os.path.join(SHARED, "models", "taef2")
 
 BACKENDS = {
     "exact": dict(backend="exact"),

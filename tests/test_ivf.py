@@ -314,3 +314,46 @@ def test_bucketed_list_order_equals_one_bucket(tmp_path):
         inside = slice(offsets[j], offsets[j + 1])
         assert np.all(np.diff(rows[inside]) > 0)
         assert np.all(d2[inside, j] <= d2[inside].min(1) + 1e-3)  # nearest up to float32 ties
+
+
+@pytest.mark.slow
+def test_generation_rows_and_audit_report_count_the_ivf_searches(memorizer_model, protected_index, tmp_path):
+    # A run whose search counts are known: a radius larger than every list, one correction iteration
+    # and no noise gate, so every step searches each sample once, every stored vector is a candidate
+    # and every non-empty list is probed.
+    import shutil
+
+    import pandas as pd
+
+    from spellshield.auditing.report import write_report
+    from spellshield.auditing.summary import summarize
+    from spellshield.pipeline.config import GenerateConfig
+    from spellshield.pipeline.scheduler import SpellConfig
+    from spellshield.workers.generation import GenerationWorker, WorkerRuntime
+    from spellshield.workers.units import PromptRequest, plan_samples, plan_units
+
+    index = str(tmp_path / "index")
+    shutil.copytree(protected_index, index)
+    dim = int(np.prod(open_index(index).manifest.latent.shape))
+    write_projection(index, dim)
+    lists_dir = write_ivf(index, dim, 6)
+    sizes = np.diff(np.load(os.path.join(lists_dir, "offsets.npy")))
+    count, lists = int(sizes.sum()), int((sizes > 0).sum())
+    spell = SpellConfig(overcompensation=1e-9, correction_iterations=1, min_noise_radii=0.0)
+    config = GenerateConfig.build(memorizer_model, str(tmp_path / "run"), index=index, radius=1e3, spell=spell, steps=5,
+                                  batch_size=3, on_breach="flag", search_backend="ivf")
+    worker = GenerationWorker(config, WorkerRuntime(device="cpu"))
+    assert worker.shield.backend == "ivf"
+    for unit in plan_units(plan_samples([PromptRequest(None, 5)], base_seed=0), unit_size=5):
+        worker.run_unit(unit)
+    rows = pd.read_parquet(str(tmp_path / "run" / "audit" / "samples"))
+    assert len(rows) == 5 and (rows["steps"] == 5).all()
+    np.testing.assert_allclose(rows["index_queries"], 5.0)  # batches of 3 and 2: counts divided evenly
+    np.testing.assert_allclose(rows["index_candidates"], 5.0 * count)
+    np.testing.assert_allclose(rows["index_lists_probed"], 5.0 * lists)
+    summary = summarize({}, rows, pd.DataFrame(), None, None)
+    assert summary["index_search"] == {"index_queries": 25.0, "candidates_per_query": float(count),
+                                       "lists_probed_per_query": float(lists)}
+    os.makedirs(tmp_path / "audit")
+    page = open(write_report(str(tmp_path / "audit"), summary, [], {})).read()
+    assert f"<td>{count:.2f}, {lists:.1f} (over 25 queries)</td>" in page
