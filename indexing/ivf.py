@@ -92,6 +92,18 @@ VORONOI_NEIGHBOURS = 8  # nearest centroids each query tries as the k of the Vor
 SLACK64 = 1e-9  # relative allowance for float64 rounding in the list bounds (errors are ~1e-13)
 
 
+_BLAS = []
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS runs one thread (threadpoolctl; the controller made once)."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def ivf_dir(index_dir: str, dims: int, lists: int) -> str:
     return os.path.join(projection_dir(index_dir, dims), f"ivf-{int(lists)}")
 
@@ -317,8 +329,9 @@ class IvfScan(ProjectedScan):
 
     # -- which lists can hold a hit ------------------------------------------------------------
 
-    # Small (batch x lists) float64 arithmetic runs in numpy: torch's thread pool costs more than
-    # the work on a loaded machine.
+    # Small (batch x lists) float64 arithmetic runs in numpy with one BLAS thread: torch's thread
+    # pool, and OpenBLAS's own threads, cost more than the work on a loaded machine (measured at
+    # load 25 on 2 cores: probe 0.01-0.02 s with one OpenBLAS thread, 0.18-0.33 s with two).
 
     def _centroid_geometry(self, p64: np.ndarray):
         """float64 squared distances (B, lists) from projected queries to centroids, and their error bound."""
@@ -330,6 +343,10 @@ class IvfScan(ProjectedScan):
 
     def probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
         """(B, lists) bool: the lists each query must scan (neither bound excludes them)."""
+        with one_blas_thread():
+            return self._probe(p64, t)
+
+    def _probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
         d2, err = self._centroid_geometry(p64)
         t64 = np.asarray(t, np.float64)[:, None] * (1 + SLACK64)
         # Covering radius: |p - mu_j| - R_j < t; |p - mu_j| >= sqrt(max(d2 - err, 0)).
@@ -417,7 +434,8 @@ class IvfScan(ProjectedScan):
 
     def knn64(self, q: torch.Tensor, k: int, take: bool = True):
         k = min(int(k), self.count)
-        d2, _ = self._centroid_geometry(self._project64(q))
+        with one_blas_thread():
+            d2, _ = self._centroid_geometry(self._project64(q))
         order = np.argsort(np.where(self._nonempty[None, :], d2, np.inf), axis=1)
         qi, seed_rows = [], []
         for i in range(len(q)):
