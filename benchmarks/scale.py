@@ -203,6 +203,43 @@ def gemm_baseline(path: str, q: np.ndarray, radius: float, norms: torch.Tensor, 
     return float(np.median(walls)), float(np.median(computes))
 
 
+def tables(paths: list[str]) -> str:
+    """The RESULTS.md rows of the scale JSON files (phases a stopped run did not reach are '-'),
+    and the growth from the first file's N to the last's."""
+    runs = [json.load(open(p)) for p in paths]
+    fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
+    out = ["| data | N | lists | r | r x | lists probed / query (share) | candidates / query | hits | recall | precision "
+           "| ms / batch | GEMM scan ms / batch (arithmetic alone) | ivf / GEMM |", "|---" * 13 + "|"]
+    for d in runs:
+        lists = (d.get("build") or {}).get("lists")
+        gemm = fmt(d.get("gemm_scan_ms")) + (f" ({d['gemm_compute_ms']:,.0f})" if "gemm_compute_ms" in d else "")
+        for r in d.get("search") or []:
+            out.append(f"| {'synthetic' if 'synthetic' in d['data'] else 'real'} | {d['n']:,} | {lists} | {d['radius']:.2f} "
+                       f"| {r['radius_factor']:g} | {r['lists_per_query']:.0f} ({100 * r['probed_fraction']:.1f}%) "
+                       f"| {r['candidates_per_query']:.1f} | {fmt(r.get('hits'))} | {fmt(r.get('recall'), '{:g}')} "
+                       f"| {fmt(r.get('precision'), '{:g}')} | {r['median_ms']:,.0f} | {gemm} | {r['vs_gemm_scan']:.2f} |")
+    out += ["", "| N | build (s) | build peak RSS (GB) | structure on disk | open, sha256 included (s) | search peak RSS (GB) "
+                "| load average start / end |", "|---" * 7 + "|"]
+    for d in runs:
+        b = d.get("build") or {}
+        end = d.get("load_average_end") or d.get("load_average_now") or [None]
+        out.append(f"| {d['n']:,} | {fmt(b.get('seconds'))} | {fmt(b.get('peak_rss_gb'), '{:.2f}')} "
+                   f"| {fmt(b['structure_gb'] * 1024 if b else None)} MB | {fmt(d.get('open_s'), '{:.1f}')} "
+                   f"| {fmt(d.get('search_peak_rss_gb'), '{:.2f}')} | {d['load_average_start'][0]:.0f} / {fmt(end[0])} |")
+    first, last = runs[0], runs[-1]
+    if len(runs) > 1 and first.get("search") and last.get("search"):
+        out.append("")
+        for a, b in zip(first["search"], last["search"]):
+            out.append(f"- r x {a['radius_factor']:g}, N x {last['n'] / first['n']:g}: time x {b['median_ms'] / a['median_ms']:.1f}, "
+                       f"lists probed x {b['lists_per_query'] / a['lists_per_query']:.1f}, candidates x "
+                       f"{b['candidates_per_query'] / max(a['candidates_per_query'], 1e-9):.1f}")
+    if len(runs) > 1 and "search_peak_rss_gb" in first and "search_peak_rss_gb" in last:
+        out.append(f"- build time x {last['build']['seconds'] / first['build']['seconds']:.1f}, build peak RSS x "
+                   f"{last['build']['peak_rss_gb'] / first['build']['peak_rss_gb']:.1f}, search peak RSS x "
+                   f"{last['search_peak_rss_gb'] / first['search_peak_rss_gb']:.1f}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, read_ivf
     from spellshield.indexing.projected import MemmapStore, fit_projection
@@ -223,7 +260,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--vectors", default=None, help="an existing (N, D) .npy instead of synthetic data "
                         "(e.g. real TAEF2 CIFAR-10 latents cached by benchmarks/search.py)")
+    parser.add_argument("--tables", nargs="+", default=None, metavar="JSON",
+                        help="print the RESULTS.md rows of these result files (smallest N first) and exit")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(tables(args.tables))
+        return 0
     torch.set_num_threads(args.threads)
     os.makedirs(args.scratch, exist_ok=True)
     rng = np.random.default_rng(args.seed + 1)

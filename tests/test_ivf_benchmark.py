@@ -23,6 +23,10 @@ def test_scale_benchmark_at_toy_size(tmp_path):
         assert row["recall"] == 1.0 and row["precision"] == 1.0
         assert 0 < row["probed_fraction"] <= 1 and row["candidates_per_query"] >= 0
     assert result["search"][0]["hits"] >= 2 * 8  # the near half of every batch hits at the suggested radius
+    tables = subprocess.run([sys.executable, "benchmarks/scale.py", "--tables", str(out), str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert tables.stdout.count("| synthetic | 3,000 | 32 |") == 8 and "- r x 0.125, N x 1: time x 1.0" in tables.stdout
 
 
 def test_synthetic_latents_have_the_real_spectrum(tmp_path):
