@@ -274,6 +274,11 @@ def audit_rows(summary: dict) -> list[tuple[str, str]]:
             ("Audit index fingerprint (manifest sha256)", _value(audit.get("index_manifest_sha256"))),
             ("Steps corrected by the shield", pct(summary.get("active_step_fraction"))),
             ("Shield hits", _value(summary.get("hits")))]
+    search = summary.get("index_search") or {}
+    if search:  # the shield's per-step cost (auditing.stats.search_cost)
+        rows.append(("Index search per query: candidates re-checked, lists probed",
+                     f"{search['candidates_per_query']:.2f}, {search['lists_probed_per_query']:.1f} "
+                     f"(over {search['index_queries']:.0f} queries)"))
     if completeness.get("units_planned") is not None:
         rows.insert(3, ("Units whole / planned", f"{completeness['units_whole']} / {completeness['units_planned']}"))
         rows.insert(4, ("Samples with rows / planned", f"{completeness['samples_with_rows']} / {completeness['samples_planned']}"

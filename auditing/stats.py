@@ -76,3 +76,17 @@ def perceptual_summary(samples) -> dict:
     if "audit_descriptor_copy" in samples and len(samples) and samples["audit_descriptor_copy"].notna().all():
         out["descriptor_copy"] = rate(samples["audit_descriptor_copy"].astype(bool))  # the index has a descriptor judge
     return out
+
+
+def search_cost(samples) -> dict:
+    """The shield's index searches during sampling (the index_* columns of audit/samples): total
+    queries, and candidates and inverted-file lists probed per query; {} when no row counted them
+    (no index, index servers, or a run older than those columns)."""
+    if "index_queries" not in samples:
+        return {}
+    counted = samples[samples["index_queries"].notna()]
+    queries = float(counted["index_queries"].sum())
+    if not queries:
+        return {}
+    return {"index_queries": queries, "candidates_per_query": float(counted["index_candidates"].sum()) / queries,
+            "lists_probed_per_query": float(counted["index_lists_probed"].sum()) / queries}

@@ -16,7 +16,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from spellshield.auditing.stats import corrected_share_per_step, correction_ratios, per_prompt_rates, rate, written_attempt_hits
+from spellshield.auditing.stats import (corrected_share_per_step, correction_ratios, per_prompt_rates, rate, search_cost,
+                                        written_attempt_hits)
 from spellshield.pipeline.config import GateConfig, GenerateConfig
 
 SCHEMA_VERSION = 2
@@ -89,6 +90,7 @@ def summarize(run: dict, samples: pd.DataFrame, hits: pd.DataFrame, radius: floa
         "correction_ratio_quantiles": {f"{q:g}": float(np.quantile(ratios, q)) for q in (0.5, 0.9, 0.99, 1.0)}
         if len(ratios) else {},
         "shielded": bool((config.get("shield") or {}).get("index")),
+        "index_search": search_cost(samples),
         "settings": run_settings(run),
         "per_prompt": [],
     }

@@ -19,7 +19,8 @@ half the median 1-NN distance of 200 corpus vectors (self excluded).
 Baseline: one ``faiss.IndexFlatL2`` over all vectors, ``range_search`` with the squared radius,
 no re-check: what the skeleton's FAISS path cost before. Every backend row reports the median
 of ``--repeats`` timed batches after one warm-up, the ratio to the baseline, and candidates per
-query from the backend's stats. Torch and FAISS use the same thread count (``--threads``); the
+query from the backend's stats (and lists probed per query for ``ivf``, whose projection and
+inverted file of about 2 sqrt(N) lists are built once, untimed, and cached with the index). Torch and FAISS use the same thread count (``--threads``); the
 machine's load average is recorded, since other work on a shared 2-core machine skews timings
 (OpenMP barriers with 2 threads suffer most).
 """
@@ -39,8 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
-TAEF2 = os.path.join(os.path.dirname(ROOT), "shared", "models", "taef2")
+SHARED = os.environ.get("SPELLSHIELD_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")  # a worktree: set it
+CIFAR = os.path.join(SHARED, "data", "cifar10")
+TAEF2 = os.path.join(SHARED, "models", "taef2")
 
 BACKENDS = {
     "exact": dict(backend="exact"),
@@ -49,6 +51,7 @@ BACKENDS = {
     "projected d=256 (full vectors on disk)": dict(backend="projected", dims=256, full="disk"),
     "projected d=256 (full vectors in memory)": dict(backend="projected", dims=256, full="memory"),
     "sharded (exact per shard, threads)": dict(backend="sharded"),
+    "ivf d=256 (codes in memory, full vectors on disk)": dict(backend="ivf", dims=256),
 }
 FLOAT16_BACKENDS = {
     "exact, float16 storage": dict(backend="exact"),
@@ -99,6 +102,19 @@ def cached_index(cache: str, dataset: str, vectors: np.ndarray, shard_size: int,
     return path
 
 
+def prepare_ivf(path: str, dims: int) -> None:
+    """The projection and inverted file ``ivf`` opens (it never trains): built once per cached index."""
+    from spellshield.indexing.ivf import IvfShield, write_ivf
+    from spellshield.indexing.manifest import IndexFormatError
+    from spellshield.indexing.projected import load_projection
+
+    try:
+        IvfShield.locate(path, dims)
+    except IndexFormatError:
+        load_projection(path, dims)  # written when absent
+        write_ivf(path, dims)
+
+
 def make_queries(dataset: str, vectors: np.ndarray, batch: int) -> np.ndarray:
     rng = np.random.default_rng(1)
     half = batch // 2
@@ -133,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's)")
     parser.add_argument("--cache", default="/tmp/spellshield-bench")
     parser.add_argument("--skip", default="", help="comma-separated row names to leave out")
+    parser.add_argument("--only", default="", help="comma-separated prefixes: run only the rows whose name starts "
+                        "with one of them (e.g. 'ivf,projected'; row names hold commas, --skip cannot name those)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -163,6 +181,9 @@ def main(argv=None) -> int:
     print(f"  {rows[0]['backend']:<48} {baseline * 1e3:9.1f} ms")
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    if only:
+        skip |= {name for name in [*BACKENDS, *FLOAT16_BACKENDS] if not name.startswith(only)}
     plans = [(name, path32, opts) for name, opts in BACKENDS.items()]
     if any(name not in skip for name in FLOAT16_BACKENDS):
         path16 = cached_index(args.cache, args.dataset, vectors, args.shard_size, "float16")
@@ -170,6 +191,8 @@ def main(argv=None) -> int:
     for name, path, options in plans:
         if name in skip:
             continue
+        if options["backend"] == "ivf":
+            prepare_ivf(path, options["dims"])
         started = time.perf_counter()
         shield = open_index(path, **options)
         opened = time.perf_counter() - started
@@ -182,12 +205,15 @@ def main(argv=None) -> int:
         row = {"backend": name, "options": options, "seconds": seconds, "ratio": seconds / baseline,
                "open_seconds": opened, "hits_per_query": sum(len(i) for i, _ in found) / len(queries),
                "candidates_per_query": stats["candidates_per_query"]}
+        if stats["lists_probed"]:
+            row["lists_probed_per_query"] = stats["lists_per_query"]
         if getattr(shield, "lists_probed", 0):
             row["ivf_lists_probed_per_query_and_shard"] = shield.lists_probed / (
                 (args.repeats + 2) * len(queries) * len(shield.parts))
         rows.append(row)
+        lists = f"  lists/query {row['lists_probed_per_query']:.1f}" if "lists_probed_per_query" in row else ""
         print(f"  {name:<48} {seconds * 1e3:9.1f} ms  ratio {row['ratio']:.3f}  "
-              f"candidates/query {row['candidates_per_query']:.1f}  hits/query {row['hits_per_query']:.2f}  (open {opened:.1f} s)")
+              f"candidates/query {row['candidates_per_query']:.1f}  hits/query {row['hits_per_query']:.2f}{lists}  (open {opened:.1f} s)")
         del shield
     result = {
         "benchmark": "range_search latency per batch", "dataset": args.dataset, "n": len(vectors),

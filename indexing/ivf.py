@@ -92,6 +92,18 @@ VORONOI_NEIGHBOURS = 8  # nearest centroids each query tries as the k of the Vor
 SLACK64 = 1e-9  # relative allowance for float64 rounding in the list bounds (errors are ~1e-13)
 
 
+_BLAS = []
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS runs one thread (threadpoolctl; the controller made once)."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def ivf_dir(index_dir: str, dims: int, lists: int) -> str:
     return os.path.join(projection_dir(index_dir, dims), f"ivf-{int(lists)}")
 
@@ -115,19 +127,24 @@ def train_centroids(codes: np.ndarray, lists: int, seed: int = 0, niter: int = 1
     return np.ascontiguousarray(kmeans.centroids, np.float32)
 
 
-def assign(codes32: torch.Tensor, centroids: torch.Tensor, centroid_sq: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of each code by the float32 expanded distance (the |x|^2 term is common)."""
-    d2 = centroid_sq[None, :] - 2.0 * (codes32 @ centroids.T)
-    return torch.argmin(d2, dim=1)
+def assign(codes32: torch.Tensor, centroids: torch.Tensor, centroid_sq: torch.Tensor, block_rows: int = 4096) -> torch.Tensor:
+    """Nearest centroid of each code by the float32 expanded distance (the |x|^2 term is common),
+    ``block_rows`` codes at a time: a (block x lists) float32 matrix instead of (N x lists)."""
+    out = torch.empty(len(codes32), dtype=torch.long)
+    for start in range(0, len(codes32), block_rows):
+        d2 = torch.addmm(centroid_sq[None, :], codes32[start:start + block_rows], centroids.T, alpha=-2.0)
+        out[start:start + len(d2)] = torch.argmin(d2, dim=1)
+    return out
 
 
 def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int | None = None, *,
               code_dtype: str = "float16", sample_size: int | None = None, seed: int = 0, niter: int = 10,
-              chunk_rows: int = 1 << 15, extra_meta: dict | None = None, log=None) -> dict:
+              chunk_rows: int = 1 << 15, bucket_bytes: int = 256 << 20, extra_meta: dict | None = None,
+              log=None) -> dict:
     """Write the structure (module doc) for ``vectors`` (N, D), any array (a memmap: read in chunks).
 
-    Memory: one chunk of vectors in float64, the k-means sample, and 12 bytes per vector (list and
-    row numbers); the codes go through a memory-mapped file. Returns the metadata written.
+    Memory: one chunk of vectors in float64, the k-means sample, 12 bytes per vector (list and row
+    numbers) and one bucket of codes (~``bucket_bytes``) when they are put in list order. Returns the metadata written.
     """
     if code_dtype not in CODE_DTYPES:
         raise ValueError(f"code dtype must be one of {CODE_DTYPES}, got {code_dtype!r}")
@@ -161,7 +178,12 @@ def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int 
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    row_codes = np.lib.format.open_memmap(os.path.join(tmp, "codes-by-row.npy"), mode="w+", dtype=ctype, shape=(count, dims))
+    # The codes go to ``groups`` files by list range (sequential appends, ~bucket_bytes each), which are
+    # then sorted one at a time into codes.npy: an external bucket sort, bounded memory, no random
+    # writes into a file the size of the codes.
+    groups = int(min(lists, max(1, math.ceil(count * dims * ctype.itemsize / bucket_bytes))))
+    group_of_list = (np.arange(lists) * groups) // lists
+    bucket_files = [open(os.path.join(tmp, f"bucket-{g}.bin"), "wb") for g in range(groups)]
     owner = np.empty(count, np.int32)
     cent32 = torch.from_numpy(centroids)
     cent64 = cent32.to(torch.float64)
@@ -169,38 +191,49 @@ def build_ivf(out: str, vectors: np.ndarray, projection: Projection, lists: int 
     radii = np.full(lists, -np.inf)
     max_code_error = max_centered = max_code_sq = 0.0
     # 2. One streaming pass: project (float64), round to codes, measure the rounding, assign, radii.
+    reported = trained
     for start in range(0, count, chunk_rows):
+        if time.perf_counter() - reported > 60:
+            reported = time.perf_counter()
+            say(f"assigned {start} of {count} vectors ({start / (reported - trained):.0f}/s)")
         chunk = torch.from_numpy(np.array(vectors[start:start + chunk_rows]))
         centered = chunk.to(torch.float64) - mean64
+        del chunk
+        max_centered = max(max_centered, float(torch.linalg.vector_norm(centered, dim=1).max()))
         p64 = centered @ basis64.T
+        del centered
         codes = p64.to(tdtype)  # torch's conversions: numpy's float16 ones are slow
         c64 = codes.to(torch.float64)
         max_code_error = max(max_code_error, float(torch.linalg.vector_norm(c64 - p64, dim=1).max()))
-        max_centered = max(max_centered, float(torch.linalg.vector_norm(centered, dim=1).max()))
         max_code_sq = max(max_code_sq, float((c64 * c64).sum(1).max()))
         with full_precision_matmul():
             near = assign(c64.to(torch.float32), cent32, cent_sq.to(torch.float32))
         dist = torch.linalg.vector_norm(c64 - cent64[near], dim=1).numpy()
-        np.maximum.at(radii, near.numpy(), dist)
-        row_codes[start:start + len(codes)] = codes.numpy()
-        owner[start:start + len(codes)] = near.numpy()
-    row_codes.flush()
+        near = near.numpy()
+        np.maximum.at(radii, near, dist)
+        owner[start:start + len(near)] = near
+        code_rows, group = codes.numpy(), group_of_list[near]
+        for g in np.unique(group):
+            bucket_files[g].write(np.ascontiguousarray(code_rows[group == g]).tobytes())
+    for f in bucket_files:
+        f.close()
     say(f"assigned {count} vectors in {time.perf_counter() - trained:.1f} s")
 
-    # 3. Lists in order: rows sorted by list, codes scattered into list order chunk by chunk.
+    # 3. Lists in order: rows sorted by list (stable: by row within a list), each bucket sorted in memory.
     order = np.argsort(owner, kind="stable")
     offsets = np.zeros(lists + 1, np.int64)
     np.cumsum(np.bincount(owner, minlength=lists), out=offsets[1:])
+    header = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), mode="w+", dtype=ctype, shape=(count, dims)).offset
+    with open(os.path.join(tmp, "codes.npy"), "r+b") as listed:
+        listed.seek(header)
+        for g in range(groups):
+            bucket = os.path.join(tmp, f"bucket-{g}.bin")
+            block = np.fromfile(bucket, dtype=ctype).reshape(-1, dims)
+            # Rows of the group's lists in row order (the order they were appended), sorted stably by list.
+            listed.write(np.ascontiguousarray(block[np.argsort(owner[group_of_list[owner] == g], kind="stable")]).tobytes())
+            del block
+            os.remove(bucket)
     del owner
-    position = np.empty(count, np.int64)
-    position[order] = np.arange(count)
-    listed = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), mode="w+", dtype=ctype, shape=(count, dims))
-    for start in range(0, count, chunk_rows):
-        block = np.asarray(row_codes[start:start + chunk_rows])
-        listed[position[start:start + len(block)]] = block
-    listed.flush()
-    del listed, row_codes, position
-    os.remove(os.path.join(tmp, "codes-by-row.npy"))
     np.save(os.path.join(tmp, "rows.npy"), order.astype(np.int64))
     np.save(os.path.join(tmp, "offsets.npy"), offsets)
     np.save(os.path.join(tmp, "centroids.npy"), centroids)
@@ -296,8 +329,9 @@ class IvfScan(ProjectedScan):
 
     # -- which lists can hold a hit ------------------------------------------------------------
 
-    # Small (batch x lists) float64 arithmetic runs in numpy: torch's thread pool costs more than
-    # the work on a loaded machine.
+    # Small (batch x lists) float64 arithmetic runs in numpy with one BLAS thread: torch's thread
+    # pool, and OpenBLAS's own threads, cost more than the work on a loaded machine (measured at
+    # load 25 on 2 cores: probe 0.01-0.02 s with one OpenBLAS thread, 0.18-0.33 s with two).
 
     def _centroid_geometry(self, p64: np.ndarray):
         """float64 squared distances (B, lists) from projected queries to centroids, and their error bound."""
@@ -309,6 +343,10 @@ class IvfScan(ProjectedScan):
 
     def probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
         """(B, lists) bool: the lists each query must scan (neither bound excludes them)."""
+        with one_blas_thread():
+            return self._probe(p64, t)
+
+    def _probe(self, p64: np.ndarray, t: np.ndarray) -> np.ndarray:
         d2, err = self._centroid_geometry(p64)
         t64 = np.asarray(t, np.float64)[:, None] * (1 + SLACK64)
         # Covering radius: |p - mu_j| - R_j < t; |p - mu_j| >= sqrt(max(d2 - err, 0)).
@@ -396,7 +434,8 @@ class IvfScan(ProjectedScan):
 
     def knn64(self, q: torch.Tensor, k: int, take: bool = True):
         k = min(int(k), self.count)
-        d2, _ = self._centroid_geometry(self._project64(q))
+        with one_blas_thread():
+            d2, _ = self._centroid_geometry(self._project64(q))
         order = np.argsort(np.where(self._nonempty[None, :], d2, np.inf), axis=1)
         qi, seed_rows = [], []
         for i in range(len(q)):

@@ -81,6 +81,15 @@ class AttemptRecord:
     perceptual_ssim: float | None = column("float64", "largest SSIM of the blurred image with a nearby protected one")
     perceptual_copy: bool | None = column("bool_", "the perceptual judge (or the index's descriptor judge, when it has one) "
                                                    "calls it a copy of a protected image (a breach)")
+    # what the index search cost while this attempt was sampled (indexing.shield.SearchStats): its
+    # batch's counts divided evenly over the batch, as ``seconds``; null without index or when the
+    # index is served by index servers (their counts are shared by every worker)
+    index_queries: float | None = column("float64", "index searches of this attempt's x0_hat (one per step and correction "
+                                                    "iteration; its batch's count / batch size)")
+    index_candidates: float | None = column("float64", "candidates the index's fast pass handed to the exact re-check "
+                                                       "(its batch's count / batch size)")
+    index_lists_probed: float | None = column("float64", "inverted-file lists probed (``ivf`` backend; 0 for the others; "
+                                                         "its batch's count / batch size)")
 
 
 def _columns(*classes) -> list:

@@ -283,3 +283,77 @@ def test_queries_just_beyond_the_farthest_point_of_every_list(tmp_path):
     check_range(shield, base, queries, [1.5 * delta, 4 * delta])
     for ids, _ in shield.range_search(queries, 1.5 * delta):
         assert len(ids) >= 1
+
+
+def test_bucketed_list_order_equals_one_bucket(tmp_path):
+    # The build sorts the codes into list order through buckets by list range (bounded memory):
+    # any number of buckets gives the same files, each list's rows ascending, each code the
+    # float16 rounding of its row's float64 projection, each row in the list of its nearest centroid.
+    from spellshield.indexing.ivf import build_ivf
+    from spellshield.indexing.projected import fit_projection, project
+
+    rng = np.random.default_rng(5)
+    base = (rng.standard_normal((3000, 24)) * (1.0 / (1 + np.arange(24)))).astype(np.float16)
+    base[2990:] = base[:10]
+    projection = fit_projection(torch.from_numpy(base.astype(np.float32)), 8)
+    files = {}
+    for buckets, size in (("one", 1 << 30), ("many", 3000 * 8 * 2 // 7)):
+        out = str(tmp_path / buckets)
+        build_ivf(out, base, projection, 40, chunk_rows=256, bucket_bytes=size)
+        files[buckets] = {n: np.load(os.path.join(out, n)) for n in ("codes.npy", "rows.npy", "offsets.npy", "radii.npy")}
+    for name, value in files["one"].items():
+        np.testing.assert_array_equal(value, files["many"][name], err_msg=name)
+    rows, offsets, codes = files["one"]["rows.npy"], files["one"]["offsets.npy"], files["one"]["codes.npy"]
+    assert sorted(rows.tolist()) == list(range(3000))
+    p64 = project(torch.from_numpy(base), torch.from_numpy(projection.basis).to(torch.float64),
+                  torch.from_numpy(projection.mean).to(torch.float64))
+    np.testing.assert_array_equal(codes, p64.to(torch.float16).numpy()[rows])
+    centroids = np.load(str(tmp_path / "one" / "centroids.npy")).astype(np.float64)
+    d2 = ((codes.astype(np.float64)[:, None, :] - centroids[None]) ** 2).sum(2)
+    for j in range(40):
+        inside = slice(offsets[j], offsets[j + 1])
+        assert np.all(np.diff(rows[inside]) > 0)
+        assert np.all(d2[inside, j] <= d2[inside].min(1) + 1e-3)  # nearest up to float32 ties
+
+
+@pytest.mark.slow
+def test_generation_rows_and_audit_report_count_the_ivf_searches(memorizer_model, protected_index, tmp_path):
+    # A run whose search counts are known: a radius larger than every list, one correction iteration
+    # and no noise gate, so every step searches each sample once, every stored vector is a candidate
+    # and every non-empty list is probed.
+    import shutil
+
+    import pandas as pd
+
+    from spellshield.auditing.report import write_report
+    from spellshield.auditing.summary import summarize
+    from spellshield.pipeline.config import GenerateConfig
+    from spellshield.pipeline.scheduler import SpellConfig
+    from spellshield.workers.generation import GenerationWorker, WorkerRuntime
+    from spellshield.workers.units import PromptRequest, plan_samples, plan_units
+
+    index = str(tmp_path / "index")
+    shutil.copytree(protected_index, index)
+    dim = int(np.prod(open_index(index).manifest.latent.shape))
+    write_projection(index, dim)
+    lists_dir = write_ivf(index, dim, 6)
+    sizes = np.diff(np.load(os.path.join(lists_dir, "offsets.npy")))
+    count, lists = int(sizes.sum()), int((sizes > 0).sum())
+    spell = SpellConfig(overcompensation=1e-9, correction_iterations=1, min_noise_radii=0.0)
+    config = GenerateConfig.build(memorizer_model, str(tmp_path / "run"), index=index, radius=1e3, spell=spell, steps=5,
+                                  batch_size=3, on_breach="flag", search_backend="ivf")
+    worker = GenerationWorker(config, WorkerRuntime(device="cpu"))
+    assert worker.shield.backend == "ivf"
+    for unit in plan_units(plan_samples([PromptRequest(None, 5)], base_seed=0), unit_size=5):
+        worker.run_unit(unit)
+    rows = pd.read_parquet(str(tmp_path / "run" / "audit" / "samples"))
+    assert len(rows) == 5 and (rows["steps"] == 5).all()
+    np.testing.assert_allclose(rows["index_queries"], 5.0)  # batches of 3 and 2: counts divided evenly
+    np.testing.assert_allclose(rows["index_candidates"], 5.0 * count)
+    np.testing.assert_allclose(rows["index_lists_probed"], 5.0 * lists)
+    summary = summarize({}, rows, pd.DataFrame(), None, None)
+    assert summary["index_search"] == {"index_queries": 25.0, "candidates_per_query": float(count),
+                                       "lists_probed_per_query": float(lists)}
+    os.makedirs(tmp_path / "audit")
+    page = open(write_report(str(tmp_path / "audit"), summary, [], {})).read()
+    assert f"<td>{count:.2f}, {lists:.1f} (over 25 queries)</td>" in page

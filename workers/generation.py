@@ -90,6 +90,7 @@ class BatchResult:
     check: FinalCheck | None
     seconds: float  # per sample
     sample_seconds: float  # the whole batch: sampling
+    search: tuple[float, float, float] | None  # the whole batch's (queries, candidates, lists probed): search_totals
     check_seconds: float  # the whole batch: the exact final check
 
 
@@ -137,15 +138,19 @@ class GenerationWorker:
         sampling = self.config.sampling
         started = time.time()
         self.scheduler.bind_batch([SampleRow(a.spec.key, a.spec.prompt) for a in attempts])
+        before = search_totals(self.shield)
         extra = {} if sampling.guidance_scale is None else {"guidance_scale": sampling.guidance_scale}
         images = sample_images(self.pipe, [a.spec.prompt for a in attempts], [a.seed for a in attempts], sampling.steps, **extra)
         pixels = to_uint8(images)
+        after = search_totals(self.shield)  # before the final check, whose searches are not the shield's
+        search = None if before is None or after is None else tuple(b - a for a, b in zip(before, after))
         log = self.scheduler.reset_log()
         sampled = time.time()
         check = (check_images(pixels, self.encoder, self.shield, self.config.shield.radius, self.judges)
                  if self.shield is not None else None)
         done = time.time()
-        return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, done - sampled)
+        return BatchResult(attempts, pixels, log, check, (done - started) / len(attempts), sampled - started, search,
+                           done - sampled)
 
     def run_unit(self, unit: Unit) -> dict:
         batch_size = self.config.sampling.batch_size
@@ -202,9 +207,25 @@ class GenerationWorker:
             active_steps=len({h.step for h in row_hits if h.used}), steps=result.log.steps,
             max_correction_ratio=max(ratios, default=0.0), action=action,
             image=image_ref(unit.name, spec.key) if action in WRITTEN_ACTIONS else None,
-            seconds=result.seconds, **judged,
+            seconds=result.seconds, **judged, **search_columns(result.search, len(result.attempts)),
         ))
         return sample, hits
+
+
+def search_totals(shield) -> tuple[float, float, float] | None:
+    """(queries, candidates, lists probed) a local shield has counted so far (a sharded one: its
+    parts' candidates and lists for queries of its own); None without a shield, and for index
+    servers (their counts are shared by every worker)."""
+    if shield is None or shield.backend == "sharded-ray":
+        return None
+    parts = shield.part_stats() if hasattr(shield, "part_stats") else [shield.stats.to_json()]
+    return (float(shield.stats.queries), float(sum(p["candidates"] for p in parts)),
+            float(sum(p.get("lists_probed", 0) for p in parts)))
+
+
+def search_columns(search: tuple[float, float, float] | None, batch: int) -> dict:
+    names = ("index_queries", "index_candidates", "index_lists_probed")
+    return {n: (None if search is None else v / batch) for n, v in zip(names, search or (None,) * 3)}
 
 
 def judged_columns(check: FinalCheck | None, row: int) -> dict:
