@@ -154,9 +154,8 @@ def local_run(run_dir: str) -> Iterator[str]:
     from spellshield.storage.commit import committed_units, fetch_committed
 
     run = storage.resolve(run_dir)
+    check_run(run_dir)
     with tempfile.TemporaryDirectory(prefix="spellshield-audit-run-") as local:
-        if not storage.is_file(run.child(RUN_FILE)):
-            raise RunError(f"{run.uri} is not a run directory: no {RUN_FILE}")
         storage.get_file(run.child(RUN_FILE), os.path.join(local, RUN_FILE))
         commits = committed_units(run)
         if not commits:
@@ -175,16 +174,11 @@ def local_tar(run_dir: str, tar_ref: str) -> Iterator[str | None]:
     if not storage.is_remote(run_dir):
         yield tar_path if os.path.isfile(tar_path) else None
         return
-    from spellshield.storage.commit import COMMITS, fetch_committed
+    from spellshield.storage.commit import commit_record, fetch_committed
 
     run = storage.resolve(run_dir)
-    unit = posixpath.basename(tar_ref)[: -len(".tar")]
-    record_location = run.child(COMMITS, f"{unit}.json")
-    if not storage.exists(record_location):
-        yield None
-        return
-    record = storage.read_json(record_location)
-    if not any(item["name"] == tar_ref for item in record["files"]):
+    record = commit_record(run, posixpath.basename(tar_ref)[: -len(".tar")])
+    if record is None or not any(item["name"] == tar_ref for item in record["files"]):
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="spellshield-audit-tar-") as local:

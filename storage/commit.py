@@ -298,7 +298,7 @@ def commit_unit(run: Location | str, unit: str, files: list[tuple[str, str]]) ->
     for name, local in files:
         put_file(local, stage.child(name))
         record["files"].append({"name": name, "sha256": file_sha256(local), "size": os.path.getsize(local)})
-    if not create_only(run.child(COMMITS, f"{unit}.json"), json.dumps(record, indent=1).encode()):
+    if not create_only(_record_of(run, unit), json.dumps(record, indent=1).encode()):
         delete_tree(stage)
         return False
     _publish(run, record)
@@ -310,6 +310,16 @@ def _publish(run: Location, record: dict) -> None:
     for item in record["files"]:
         copy(stage.child(item["name"]), run.child(item["name"]))
     delete_tree(stage)
+
+
+def _record_of(run: Location, unit: str) -> Location:
+    return run.child(COMMITS, f"{unit}.json")
+
+
+def commit_record(run: Location | str, unit: str) -> dict | None:
+    """The commit record of ``unit``, or None while it is not committed."""
+    location = _record_of(_location(run), unit)
+    return json.loads(read_bytes(location)) if exists(location) else None
 
 
 def committed_units(run: Location | str) -> dict[str, dict]:
@@ -328,12 +338,11 @@ def retract_unit(run: Location | str, unit: str) -> None:
     those files. For a committed unit found broken or stale (a build part whose source tar
     changed): it can then be committed again."""
     run = _location(run)
-    record = run.child(COMMITS, f"{unit}.json")
-    if not exists(record):
+    record = commit_record(run, unit)
+    if record is None:
         return
-    files = json.loads(read_bytes(record))["files"]
-    delete(record)
-    for item in files:
+    delete(_record_of(run, unit))
+    for item in record["files"]:
         if exists(run.child(item["name"])):
             delete(run.child(item["name"]))
 
@@ -379,5 +388,5 @@ def roll_forward(run: Location | str) -> dict[str, list[str]]:
     return {"published": published, "dropped": dropped}
 
 
-__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "committed_units", "retract_unit",
+__all__ = ["COMMITS", "ATTEMPTS", "LEASE", "Lease", "check_conditional_writes", "open_run", "check_lease_free", "LeaseHeld", "LeaseLost", "acquire_lease", "commit_unit", "commit_record", "committed_units", "retract_unit",
            "create_only", "fetch_committed", "read_with_etag", "replace_if", "roll_forward"]
