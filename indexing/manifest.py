@@ -147,12 +147,7 @@ def write_listed_bytes(index_dir: str, pattern: str, data: bytes) -> dict:
     not yet rewritten still finds the file it lists (an interrupted ``index calibrate``)."""
     digest = hashlib.sha256(data).hexdigest()
     name = pattern.format(digest[:16])
-    tmp = os.path.join(index_dir, f"{name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(index_dir, name))
+    write_bytes_atomic(os.path.join(index_dir, name), data)
     return {"file": name, "sha256": digest}
 
 
@@ -187,14 +182,18 @@ def read_listed_json(index_dir: str, name: str, sha256: str) -> dict:
         raise IndexFormatError(f"index file {index_dir.rstrip('/')}/{name} is not valid JSON: {exc}") from None
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
+def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write to a temporary name beside ``path``, fsync, then rename over it."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """``payload`` as indented JSON, written atomically (``write_bytes_atomic``)."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
