@@ -166,7 +166,7 @@ def build_index(corpus: str | BuildConfig, out: str | None = None, options: Enco
     # Parts of a remote OUT are committed through storage.commit (indexing.parts.StagedParts):
     # the local copy starts with the committed parts only, an aborted attempt's leftovers are dropped.
     staged = StagedParts(plan.remote_partial, partial) if plan.remote_partial else None
-    try:
+    try:  # the lease is released however the build ends (a finished build's went with the staging prefix)
         if staged is not None:
             staged.open()  # the build's lease: a second driver on this OUT is refused
         open_staging(partial, plan.config)
@@ -177,32 +177,26 @@ def build_index(corpus: str | BuildConfig, out: str | None = None, options: Enco
         parts = finished_parts(parts_dir, plan.config, latent.dim, changed)
         if staged is not None:
             staged.retract_all_but(parts)  # committed parts that no longer hold are encoded again
-    except BaseException:
-        if staged is not None:
-            staged.close()
-        raise
-    for source in changed:
-        progress(f"build-index: {source} changed since its part was written (sha256 differs): encoding it again")
-    if plan.resuming:
-        progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
-    reused = len(parts)
-    encode_started = time.time()
-    try:
-        encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=staged.push if staged else None)
-    except BaseException:
-        if staged is not None:
-            staged.close()
-            shutil.rmtree(partial, ignore_errors=True)  # a working copy: the committed parts are on the store
-        raise
-    images = sum(p.count + p.rejects for p in parts.values())
-    try:
+        for source in changed:
+            progress(f"build-index: {source} changed since its part was written (sha256 differs): encoding it again")
+        if plan.resuming:
+            progress(f"build-index: resuming {out}: {len(parts)} of {len(shards)} parts finished (checksums verified)")
+        reused = len(parts)
+        encode_started = time.time()
+        try:
+            encoded = encode_parts(shards, parts, parts_dir, latent.dim, options, on_part=staged.push if staged else None)
+        except BaseException:
+            if staged is not None:
+                shutil.rmtree(partial, ignore_errors=True)  # a working copy: the committed parts are on the store
+            raise
+        images = sum(p.count + p.rejects for p in parts.values())
         manifest = _assemble(out, partial, parts_dir, latent, options, shard_size, list(parts.values()),
-                             {"corpus": corpus, "source_shards": len(shards), "encode": dataclasses.asdict(options), "resumed_parts": reused,
-                              "encode_seconds": round(time.time() - encode_started, 3),
+                             {"corpus": corpus, "source_shards": len(shards), "encode": dataclasses.asdict(options),
+                              "resumed_parts": reused, "encode_seconds": round(time.time() - encode_started, 3),
                               "sources": source_records(parts, plan.config.sources)}, remote_partial=plan.remote_partial)
     finally:
         if staged is not None:
-            staged.close()  # after a finished build the lease went with the staging prefix
+            staged.close()
     elapsed = time.time() - started
     progress(f"build-index: {manifest.count} indexed, {manifest.rejects} rejected, {len(manifest.shards)} shard(s), "
              f"{encoded} part(s) encoded, {reused} reused, {images / max(elapsed, 1e-9):.1f} images/s -> {out}")
