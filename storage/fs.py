@@ -46,13 +46,13 @@ class StorageError(ValueError):
     """A path that cannot be used as asked: one line, naming the URI and the problem."""
 
 
-def scheme_of(uri: str) -> str:
-    """``s3``, ``gs``, ``file`` or ``""`` for a plain local path."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri.strip())
+def scheme_of(uri: str | os.PathLike) -> str:
+    """``s3``, ``gs``, ``file`` or ``""`` for a plain local path (a ``pathlib.Path`` is one)."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", os.fspath(uri).strip())
     return match.group(1).lower() if match else ""
 
 
-def is_remote(uri: str) -> bool:
+def is_remote(uri: str | os.PathLike) -> bool:
     """True for object-store URIs (s3://, gs://); file:// and plain paths are local."""
     return scheme_of(uri) in REMOTE_SCHEMES
 
