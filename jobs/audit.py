@@ -241,6 +241,20 @@ FLAGGED_SHOWN = 48  # images the second judges flag, shown in the report's grid 
 FLAGGED_GRID = "judges_flagged.png"
 
 
+def flagged_order(checked: pd.DataFrame) -> pd.DataFrame:
+    """The flagged rows in the order the report shows them: perceptual copies by low-pass distance,
+    then descriptor copies by similarity, then off-manifold ones by distance. Ties (exact copies all
+    sit at distance 0) break on the image reference, so the order never depends on which recheck
+    task finished first."""
+    copy, off = checked["audit_perceptual_copy"].astype(bool), checked["audit_off_manifold"].astype(bool)
+    described = checked["audit_descriptor_copy"].fillna(False).astype(bool)
+    return pd.concat([checked[copy].sort_values(["audit_perceptual_distance", "image"], kind="stable"),
+                      checked[described & ~copy].sort_values(["audit_descriptor_similarity", "image"],
+                                                             ascending=[False, True], kind="stable"),
+                      checked[off & ~copy & ~described].sort_values(["audit_nearest_distance", "image"],
+                                                                    ascending=[False, True], kind="stable")])
+
+
 def _flagged(run_dir: str, checked: pd.DataFrame, index: str, audit_dir: str, limit: int = FLAGGED_SHOWN) -> dict:
     """The images the perceptual or the off-manifold judge flags (perceptual copies by low-pass
     distance, then off-manifold ones), each beside the protected image it was compared with (the
@@ -252,11 +266,7 @@ def _flagged(run_dir: str, checked: pd.DataFrame, index: str, audit_dir: str, li
     grid = os.path.join(audit_dir, FLAGGED_GRID)
     if os.path.exists(grid):
         os.remove(grid)  # a stale grid of an earlier audit must not stand in
-    copy, off = checked["audit_perceptual_copy"].astype(bool), checked["audit_off_manifold"].astype(bool)
-    described = checked["audit_descriptor_copy"].fillna(False).astype(bool)
-    frame = pd.concat([checked[copy].sort_values("audit_perceptual_distance"),
-                       checked[described & ~copy].sort_values("audit_descriptor_similarity", ascending=False),
-                       checked[off & ~copy & ~described].sort_values("audit_nearest_distance", ascending=False)])
+    frame = flagged_order(checked)
     shown = frame.head(limit)
     result = {"total": int(len(frame)), "grid": None, "images": []}
     if not len(shown):

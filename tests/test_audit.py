@@ -378,3 +378,23 @@ def test_report_shows_the_three_judges_and_the_flagged_images(runs):
     for key in ("perceptual_copy", "off_manifold"):
         assert judge_rate_text(second[key]) in judges
     assert "L2 (the shield&#x27;s)" in judges and '<img src="judges_flagged.png"' in judges
+
+
+def test_flagged_order_is_the_same_whatever_order_the_recheck_tasks_finished_in():
+    # exact copies tie at distance 0; the report's list must not depend on which tar's task
+    # returned first (found by the fresh-clone CI: S3 and local audits listed them differently)
+    from spellshield.jobs.audit import flagged_order
+
+    rows = pd.DataFrame({
+        "image": ["u1#b", "u0#a", "u1#c", "u0#d", "u0#e", "u1#f"],
+        "audit_perceptual_copy": [True, True, True, False, False, False],
+        "audit_descriptor_copy": [None, None, None, True, None, None],
+        "audit_off_manifold": [False, False, True, False, True, True],
+        "audit_perceptual_distance": [0.0, 0.0, 0.1, 0.5, 0.6, 0.6],
+        "audit_descriptor_similarity": [0.0, 0.0, 0.0, 0.9, 0.0, 0.0],
+        "audit_nearest_distance": [1.0, 1.0, 1.0, 1.0, 2.0, 3.0],
+    })
+    expected = ["u0#a", "u1#b", "u1#c", "u0#d", "u1#f", "u0#e"]
+    for seed in range(6):
+        shuffled = rows.sample(frac=1, random_state=seed)
+        assert list(flagged_order(shuffled)["image"]) == expected, seed
