@@ -68,7 +68,7 @@ def correction_ratios(hits: pd.DataFrame) -> np.ndarray:
 
 def perceptual_summary(samples) -> dict:
     """The perceptual judge's copy rate and the off-manifold rate of the rechecked images, beside
-    the L2 rate (pipeline.judges; the columns of workers.audit.perceptual_audit_columns)."""
+    the L2 rate (pipeline.judges; the columns of workers.audit.JUDGE_COLUMNS)."""
     if "audit_perceptual_copy" not in samples:
         return {}
     out = {"perceptual_copy": rate(samples["audit_perceptual_copy"].astype(bool)),

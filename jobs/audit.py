@@ -23,7 +23,6 @@ prefix (``auditing.run_files``); the index is searched from each node's verified
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import numpy as np
@@ -69,8 +68,10 @@ def audit(run_dir: str, index: str | None = None, radius: float | None = None, t
           quiet: bool = False) -> dict:
     """Python API: audit ``run_dir`` (a path or an object-store URI); returns the summary (also
     written to audit/summary.json on the run's own storage). Uses Ray when there is an index."""
-    if radius is not None and not (radius > 0 and math.isfinite(radius)):
-        raise UsageError(f"--radius must be a finite number > 0, got {radius}")
+    # The values' one check is AuditConfig's (a bad one: UsageError naming its flag); its paths are plain (file://).
+    config = from_args(lambda _: AuditConfig(run_dir=run_dir, index=index, radius=radius, top=top,
+                                             gate=gate or GateConfig()), None)
+    run_dir, index = config.run_dir, config.index
     try:
         with local_run(run_dir) as local:  # a remote run: its committed units, in a temporary directory
             return _audit(run_dir, local, index, radius, top, gate, quiet)

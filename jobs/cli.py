@@ -84,13 +84,14 @@ def every_command() -> list[tuple[str, ...]]:
 def _run(command: str, args) -> int:
     from spellshield.indexing.corpus import CorpusError
     from spellshield.indexing.manifest import IndexFormatError
-    from spellshield.jobs.paths import check_job_paths
+    from spellshield.jobs.paths import check_job_paths, normalise_paths
     from spellshield.jobs.runtime import UsageError, set_loudness
     from spellshield.storage import StorageError
 
     module = importlib.import_module(COMMANDS[command][0])
     set_loudness(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
+        normalise_paths(args)  # file:///abs -> /abs: no job sees a file:// string
         check_job_paths(args)  # a relative path in a Ray job points into Ray's copy of the working dir
         return int(module.run(args) or 0)
     except (UsageError, CorpusError, IndexFormatError, StorageError) as exc:

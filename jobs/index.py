@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 from spellshield import storage
 from spellshield.indexing.calibrate import encode_holdout
@@ -73,18 +74,22 @@ def calibrate(index_dir: str, holdout: str | None = None, holdout_size: int = 10
         if len(latents) == 0:
             raise UsageError(f"--holdout {holdout} has no decodable image ({info['rejects']} rejected)")
         progress(f"index calibrate: {len(latents)} held-out images encoded with {manifest.latent.encoder}")
-    # An index on object storage is calibrated in this node's verified cache, where the judges'
-    # new files are written; they are uploaded before the manifest that lists them.
-    local = local_index_dir(index_dir)
-    calibration = calibrate_with_judges(local, manifest, encoder, descriptor, sample_size=sample_size, seed=seed,
-                                        holdout=latents, holdout_info=info)
-    root = storage.resolve(index_dir)
-    judges = calibration["judges"]
-    listed = {judges["file"]: judges["sha256"], **(judges.get("files") or {})}
-    if storage.is_remote(index_dir):
-        for name in listed:
-            if name not in manifest.listed_files:
-                storage.put_file(os.path.join(local, name), root.child(name))
+    # An index on object storage is read from this node's verified cache, but the judges' new
+    # files are written to a temporary directory, not into that cache entry: the entry is keyed by
+    # the manifest being replaced and must stay that version (the new manifest gets its own entry
+    # on its first fetch). They are uploaded before the manifest that lists them.
+    remote = storage.is_remote(index_dir)
+    with tempfile.TemporaryDirectory(prefix="spellshield-calibrate-") as scratch:
+        out = scratch if remote else index_dir
+        calibration = calibrate_with_judges(local_index_dir(index_dir), manifest, encoder, descriptor, out_dir=out,
+                                            sample_size=sample_size, seed=seed, holdout=latents, holdout_info=info)
+        root = storage.resolve(index_dir)
+        judges = calibration["judges"]
+        listed = {judges["file"]: judges["sha256"], **(judges.get("files") or {})}
+        if remote:
+            for name in listed:
+                if name not in manifest.listed_files:
+                    storage.put_file(os.path.join(out, name), root.child(name))
     # Rewrite only the calibration entry of the manifest as found: locally through a temporary
     # name, on an object store with one PUT (the manifest, the index's finished marker, is
     # replaced whole; its new sha256 keys a new cache entry on each node).

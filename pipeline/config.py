@@ -35,6 +35,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from spellshield import storage
 from spellshield.indexing.corpus import DEFAULT_MAX_MEMBER_BYTES
 from spellshield.indexing.search import BACKENDS
 from spellshield.indexing.store import DTYPES as STORE_DTYPES
@@ -140,6 +141,7 @@ class ShieldConfig:
     history_size: int = option(64, "earlier outputs kept per prompt", type=int)
 
     def __post_init__(self):
+        _path(self, "index", none=True)
         for name in ("radius", "batch_radius", "history_radius"):
             _positive_finite(name, getattr(self, name), none=True)
         _choice("search_backend", self.search_backend, BACKENDS)
@@ -222,6 +224,7 @@ class SamplingConfig:
     requests: tuple[PromptRequest, ...] | None = None
 
     def __post_init__(self):
+        _path(self, "prompts", none=True)
         if self.num_images is not None:
             _image_count("num_images", self.num_images)
         if self.num_images is not None and self.prompts is not None:
@@ -302,7 +305,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         for name in ("model", "out"):
-            _path(name, getattr(self, name))
+            _path(self, name)
         for name, cls in PARTS.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
@@ -422,12 +425,20 @@ def split_parts(kwargs: dict, parts: dict, what: str) -> dict:
     return built
 
 
-def _path(name: str, value, none: bool = False) -> None:
-    """Paths stay plain strings (local paths or URIs: s3://, gs://); checked for existence later."""
+def _path(config, name: str, none: bool = False) -> None:
+    """``config.name`` is a path: a plain string (a local path or a URI: s3://, gs://), checked
+    for existence later; a ``file://`` URI is replaced by the local path it names
+    (``storage.normalise``: the Python API's edge, as ``jobs.paths`` is the command line's)."""
+    value = getattr(config, name)
     if value is None and none:
         return
     if not isinstance(value, str) or not value:
         raise ConfigError(name, f"must be a path, got {value!r}")
+    try:
+        plain = storage.normalise(value)
+    except storage.StorageError as exc:
+        raise ConfigError(name, str(exc)) from None
+    object.__setattr__(config, name, plain)  # frozen: set once, while it is being built
 
 
 def required(help: str, **argparse_kwargs):
@@ -460,7 +471,7 @@ class EncodeConfig:
     min_size: int = 8  # images smaller than this on a side are rejected (not an option)
 
     def __post_init__(self):
-        _path("encoder", self.encoder)
+        _path(self, "encoder")
         _int("resolution", self.resolution, low=1)
         _int("batch_size", self.batch_size, low=1)
         _int("num_encoders", self.num_encoders, low=0)
@@ -479,8 +490,8 @@ class BuildConfig:
     shard_size: int = option(DEFAULT_SHARD_SIZE, "vectors per FAISS shard; assembly holds one shard in memory", type=int)
 
     def __post_init__(self):
-        _path("corpus", self.corpus)
-        _path("out", self.out)
+        _path(self, "corpus")
+        _path(self, "out")
         if not isinstance(self.encode, EncodeConfig):
             raise TypeError(f"encode must be an EncodeConfig, got {type(self.encode).__name__}")
         _int("shard_size", self.shard_size, low=1)
@@ -545,9 +556,9 @@ class AuditConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
-        _path("run_dir", self.run_dir)
-        _path("index", self.index, none=True)
-        _path("compare", self.compare, none=True)
+        _path(self, "run_dir")
+        _path(self, "index", none=True)
+        _path(self, "compare", none=True)
         _positive_finite("radius", self.radius, none=True)
         _int("top", self.top, low=0)
         if not isinstance(self.gate, GateConfig):

@@ -39,11 +39,13 @@ def build_index(corpus: str, out: str, *, address: str | None = None, **options)
 def memorizer(corpus: str, out: str, *, address: str | None = None, **encode_options) -> str:
     """Save a diffusers pipeline that memorizes ``corpus`` (the honest worst case for a shield) at
     ``out``; ``encode_options``: the fields of ``EncodeConfig``, as for ``build_index``. Returns ``out``."""
+    from spellshield import storage
     from spellshield.jobs import memorizer as job
     from spellshield.jobs.runtime import ray_cluster
     from spellshield.pipeline.config import EncodeConfig
 
     options = EncodeConfig(**encode_options)
+    corpus, out = storage.normalise(corpus), storage.normalise(out)  # file:// -> a local path, as every config's path field
     job.check_inputs(corpus, out, options)
     with ray_cluster(address):
         return job.build_memorizer(corpus, out, options)

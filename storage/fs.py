@@ -106,12 +106,10 @@ def resolve(uri: str) -> Location:
     if scheme == "":
         path = os.path.abspath(os.path.expanduser(uri))
         return Location(path, path, _local())
-    parsed = urlparse(uri)
     if scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise StorageError(f"{uri}: a file:// URI names a local path (file:///abs/path), not host {parsed.netloc!r}")
-        path = os.path.abspath(unquote(parsed.path))
+        path = file_uri_path(uri)
         return Location(path, path, _local())
+    parsed = urlparse(uri)
     if scheme not in REMOTE_SCHEMES:
         raise StorageError(f"{uri}: unsupported scheme {scheme}:// (use s3://, gs://, file:// or a local path)")
     if "@" in parsed.netloc:
@@ -127,6 +125,38 @@ def resolve(uri: str) -> Location:
     scheme = "gs" if scheme == "gcs" else scheme
     filesystem = _s3(*_s3_settings()) if scheme == "s3" else _gcs()
     return Location(f"{scheme}://{path}", path, filesystem)
+
+
+def file_uri_path(uri: str) -> str:
+    """The absolute local path a ``file:///abs/path`` (or ``file://localhost/abs/path``) URI names.
+
+    Taken apart by hand, not by ``urlparse``: a corpus glob's ``?`` or a ``#`` in a file name is
+    part of the path here, not a query or a fragment. Percent escapes are decoded (``%20``).
+    """
+    rest = uri.strip().split("://", 1)[1]
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise StorageError(f"{uri}: a file:// URI names a local path (file:///abs/path), not host {host!r}")
+    if not path.strip("/"):
+        raise StorageError(f"{uri}: a file:// URI needs an absolute path (file:///abs/path)")
+    return os.path.abspath(unquote("/" + path))
+
+
+def normalise(value: str) -> str:
+    """A path option's value as the jobs take it: each ``file://`` URI (each part of a comma list,
+    as ``--corpus`` and ``--holdout`` take) becomes the local path it names; a plain path or an
+    object-store URI is returned as given.
+
+    Applied once where arguments enter (``jobs.paths.normalise_paths`` for the command line, the
+    configs' path fields for the Python API), so that the jobs, which tell local from remote by
+    ``is_remote`` and hand local paths to ``os`` and ``glob``, never see ``file://``: a raw
+    ``file:///x`` there would read as the relative path ``file:/x``. Records (``run.json``, the
+    manifest) therefore hold the plain path, the same for ``file:///x`` and ``/x``.
+    Raises StorageError for a ``file://`` URI that names a host.
+    """
+    if not isinstance(value, str) or "file://" not in value.lower():
+        return value
+    return ",".join(file_uri_path(part) if scheme_of(part) == "file" else part for part in value.split(","))
 
 
 def _s3_settings() -> tuple:

@@ -49,6 +49,20 @@ def test_image_refs_never_escape(tmp_path, ref):
         resolve_image_ref(str(tmp_path), ref)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"radius": float("inf")}, "--radius must be a finite number, got inf"),
+    ({"radius": True}, "--radius must be a number, got True"),  # the audit's own check took True for 1.0
+    ({"top": -1}, "--top must be >= 0, got -1"),  # ... and let a negative --top through
+    ({"index": "file://host/index"}, "--index file://host/index: a file:// URI names a local path"),
+])
+def test_audit_api_checks_its_values_as_the_config_does(tmp_path, options, message):
+    """jobs.audit.audit checks its values with AuditConfig's one check, before reading anything."""
+    with pytest.raises(UsageError) as raised:
+        audit(str(tmp_path / "no-run"), **options)
+    assert str(raised.value).startswith(message)
+    assert os.listdir(tmp_path) == []
+
+
 def test_image_ref_inside(tmp_path):
     path, member = resolve_image_ref(str(tmp_path), "images/unit-00003.tar#s000012.png")
     assert path == os.path.join(str(tmp_path), "images", "unit-00003.tar") and member == "s000012.png"

@@ -241,3 +241,28 @@ def test_run_settings_read_run_json_through_the_config():
     unreadable = run_settings({"config": {"shield": {"radius": -1}}, "status": "running"})
     assert set(unreadable) == set(settings) and unreadable["status"] == "running" and not unreadable["shielded"]
     assert all(v is None for k, v in unreadable.items() if k not in ("status", "shielded"))
+
+
+def test_recheck_columns_of_a_final_check():
+    """A rechecked image's judge columns, from a hand-made FinalCheck: the declared JUDGE_COLUMNS in
+    order, typed, the descriptor's null when the index has no descriptor judge."""
+    from spellshield.workers.audit import JUDGE_COLUMNS, L2_COLUMNS, L2_FIELDS, perceptual_audit_columns
+    from spellshield.workers.final_check import FinalCheck
+
+    judged = dict(ids=np.array([4, 9]), keys=["a", "b"], distances=np.array([0.5, 2.0]), inside=np.array([True, False]),
+                  off_manifold=np.array([False, True]), perceptual_ids=np.array([4, 7]), perceptual_keys=["a", "c"],
+                  perceptual_distances=np.array([0.1, 3.0]), perceptual_ssim=np.array([0.9, 0.2]),
+                  perceptual_copy=np.array([True, False]))
+    plain = FinalCheck(**judged)
+    assert list(perceptual_audit_columns(plain, 1).items()) == [
+        ("audit_perceptual_copy", False), ("audit_perceptual_id", 7), ("audit_perceptual_key", "c"),
+        ("audit_perceptual_distance", 3.0), ("audit_perceptual_ssim", 0.2), ("audit_off_manifold", True),
+        ("audit_descriptor_copy", None), ("audit_descriptor_id", None), ("audit_descriptor_key", None),
+        ("audit_descriptor_similarity", None)]
+    described = FinalCheck(**judged, descriptor_ids=np.array([5, 6]), descriptor_keys=["d", "e"],
+                           descriptor_similarity=np.array([0.95, 0.1]), descriptor_copy=np.array([True, False]))
+    columns = perceptual_audit_columns(described, 0)
+    assert tuple(columns) == JUDGE_COLUMNS and L2_COLUMNS == tuple(L2_FIELDS)
+    assert [columns[c] for c in JUDGE_COLUMNS[-4:]] == [True, 5, "d", 0.95]
+    assert all(type(columns[c]) is t for c, t in (("audit_perceptual_copy", bool), ("audit_perceptual_id", int),
+                                                   ("audit_descriptor_similarity", float)))

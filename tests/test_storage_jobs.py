@@ -67,6 +67,40 @@ def test_calibrate_and_verify_on_s3(capsys, s3_env, s3_bucket, digits_corpus, pr
     assert os.listdir(work) == []
 
 
+def tree(directory) -> dict:
+    """{relative path: bytes} of every file under ``directory`` (the cache's lock file aside)."""
+    found = {}
+    for d, _, names in os.walk(directory):
+        for name in names:
+            if name != ".lock":
+                with open(os.path.join(d, name), "rb") as f:
+                    found[os.path.relpath(os.path.join(d, name), directory)] = f.read()
+    return found
+
+
+def test_calibrate_on_s3_leaves_the_cache_entry_of_the_old_manifest_as_it_was(s3_env, s3_bucket, protected_index,
+                                                                              tmp_path, monkeypatch):
+    """A cache entry holds the index version its key (the manifest's sha256) names: calibrating an
+    index on S3 writes its new judges file elsewhere, and the new manifest gets its own entry."""
+    from spellshield.indexing.index_cache import fetch_index, local_index_dir
+    from spellshield.indexing.manifest import manifest_hash
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    index = f"{s3_bucket}/index"
+    storage.put_tree(protected_index, index, last="manifest.json")
+    old = local_index_dir(index)
+    assert os.path.basename(old) == manifest_hash(index)
+    before = tree(old)
+    assert main(["index", "calibrate", index, "--sample-size", "200", "--seed", "5"]) == 0  # another seed: new judges
+    judges = storage.read_json(f"{index}/manifest.json")["calibration"]["judges"]
+    assert f"{judges['file']}" not in before
+    assert tree(old) == before  # the old version's entry: not a file more, not a byte changed
+    new = fetch_index(index)
+    assert os.path.basename(new.directory) == manifest_hash(index) != os.path.basename(old)
+    assert judges["file"] in new.downloaded  # entered the new entry checked against the new manifest's sha256
+    assert storage.file_sha256(os.path.join(new.directory, judges["file"])) == judges["sha256"]
+
+
 @pytest.mark.parametrize("argv", [["--out", "gs://some-bucket/run"], ["--resume", "gs://some-bucket/run"]])
 def test_generate_on_gs_is_refused_before_anything(argv, capsys, memorizer_model, tmp_path, monkeypatch):
     """gs:// has no create-only write here yet: a run there is refused, one line, before the store

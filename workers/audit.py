@@ -28,24 +28,32 @@ def _check(images: list[np.ndarray], index_dir: str, radius: float, backend: str
         yield start, check_images(np.stack(images[start : start + CHUNK]), encoder, shield, radius, judges)
 
 
-# The columns of a rechecked image: the L2 judge's, then the second judges' (perceptual_audit_columns).
-L2_COLUMNS = ("audit_nearest_id", "audit_nearest_key", "audit_nearest_distance", "audit_inside")
-JUDGE_COLUMNS = ("audit_perceptual_copy", "audit_perceptual_id", "audit_perceptual_key", "audit_perceptual_distance",
-                 "audit_perceptual_ssim", "audit_off_manifold", "audit_descriptor_copy", "audit_descriptor_id",
-                 "audit_descriptor_key", "audit_descriptor_similarity")
+# The columns of a rechecked image, each with the field of final_check.FinalCheck it holds and its
+# type (None: a corpus key, as it is): declared once here; the column lists and every row are
+# derived from these tables.
+L2_FIELDS = {"audit_nearest_id": ("ids", int), "audit_nearest_key": ("keys", None),
+             "audit_nearest_distance": ("distances", float), "audit_inside": ("inside", bool)}
+PERCEPTUAL_FIELDS = {"audit_perceptual_copy": ("perceptual_copy", bool), "audit_perceptual_id": ("perceptual_ids", int),
+                     "audit_perceptual_key": ("perceptual_keys", None),
+                     "audit_perceptual_distance": ("perceptual_distances", float),
+                     "audit_perceptual_ssim": ("perceptual_ssim", float), "audit_off_manifold": ("off_manifold", bool)}
+# Only an index calibrated with --descriptor has this judge; otherwise its columns are null.
+DESCRIPTOR_FIELDS = {"audit_descriptor_copy": ("descriptor_copy", bool), "audit_descriptor_id": ("descriptor_ids", int),
+                     "audit_descriptor_key": ("descriptor_keys", None),
+                     "audit_descriptor_similarity": ("descriptor_similarity", float)}
+L2_COLUMNS = tuple(L2_FIELDS)
+JUDGE_COLUMNS = (*PERCEPTUAL_FIELDS, *DESCRIPTOR_FIELDS)
+
+
+def _columns(check, j: int, table: dict) -> dict:
+    return {column: getattr(check, name)[j] if kind is None else kind(getattr(check, name)[j])
+            for column, (name, kind) in table.items()}
 
 
 def perceptual_audit_columns(check, j: int) -> dict:
-    """The second judges' columns of one rechecked image, beside the L2 ones."""
-    return {"audit_perceptual_copy": bool(check.perceptual_copy[j]), "audit_perceptual_id": int(check.perceptual_ids[j]),
-            "audit_perceptual_key": check.perceptual_keys[j],
-            "audit_perceptual_distance": float(check.perceptual_distances[j]),
-            "audit_perceptual_ssim": float(check.perceptual_ssim[j]), "audit_off_manifold": bool(check.off_manifold[j]),
-            **({"audit_descriptor_copy": bool(check.descriptor_copy[j]), "audit_descriptor_id": int(check.descriptor_ids[j]),
-                "audit_descriptor_key": check.descriptor_keys[j],
-                "audit_descriptor_similarity": float(check.descriptor_similarity[j])} if check.descriptor_copy is not None else
-               {"audit_descriptor_copy": None, "audit_descriptor_id": None, "audit_descriptor_key": None,
-                "audit_descriptor_similarity": None})}
+    """The second judges' columns (JUDGE_COLUMNS) of one rechecked image, beside the L2 ones."""
+    descriptor = _columns(check, j, DESCRIPTOR_FIELDS) if check.descriptor_copy is not None else dict.fromkeys(DESCRIPTOR_FIELDS)
+    return {**_columns(check, j, PERCEPTUAL_FIELDS), **descriptor}
 
 
 def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index_dir: str, radius: float,
@@ -73,9 +81,7 @@ def recheck_tar(run_dir: str, tar_ref: str, listed: list[tuple[str, str]], index
     for start, check in _check([images[n] for n in names], index_dir, radius, backend) if names else ():
         for j, name in enumerate(names[start : start + CHUNK]):
             rows.append({"sample": sample_of.get(name), "image": f"{tar_ref}#{name}", "listed": name in sample_of,
-                         "audit_nearest_id": int(check.ids[j]), "audit_nearest_key": check.keys[j],
-                         "audit_nearest_distance": float(check.distances[j]), "audit_inside": bool(check.inside[j]),
-                         **perceptual_audit_columns(check, j)})
+                         **_columns(check, j, L2_FIELDS), **perceptual_audit_columns(check, j)})
     return {"rows": rows, "undecodable": {f"{tar_ref}#{k}": v for k, v in bad.items()},
             "missing": [f"{tar_ref}#{m}" for _, m in listed if m not in images and m not in bad]}
 

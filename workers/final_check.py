@@ -151,11 +151,13 @@ def describe(module, images_uint8: np.ndarray) -> np.ndarray:
 
 
 def store_judges(index_dir: str, manifest, encoder, sample_size: int = CALIBRATION_SAMPLE, seed: int = 0,
-                 descriptor: str | None = None) -> dict:
+                 descriptor: str | None = None, out_dir: str | None = None) -> dict:
     """Calibrate the judges on the index in ``index_dir`` (its shards read one at a time) and write
-    judges-<sha>.json there; returns the manifest entry {file, sha256} for ``calibration["judges"]``.
-    With ``descriptor`` (a TorchScript file) also the descriptor of every protected image
-    (descriptors-<sha>.npy, in the entry's ``files``) and the descriptor judge's threshold."""
+    judges-<sha>.json into ``out_dir`` (default: ``index_dir``); returns the manifest entry
+    {file, sha256} for ``calibration["judges"]``. With ``descriptor`` (a TorchScript file) also the
+    descriptor of every protected image (descriptors-<sha>.npy, in the entry's ``files``) and the
+    descriptor judge's threshold."""
+    out_dir = out_dir or index_dir
     _, vectors = sample_corpus(index_dir, manifest, sample_size, seed)
     payload = judge_calibration(vectors, manifest.latent.shape, encoder, seed)
     files = {}
@@ -166,24 +168,26 @@ def store_judges(index_dir: str, manifest, encoder, sample_size: int = CALIBRATI
                                     for i in range(0, len(everything), DECODE_BATCH)])
         buffer = io.BytesIO()
         np.save(buffer, protected)
-        stored = write_listed_bytes(index_dir, DESCRIPTORS, buffer.getvalue())
+        stored = write_listed_bytes(out_dir, DESCRIPTORS, buffer.getvalue())
         files[stored["file"]] = stored["sha256"]
         payload["descriptor"] = {"module": os.path.abspath(descriptor), "module_sha256": file_sha256(descriptor),
                                  "descriptors": stored["file"], "count": len(protected), "dim": int(protected.shape[1]),
                                  "threshold": judge_math.descriptor_threshold(protected),
                                  "quantile": judge_math.DESCRIPTOR_QUANTILE}
-    entry = write_listed_json(index_dir, JUDGES, payload)
+    entry = write_listed_json(out_dir, JUDGES, payload)
     return {**entry, "files": files} if files else entry
 
 
-def calibrate_with_judges(index_dir: str, manifest, encoder=None, descriptor: str | None = None, **options) -> dict:
+def calibrate_with_judges(index_dir: str, manifest, encoder=None, descriptor: str | None = None,
+                          out_dir: str | None = None, **options) -> dict:
     """The manifest's calibration (indexing.calibrate.calibrate_index, ``options``) with the
-    judges' calibration stored beside it (a new file: the caller's manifest rewrite makes it the
-    one listed): build-index's final step and ``index calibrate``."""
+    judges' calibration stored beside it, or in ``out_dir`` (a new file: the caller's manifest
+    rewrite makes it the one listed): build-index's final step and ``index calibrate``."""
     calibration = calibrate_index(index_dir, manifest, **options)
     if encoder is None:
         encoder = Encoder(manifest.latent.encoder, device="cuda" if torch.cuda.is_available() else "cpu").init()
-    calibration["judges"] = store_judges(index_dir, manifest, encoder, seed=options.get("seed", 0), descriptor=descriptor)
+    calibration["judges"] = store_judges(index_dir, manifest, encoder, seed=options.get("seed", 0), descriptor=descriptor,
+                                         out_dir=out_dir)
     return calibration
 
 
