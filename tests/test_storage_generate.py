@@ -22,6 +22,7 @@ from spellshield.indexing.search import open_index
 from spellshield.jobs.cli import main
 from spellshield.storage.cache import CACHE_ENV, fetch_tree
 from spellshield.pipeline.prompts import PromptsError, read_prompts
+from tests.conftest import bucket_on
 from tests.s3server import ADMIN, run_job
 from tests.test_generate import gen_config, tar_images
 
@@ -244,10 +245,11 @@ def test_bad_storage_input_is_refused_before_ray(problem, capsys, s3_env, s3_buc
     assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
 
 
-def test_resume_refused_while_a_driver_holds_the_run(capsys, s3_env, s3_bucket):
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_resume_refused_while_a_driver_holds_the_run(store, capsys, request):
     from spellshield.storage.commit import LEASE, acquire_lease
 
-    run = f"{s3_bucket}/run"
+    run = f"{bucket_on(request, store)}/run"
     lease = acquire_lease(f"{run}/{LEASE}", ttl_s=60)
     code = main(["generate", "--resume", run])
     err = capsys.readouterr().err.strip().splitlines()
