@@ -53,11 +53,12 @@ def run_generate(argv, env, cwd):
     return run_job("generate", argv, env, cwd)
 
 
-def machine_env(s3_server, tmp_path, name):
-    """A driver with its own working directory and cache, holding none of the data."""
+def machine_env(server, tmp_path, name):
+    """A driver with its own working directory and cache, holding none of the data, pointed at
+    the test ``server`` (S3 or GCS)."""
     home = tmp_path / name
     home.mkdir()
-    env = {**os.environ, **s3_server.env(), CACHE_ENV: str(tmp_path / f"{name}-cache"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **server.env(), CACHE_ENV: str(tmp_path / f"{name}-cache"), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     return home, env
 
@@ -159,18 +160,21 @@ def test_encoder_on_s3(s3_env, s3_bucket, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_driver_killed_then_resumed_on_s3(s3_server, s3_env, s3_bucket, memorizer_model, tmp_path):
-    """A driver killed -9 mid-run on an S3 --out: while its lease is live a resume is refused;
-    once it expired, --resume from another working directory finishes the run, every sample
-    exactly once, no attempt left over."""
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_driver_killed_then_resumed(store, request, memorizer_model, tmp_path):
+    """A driver killed -9 mid-run on an S3 or GCS --out: while its lease is live a resume is
+    refused; once it expired, --resume from another working directory takes the lease over (a
+    compare-and-swap on its ETag / generation) and finishes the run, every sample exactly once,
+    no attempt left over."""
     import time
 
     from spellshield.storage.commit import ATTEMPTS, LEASE, LEASE_TTL_ENV, committed_units
 
-    run = f"{s3_bucket}/run"
+    run = f"{bucket_on(request, store)}/run"
+    server = request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[store])
     argv = ["--model", memorizer_model, "--out", run, "--num-images", "16", "--batch-size", "4", "--unit-size", "4",
             "--steps", "60", "--seed", "5", "--workers", "1"]
-    home, env = machine_env(s3_server, tmp_path, "first")
+    home, env = machine_env(server, tmp_path, "first")
     env[LEASE_TTL_ENV] = "6"
     proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.generate", *argv], cwd=home, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -183,7 +187,7 @@ def test_driver_killed_then_resumed_on_s3(s3_server, s3_env, s3_bucket, memorize
         proc.wait()
     before = len(committed_units(run))
     assert 1 <= before < 4 and storage.exists(f"{run}/{LEASE}")
-    second, env2 = machine_env(s3_server, tmp_path, "second")
+    second, env2 = machine_env(server, tmp_path, "second")
     env2[LEASE_TTL_ENV] = "6"
     code, err = run_generate(["--resume", run], env2, second)
     if code == 2:  # the killed driver's lease was still live: refused, one line, nothing written
