@@ -147,7 +147,7 @@ def _check_remote_run_dir(uri: str) -> None:
     from spellshield.storage.commit import check_conditional_writes
 
     try:
-        check_conditional_writes(uri)  # gs://: refused before anything is read or written
+        check_conditional_writes(uri)  # the store's SDK for create-only writes is there, before anything is read or written
         storage.check_new_output(uri, RUN_FILE, finished)
     except storage.StorageError as exc:
         raise UsageError(str(exc)) from None
@@ -161,6 +161,7 @@ def resume_config(args) -> GenerateConfig:
 
         try:  # a driver still holds this run (or was killed less than a lease TTL ago): refuse before Ray
             check_conditional_writes(run_dir)
+            storage.probe(run_dir)  # a missing bucket is named as such (a GCS download's 404 does not say which)
             check_lease_free(storage.resolve(run_dir).child(LEASE))
         except storage.StorageError as exc:
             raise UsageError(str(exc)) from None

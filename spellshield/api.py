@@ -64,7 +64,7 @@ def generate(model: str, out: str, *, address: str | None = None, **options) -> 
 
 
 def audit(run: str, *, address: str | None = None, **options) -> dict:
-    """Audit the run directory ``run`` (a path or an ``s3://`` URI; the report is written to its
+    """Audit the run directory ``run`` (a path or an ``s3://`` / ``gs://`` URI; the report is written to its
     own ``audit/``): near-duplicate rates (recomputed from the images when ``index`` is given),
     per-step sparsity, a report. ``options``: the fields of ``AuditConfig`` by name (``index``,
     ``radius``, ``top``, and the gate's ``fail_above``, ``fail_on``) or ``gate=GateConfig(...)``.

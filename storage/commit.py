@@ -2,10 +2,12 @@
 
 An object store has no atomic rename and no directory, but it has two things this builds on:
 every object appears whole (a PUT, or a multipart upload's completion), and a *conditional*
-PUT (``If-None-Match: *``, create only; ``If-Match: <etag>``, compare-and-swap), which AWS S3,
-GCS (generation preconditions) and SeaweedFS honour. pyarrow.fs has no conditional PUT, so the
-two conditional calls go through boto3 (the AWS SDK for Python); everything else stays on
-pyarrow.fs. On local disk the same calls use ``os.link`` (fails if the name exists) and a lock.
+write: create only (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``) and compare-and-swap
+(S3 ``If-Match: <etag>``, GCS ``ifGenerationMatch=<generation>``), which AWS S3, SeaweedFS, GCS
+and fake-gcs-server honour. pyarrow.fs has no conditional write, so those two calls go through
+each store's SDK (boto3, google-cloud-storage: ``_S3`` and ``_GCS`` below, two backends of one
+small protocol); everything else stays on pyarrow.fs. On local disk the same calls use
+``os.link`` (fails if the name exists) and a lock.
 
     create_only(uri, data)           True if this call created the object, False if it existed
     acquire_lease(uri, holder, ttl)  a Lease, or LeaseHeld naming the holder; an expired lease is
@@ -31,87 +33,244 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .fs import (Location, StorageError, copy, delete, delete_tree, exists, file_sha256, get_file, list_dir, local_tmp_beside,
-                 put_file, read_bytes, resolve, storage_error)
+from .fs import (CONNECT_TIMEOUT_S, CREDENTIALS, DENIED, GCS_CREDENTIALS_VAR, GCS_EMULATOR_VAR, MISSING, NO_BUCKET, RETRY_ATTEMPTS,
+                 RETRY_TIME_LIMIT_S, UNREACHABLE, Location, StorageError, copy, delete, delete_tree, exists, file_sha256, gcs_settings,
+                 get_file, list_dir, local_tmp_beside, put_file, read_bytes, resolve, s3_settings, storage_error)
 
 COMMITS = "_commits"  # <run>/_commits/<unit>.json: the unit is committed (create-only)
 ATTEMPTS = "_attempts"  # <run>/_attempts/<unit>/<attempt>/<name>: an attempt's staged files
 
 
 # --------------------------------------------------------------------------------------------
-# Conditional writes
+# Conditional writes: two small backends of one protocol
 
 
 def _location(target: Location | str) -> Location:
     return target if isinstance(target, Location) else resolve(target)
 
 
-def _s3_client():
-    try:
+class _Store:
+    """The two calls of the protocol one object store provides, through its own SDK (pyarrow.fs
+    has no conditional write). ``version`` names the content of an object: S3's ETag, GCS's
+    generation; ``put`` with ``version=None`` creates only."""
+
+    scheme = ""
+    package, extra = "", ""
+
+    def __init__(self):
+        self._clients = threading.local()  # one client per thread and per environment (endpoint, credentials)
+
+    def client(self):
+        key = self._settings()
+        cached = getattr(self._clients, "value", None)
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, self._client())
+            except ImportError:
+                raise StorageError(f"create-only writes and leases on {self.scheme}:// need {self.package}: "
+                                   f"pip install 'spellshield[{self.extra}]'") from None
+            self._clients.value = cached
+        return cached[1]
+
+    def _settings(self) -> tuple:
+        """What the client depends on in this process's environment."""
+        raise NotImplementedError
+
+    def _client(self):
+        raise NotImplementedError
+
+    def get(self, location: Location, bucket: str, key: str) -> tuple[bytes, str] | None:
+        """(content, version), or None when there is no such object."""
+        raise NotImplementedError
+
+    def put(self, location: Location, bucket: str, key: str, data: bytes, version: str | None) -> str | None:
+        """Write if the object is absent (``version`` None) or still at ``version``: the new
+        version, or None when the precondition failed."""
+        raise NotImplementedError
+
+
+class _S3(_Store):
+    """``If-None-Match: *`` / ``If-Match: <etag>`` PUTs through boto3 (AWS S3 since 2024, SeaweedFS)."""
+
+    scheme, package, extra = "s3", "boto3", "s3"
+    # boto3's error codes, in the terms of storage.fs's error lines
+    KINDS = {"SignatureDoesNotMatch": CREDENTIALS, "InvalidAccessKeyId": CREDENTIALS, "AccessDenied": DENIED,
+             "NoSuchBucket": NO_BUCKET, "NoSuchKey": MISSING, "404": MISSING}
+
+    def _settings(self):
+        return s3_settings()
+
+    def _client(self):
         import boto3
         from botocore.config import Config
-    except ImportError:
-        raise StorageError("create-only writes and leases on s3:// need boto3: pip install 'spellshield[s3]'") from None
 
-    # boto3 reads AWS_ENDPOINT_URL(_S3), the credentials and the region from the environment
-    # itself; a custom endpoint without a region gets us-east-1, as in storage.fs.
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", region_name=region,
-                        config=Config(connect_timeout=5, retries={"max_attempts": 3, "mode": "standard"}))
+        # boto3 reads AWS_ENDPOINT_URL(_S3), the credentials and the region from the environment
+        # itself; a custom endpoint without a region gets us-east-1, as in storage.fs.
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return boto3.client("s3", region_name=region, config=Config(connect_timeout=CONNECT_TIMEOUT_S,
+                                                                    retries={"max_attempts": RETRY_ATTEMPTS, "mode": "standard"}))
+
+    def _error(self, exc: Exception, location: Location, action: str) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        if isinstance(exc, EndpointConnectionError):
+            return storage_error(exc, location, action, UNREACHABLE)
+        if isinstance(exc, ClientError):
+            return storage_error(exc, location, action, self.KINDS.get(exc.response.get("Error", {}).get("Code", ""), ""))
+        return storage_error(exc, location, action)
+
+    def get(self, location, bucket, key):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client().get_object(Bucket=bucket, Key=key)
+            return answer["Body"].read(), answer["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._error(exc, location, "read") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, location, "read") from None
+
+    def put(self, location, bucket, key, data, version):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self.client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412 or exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None  # 409 ConditionalRequestConflict: a concurrent conditional write won
+            raise self._error(exc, location, "write") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, location, "write") from None
+
+
+class _GCS(_Store):
+    """Generation preconditions through google-cloud-storage: ``ifGenerationMatch=0`` (create
+    only) and ``ifGenerationMatch=<generation>`` (compare-and-swap), the generation playing the
+    ETag's part. The client follows ``STORAGE_EMULATOR_HOST`` (then without credentials) or
+    Google's default credentials, as storage.fs's GcsFileSystem does."""
+
+    scheme, package, extra = "gs", "google-cloud-storage", "gcs"
+
+    def _settings(self):
+        return gcs_settings()
+
+    def _client(self):
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import storage as gcs
+
+        try:
+            return gcs.Client()
+        except DefaultCredentialsError:
+            raise StorageError(f"no Google credentials for gs://: set {GCS_CREDENTIALS_VAR} (a service account key file), "
+                               f"log in with gcloud, run where a service account is attached, or set {GCS_EMULATOR_VAR} "
+                               f"for an emulator") from None
+
+    def _call(self, location: Location, action: str, call):
+        from google.api_core import exceptions as api
+        from google.auth import exceptions as auth
+        from requests.exceptions import ConnectionError as Unreachable
+
+        try:
+            return call()
+        except api.NotFound as exc:
+            # a download answers 404 for a missing object; an upload only for a missing bucket
+            raise storage_error(exc, location, action, MISSING if action == "read" else NO_BUCKET) from None
+        except (api.Unauthorized, auth.DefaultCredentialsError, auth.RefreshError) as exc:
+            raise storage_error(exc, location, action, CREDENTIALS) from None
+        except api.Forbidden as exc:
+            raise storage_error(exc, location, action, DENIED) from None
+        except (api.RetryError, Unreachable, auth.TransportError) as exc:
+            raise storage_error(exc, location, action, UNREACHABLE) from None
+        except api.GoogleAPICallError as exc:
+            raise storage_error(exc, location, action) from None
+
+    def _options(self) -> dict:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # a conditional write is safe to retry (a retry of a write that landed fails its own
+        # precondition, and _conditional_put then finds its bytes there); for a short time, as in storage.fs
+        within = getattr(DEFAULT_RETRY, "with_timeout", None) or DEFAULT_RETRY.with_deadline  # google-api-core < 2.16: with_deadline
+        return {"timeout": (CONNECT_TIMEOUT_S, 60.0), "retry": within(RETRY_TIME_LIMIT_S)}
+
+    def get(self, location, bucket, key):
+        from google.api_core.exceptions import NotFound
+
+        blob = self.client().bucket(bucket).blob(key)
+
+        def download():
+            try:
+                return blob.download_as_bytes(**self._options())
+            except NotFound:
+                return None
+
+        data = self._call(location, "read", download)
+        return None if data is None else (data, str(blob.generation))  # the generation of the bytes this response carried
+
+    def put(self, location, bucket, key, data, version):
+        from google.api_core.exceptions import PreconditionFailed
+
+        if version is not None and not version.isdigit():
+            return None  # no generation: no object holds that version
+        blob = self.client().bucket(bucket).blob(key)
+
+        def upload():
+            try:  # one multipart upload: leases and commit records are far under its 8 MiB
+                blob.upload_from_string(data, if_generation_match=0 if version is None else int(version), **self._options())
+            except PreconditionFailed:
+                return None
+            return str(blob.generation)
+
+        return self._call(location, "write", upload)
+
+
+_STORES = {store.scheme: store for store in (_S3(), _GCS())}
 
 
 def check_conditional_writes(target: Location | str) -> None:
-    """Raise StorageError, before any work, where this module cannot keep its guarantees.
-
-    gs:// has the primitive (``ifGenerationMatch=0`` and ``ifGenerationMatch=<generation>``
-    preconditions of the JSON API), but pyarrow's GcsFileSystem does not expose it and no GCS
-    client is a dependency yet, so a run or lease on gs:// is refused rather than run without
-    at-most-once commits or the second-driver refusal (docs/storage.md)."""
+    """Raise StorageError, before any work, where this module cannot keep its guarantees: a
+    remote scheme without a backend here, or a backend whose SDK is not installed."""
     location = _location(target)
-    if location.remote and not location.uri.startswith("s3://"):
-        raise StorageError(f"{location.uri}: runs and leases need create-only writes, implemented for s3:// and local "
-                           f"paths only (not gs:// yet, see docs/storage.md); write the run to s3:// or a local path")
+    if location.remote:
+        _store(location).client()
+
+
+def _store(location: Location) -> _Store:
+    scheme = location.uri.split("://", 1)[0]
+    if scheme not in _STORES:
+        raise StorageError(f"{location.uri}: runs and leases need create-only writes, implemented for "
+                           f"{', '.join(s + '://' for s in _STORES)} and local paths only (see docs/storage.md)")
+    return _STORES[scheme]
 
 
 def _bucket_key(location: Location) -> tuple[str, str]:
-    check_conditional_writes(location)
     parsed = urlparse(location.uri)
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-_BOTO_CODES = {"SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId": "INVALID_ACCESS_KEY_ID",
-               "AccessDenied": "ACCESS_DENIED", "NoSuchBucket": "NO_SUCH_BUCKET", "NoSuchKey": "NO_SUCH_KEY", "404": "NO_SUCH_KEY"}
+def _conditional_put(location: Location, data: bytes, version: str | None) -> str | None:
+    """``put`` on the location's store; the new version, or None when another writer won.
 
-
-def _boto_error(exc: Exception, location: Location, action: str) -> StorageError:
-    from botocore.exceptions import ClientError, EndpointConnectionError
-
-    if isinstance(exc, EndpointConnectionError):
-        return storage_error(OSError("AWS Error NETWORK_CONNECTION"), location, action)
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        return storage_error(OSError(f"AWS Error {_BOTO_CODES.get(code, code)}"), location, action)
-    return storage_error(exc, location, action)
-
-
-def _s3_put(location: Location, data: bytes, **condition) -> str | None:
-    """PUT with a precondition; the new ETag, or None when the precondition failed."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    An SDK retries a write whose answer was lost; if the first try landed, the retry fails its
+    own precondition. So a failed precondition is read back: an object holding exactly ``data``
+    is this call's write (what this module writes names its writer, an attempt or a driver id,
+    so two writers never write the same bytes)."""
+    store = _store(location)
     bucket, key = _bucket_key(location)
-    try:
-        return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 412 or exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return None  # 409 ConditionalRequestConflict: a concurrent conditional write won
-        raise _boto_error(exc, location, "write") from None
-    except BotoCoreError as exc:
-        raise _boto_error(exc, location, "write") from None
+    new = store.put(location, bucket, key, data, version)
+    if new is None:
+        current = store.get(location, bucket, key)
+        if current is not None and current[0] == data:
+            return current[1]
+    return new
 
 
 def read_with_etag(target: Location | str) -> tuple[bytes, str] | None:
-    """(content, etag) of the object, or None when there is none. Local etag: the content's sha256."""
+    """(content, etag) of the object, or None when there is none. The etag is the store's version
+    of the content: S3's ETag, GCS's generation; locally, the content's sha256."""
     location = _location(target)
     if not location.remote:
         try:
@@ -120,29 +279,20 @@ def read_with_etag(target: Location | str) -> tuple[bytes, str] | None:
         except FileNotFoundError:
             return None
         return data, hashlib.sha256(data).hexdigest()
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key = _bucket_key(location)
-    try:
-        answer = _s3_client().get_object(Bucket=bucket, Key=key)
-        return answer["Body"].read(), answer["ETag"]
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise _boto_error(exc, location, "read") from None
-    except BotoCoreError as exc:
-        raise _boto_error(exc, location, "read") from None
+    return _store(location).get(location, *_bucket_key(location))
 
 
 def create_only(target: Location | str, data: bytes) -> bool:
     """Write ``data`` at ``target`` unless something is there. True if this call created it.
 
     The object appears whole (one PUT; locally a hard link of a finished temporary file, which
-    fails when the name exists), and of two concurrent callers exactly one gets True.
+    fails when the name exists), and of two concurrent callers exactly one gets True. On an
+    object store an object that already holds exactly ``data`` counts as this call's (the SDK's
+    retry of a write that landed, see ``_conditional_put``): callers write data naming themselves.
     """
     location = _location(target)
     if location.remote:
-        return _s3_put(location, data, IfNoneMatch="*") is not None
+        return _conditional_put(location, data, None) is not None
     tmp = local_tmp_beside(location.path, data)
     try:
         os.link(tmp, location.path)
@@ -157,7 +307,7 @@ def replace_if(target: Location | str, data: bytes, etag: str) -> str | None:
     """Compare-and-swap: write ``data`` only if the object's etag is still ``etag``. New etag or None."""
     location = _location(target)
     if location.remote:
-        return _s3_put(location, data, IfMatch=etag)
+        return _conditional_put(location, data, etag)
     with open(location.path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         current = read_with_etag(location)

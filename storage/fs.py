@@ -6,11 +6,14 @@ URI, so they never reach a manifest, ``run.json``, a log or an error line:
 
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL   (e.g. http://127.0.0.1:8333 for a local SeaweedFS)
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION
-    GCS: the default application credentials
+    GOOGLE_APPLICATION_CREDENTIALS           gs://: Google's default credentials (a key file,
+                                             gcloud's login, a VM's or a pod's service account)
+    STORAGE_EMULATOR_HOST                    gs:// on an emulator (e.g. http://127.0.0.1:4443 for
+                                             fake-gcs-server): that endpoint, no credentials
 
-They are read by the AWS SDK's own credential chain on each process (driver and every Ray
-worker), not passed to ``S3FileSystem``: a pickled filesystem or a ``Location`` sent to a worker
-carries no secret.
+They are read by the SDKs' own credential chains on each process (driver and every Ray
+worker), not passed to ``S3FileSystem`` / ``GcsFileSystem``: a pickled filesystem or a
+``Location`` sent to a worker carries no secret.
 
 An ``OSError`` of pyarrow becomes a ``StorageError`` with one line that names the problem
 (unreachable endpoint, refused credentials, missing bucket, missing object, no write
@@ -27,6 +30,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import lru_cache
 from typing import Callable
 from urllib.parse import unquote, urlparse
@@ -37,9 +41,25 @@ import pyarrow.fs as pafs
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 _CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-# A quick failure on an unreachable endpoint (bad input) instead of the SDK's long default retries.
+GCS_EMULATOR_VAR = "STORAGE_EMULATOR_HOST"  # the variable google-cloud-storage and the emulators agree on
+GCS_CREDENTIALS_VAR = "GOOGLE_APPLICATION_CREDENTIALS"
+# A quick failure on an unreachable endpoint (bad input) instead of the SDKs' long default retries.
+# S3 counts attempts; the GCS clients retry for a time instead (15 minutes by default in pyarrow's):
+# 3 s, about the window of S3's 3 attempts (an unreachable endpoint then fails in about 5 s).
 CONNECT_TIMEOUT_S = 5.0
 RETRY_ATTEMPTS = 3
+RETRY_TIME_LIMIT_S = 3.0
+
+
+@dataclass(frozen=True)
+class StoreHints:
+    """Where one scheme's endpoint and credentials are set: what an error line points to."""
+    endpoint: str
+    credentials: str
+
+
+HINTS = {"s3": StoreHints("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+         "gs": StoreHints(GCS_EMULATOR_VAR, f"{GCS_CREDENTIALS_VAR} (or the default credentials)")}
 
 
 class StorageError(ValueError):
@@ -112,18 +132,19 @@ def resolve(uri: str) -> Location:
     parsed = urlparse(uri)
     if scheme not in REMOTE_SCHEMES:
         raise StorageError(f"{uri}: unsupported scheme {scheme}:// (use s3://, gs://, file:// or a local path)")
+    scheme = "gs" if scheme == "gcs" else scheme
+    hints = HINTS[scheme]
     if "@" in parsed.netloc:
         # Never accept credentials in a URI: the URI is recorded in manifests and run records.
-        raise StorageError(f"{scheme}://...: credentials in a URI are refused; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        raise StorageError(f"{scheme}://...: credentials in a URI are refused; use {hints.credentials}")
     if parsed.query or parsed.fragment:
         raise StorageError(f"{scheme}://{parsed.netloc}{parsed.path}: URI options (?...) are not supported; "
-                           f"set the endpoint with AWS_ENDPOINT_URL")
+                           f"set the endpoint with {hints.endpoint}")
     bucket, key = parsed.netloc, parsed.path.strip("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket")
     path = f"{bucket}/{key}" if key else bucket
-    scheme = "gs" if scheme == "gcs" else scheme
-    filesystem = _s3(*_s3_settings()) if scheme == "s3" else _gcs()
+    filesystem = _s3(*s3_settings()) if scheme == "s3" else _gcs(*gcs_settings())
     return Location(f"{scheme}://{path}", path, filesystem)
 
 
@@ -159,7 +180,7 @@ def normalise(value: str) -> str:
     return ",".join(file_uri_path(part) if scheme_of(part) == "file" else part for part in value.split(","))
 
 
-def _s3_settings() -> tuple:
+def s3_settings() -> tuple:
     """(endpoint, region, credentials fingerprint): what an S3FileSystem depends on in this process.
 
     The fingerprint is a hash, so that a change of credentials in the environment gets a new
@@ -186,9 +207,24 @@ def _s3(endpoint: str, region: str, fingerprint: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**options)
 
 
-@lru_cache(maxsize=1)
-def _gcs() -> pafs.FileSystem:
-    return pafs.GcsFileSystem()
+def gcs_settings() -> tuple[str, str]:
+    """(emulator endpoint, credentials file): what a GcsFileSystem depends on in this process.
+
+    ``STORAGE_EMULATOR_HOST`` (the emulator convention google-cloud-storage follows) points
+    every gs:// call at an emulator, without credentials; else Google's default credentials
+    (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's login, the metadata server) are used. The
+    credentials file is a path, not a secret: it only keys the cache.
+    """
+    return os.environ.get(GCS_EMULATOR_VAR, "").strip(), os.environ.get(GCS_CREDENTIALS_VAR, "")
+
+
+@lru_cache(maxsize=8)
+def _gcs(emulator: str, credentials_file: str) -> pafs.GcsFileSystem:
+    options: dict = {"retry_time_limit": timedelta(seconds=RETRY_TIME_LIMIT_S)}
+    if emulator:
+        parsed = urlparse(emulator if "://" in emulator else "http://" + emulator)
+        options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme, anonymous=True)
+    return pafs.GcsFileSystem(**options)
 
 
 @lru_cache(maxsize=1)
@@ -200,8 +236,8 @@ def endpoint_of(location: Location) -> str:
     if not location.remote:
         return "local disk"
     if location.uri.startswith("gs://"):
-        return "Google Cloud Storage"
-    return _s3_settings()[0] or "AWS S3"
+        return gcs_settings()[0] or "Google Cloud Storage"
+    return s3_settings()[0] or "AWS S3"
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,28 +253,55 @@ def scrub(text: str) -> str:
     return text
 
 
-def storage_error(exc: BaseException, location: Location | str, action: str) -> StorageError:
-    """The StorageError for ``exc`` raised while trying to ``action`` (read/write/list) ``location``."""
-    uri = str(location)
-    text = str(exc)
+# What went wrong, whichever SDK said it (pyarrow's AWS or GCS C++ clients, boto3,
+# google-cloud-storage): the kinds of failure that get their own line.
+UNREACHABLE, CREDENTIALS, NO_BUCKET, DENIED, MISSING = "unreachable", "credentials", "no bucket", "denied", "missing"
+_AWS_KINDS = {"NETWORK_CONNECTION": UNREACHABLE, "SIGNATURE_DOES_NOT_MATCH": CREDENTIALS, "INVALID_ACCESS_KEY_ID": CREDENTIALS,
+              "INVALID_CLIENT_TOKEN_ID": CREDENTIALS, "EXPIRED_TOKEN": CREDENTIALS, "MISSING_AUTHENTICATION_TOKEN": CREDENTIALS,
+              "NO_SUCH_BUCKET": NO_BUCKET, "ACCESS_DENIED": DENIED, "RESOURCE_NOT_FOUND": MISSING, "NO_SUCH_KEY": MISSING}
+# google-cloud-cpp (pyarrow's GCS) names the call that failed; these answer NOT_FOUND only for a
+# missing bucket (a missing prefix lists empty, an upload creates its object).
+_GCS_BUCKET_CALLS = ("ListObjects", "GetBucketMetadata", "CreateResumableUpload", "InsertObject", "RewriteObject", "CopyObject")
+
+
+def _kind_of(exc: BaseException, text: str) -> str:
     code = re.search(r"AWS Error ([A-Z_]+)", text)
-    code = code.group(1) if code else ""
-    if isinstance(location, Location):
-        where = endpoint_of(location)
-    else:
-        where = "the object store"
-    if code == "NETWORK_CONNECTION" or "curlCode" in text or "Could not connect" in text or "Couldn't resolve" in text:
-        message = f"cannot reach the object store at {where} to {action} {uri}; is it running, and is AWS_ENDPOINT_URL right?"
-    elif code in ("SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "INVALID_CLIENT_TOKEN_ID", "EXPIRED_TOKEN",
-                  "MISSING_AUTHENTICATION_TOKEN") or "InvalidAccessKeyId" in text:
-        message = (f"the object store at {where} refused the credentials to {action} {uri}; "
-                   f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    elif code == "NO_SUCH_BUCKET" or "NoSuchBucket" in text:
+    if code and code.group(1) in _AWS_KINDS:
+        return _AWS_KINDS[code.group(1)]
+    if "curlCode" in text or "Could not connect" in text or "Couldn't resolve" in text:
+        return UNREACHABLE
+    if "InvalidAccessKeyId" in text or "UNAUTHENTICATED" in text:
+        return CREDENTIALS
+    if "NoSuchBucket" in text or ("NOT_FOUND" in text and any(f"function={call}" in text for call in _GCS_BUCKET_CALLS)):
+        return NO_BUCKET
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "PERMISSION_DENIED" in text:
+        return DENIED
+    if isinstance(exc, FileNotFoundError):
+        return MISSING
+    return ""
+
+
+def storage_error(exc: BaseException | None, location: Location | str, action: str, kind: str = "") -> StorageError:
+    """The StorageError for ``exc`` raised while trying to ``action`` (read/write/list) ``location``;
+    ``kind`` (UNREACHABLE...) where the caller already knows what went wrong."""
+    uri = str(location)
+    text = str(exc) if exc is not None else ""
+    kind = kind or _kind_of(exc, text)
+    where = endpoint_of(location) if isinstance(location, Location) else "the object store"
+    scheme = "gs" if scheme_of(uri) in ("gs", "gcs") else "s3"
+    hints = HINTS[scheme]
+    if kind == UNREACHABLE:
+        check = (f"is it running, and is {hints.endpoint} right?" if scheme == "s3" or gcs_settings()[0]
+                 else "is the network up?")
+        message = f"cannot reach the object store at {where} to {action} {uri}; {check}"
+    elif kind == CREDENTIALS:
+        message = f"the object store at {where} refused the credentials to {action} {uri}; check {hints.credentials}"
+    elif kind == NO_BUCKET:
         message = f"bucket {uri.split('://', 1)[-1].split('/', 1)[0]} does not exist ({action} {uri})"
-    elif code == "ACCESS_DENIED" or isinstance(exc, PermissionError) or "AccessDenied" in text:
+    elif kind == DENIED:
         message = (f"no permission to {action} {uri} (access denied); check the credentials and their permissions"
                    if location and is_remote(uri) else f"no permission to {action} {uri}")
-    elif isinstance(exc, FileNotFoundError) or code in ("RESOURCE_NOT_FOUND", "NO_SUCH_KEY"):
+    elif kind == MISSING:
         message = f"{uri} does not exist"
     else:
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -343,6 +406,12 @@ def probe(target: Location | str, action: str = "read") -> None:
         return
     bucket = location.path.split("/", 1)[0]
     try:
+        if location.uri.startswith("gs://"):
+            # pyarrow's GCS listing of a missing prefix is a bare OSError: ask for the bucket itself
+            # (a key that may only touch objects gets access denied, let through below).
+            if location.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise storage_error(None, location, action, NO_BUCKET)
+            return
         # allow_not_found=False: pyarrow would also call a missing *bucket* "not found" otherwise.
         location.fs.get_file_info(pafs.FileSelector(f"{bucket}/.spellshield-probe-{uuid.uuid4().hex}"))
     except FileNotFoundError:

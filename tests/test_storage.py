@@ -1,5 +1,6 @@
-"""The storage layer against a real S3 server (SeaweedFS) and the local disk: URIs, reads and
-writes, brace patterns and globs, and one-line errors that never show a credential."""
+"""The storage layer against a real S3 server (SeaweedFS), a real GCS emulator (fake-gcs-server)
+and the local disk: URIs, reads and writes, brace patterns and globs, and one-line errors that
+never show a credential."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from spellshield import storage
 from spellshield.storage import StorageError
+from tests.conftest import bucket_on
 from tests.s3server import ADMIN, READER, free_ports
 
 
@@ -38,9 +40,9 @@ def test_location_pickles_without_credentials(s3_env):
     assert pickle.loads(data).uri == "s3://bucket/x"
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_write_read_list_glob_copy(where, s3_env, s3_bucket, tmp_path):
-    root = storage.resolve(f"{s3_bucket}/data" if where == "s3" else str(tmp_path / "data"))
+@pytest.mark.parametrize("where", ["local", "s3", "gs"])
+def test_write_read_list_glob_copy(where, request, tmp_path):
+    root = storage.resolve(str(tmp_path / "data") if where == "local" else f"{bucket_on(request, where)}/data")
     for i in range(3):
         storage.write_bytes(root.child(f"train-{i:06d}.tar"), bytes([i]) * (i + 1))
     storage.write_json(root.child("sub", "meta.json"), {"n": 3})
@@ -108,6 +110,26 @@ def test_no_write_permission(s3_env, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
     assert [l.name for l in storage.list_dir(f"{s3_bucket}/out", recursive=True)] == []  # nothing written
+
+
+def test_gs_uri_and_errors(gcs_env, gcs_bucket, monkeypatch):
+    """gs:// (and its alias gcs://) on the emulator STORAGE_EMULATOR_HOST names: canonical URIs,
+    one-line errors for a missing bucket or object and an unreachable endpoint."""
+    loc = storage.resolve("gcs://bucket/some/prefix/")
+    assert (loc.uri, loc.path, loc.remote) == ("gs://bucket/some/prefix", "bucket/some/prefix", True)
+    with pytest.raises(StorageError, match="credentials in a URI are refused; use GOOGLE_APPLICATION_CREDENTIALS"):
+        storage.resolve("gs://user:VERYSECRET@bucket/x")
+    assert pickle.loads(pickle.dumps(loc)).uri == loc.uri and gcs_env.endpoint.encode() not in pickle.dumps(loc)
+    storage.probe(f"{gcs_bucket}/x")
+    missing = "gs://no-such-bucket-here"
+    assert _error(lambda: storage.probe(f"{missing}/x")) == f"bucket no-such-bucket-here does not exist (read {missing}/x)"
+    assert _error(lambda: storage.check_writable(f"{missing}/out")) == f"bucket no-such-bucket-here does not exist (write {missing}/out)"
+    assert _error(lambda: storage.read_bytes(f"{gcs_bucket}/missing.tar")) == f"{gcs_bucket}/missing.tar does not exist"
+    assert _error(lambda: storage.size(f"{gcs_bucket}/missing.tar")) == f"{gcs_bucket}/missing.tar does not exist"
+    unreachable = f"http://127.0.0.1:{free_ports(1)[0]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", unreachable)
+    assert _error(lambda: storage.probe(f"{gcs_bucket}/x")) == (
+        f"cannot reach the object store at {unreachable} to read {gcs_bucket}/x; is it running, and is STORAGE_EMULATOR_HOST right?")
 
 
 def test_local_write_permission(tmp_path):

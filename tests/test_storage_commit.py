@@ -1,6 +1,7 @@
-"""Exactly once without rename, on a real S3 server (SeaweedFS) and on local disk: create-only
-writes, the driver lease, unit commits that a second attempt cannot repeat, and roll-forward
-after a writer killed between commit and publication."""
+"""Exactly once without rename, on a real S3 server (SeaweedFS), a real GCS emulator
+(fake-gcs-server) and on local disk: create-only writes, the driver lease, unit commits that a
+second attempt cannot repeat, and roll-forward after a writer killed between commit and
+publication."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import pytest
 from spellshield import storage
 from spellshield.storage.commit import (ATTEMPTS, COMMITS, LeaseHeld, LeaseLost, acquire_lease, commit_unit, committed_units,
                                         create_only, read_with_etag, replace_if, retract_unit, roll_forward)
+from tests.conftest import bucket_on
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "run")
-    request.getfixturevalue("s3_env")
-    return request.getfixturevalue("s3_bucket") + "/run"
+    return bucket_on(request, request.param) + "/run"
 
 
 def test_create_only_and_compare_and_swap(root):

@@ -22,6 +22,7 @@ from spellshield.indexing.search import open_index
 from spellshield.jobs.cli import main
 from spellshield.storage.cache import CACHE_ENV, fetch_tree
 from spellshield.pipeline.prompts import PromptsError, read_prompts
+from tests.conftest import bucket_on
 from tests.s3server import ADMIN, run_job
 from tests.test_generate import gen_config, tar_images
 
@@ -52,11 +53,12 @@ def run_generate(argv, env, cwd):
     return run_job("generate", argv, env, cwd)
 
 
-def machine_env(s3_server, tmp_path, name):
-    """A driver with its own working directory and cache, holding none of the data."""
+def machine_env(server, tmp_path, name):
+    """A driver with its own working directory and cache, holding none of the data, pointed at
+    the test ``server`` (S3 or GCS)."""
     home = tmp_path / name
     home.mkdir()
-    env = {**os.environ, **s3_server.env(), CACHE_ENV: str(tmp_path / f"{name}-cache"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **server.env(), CACHE_ENV: str(tmp_path / f"{name}-cache"), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     return home, env
 
@@ -158,18 +160,21 @@ def test_encoder_on_s3(s3_env, s3_bucket, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_driver_killed_then_resumed_on_s3(s3_server, s3_env, s3_bucket, memorizer_model, tmp_path):
-    """A driver killed -9 mid-run on an S3 --out: while its lease is live a resume is refused;
-    once it expired, --resume from another working directory finishes the run, every sample
-    exactly once, no attempt left over."""
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_driver_killed_then_resumed(store, request, memorizer_model, tmp_path):
+    """A driver killed -9 mid-run on an S3 or GCS --out: while its lease is live a resume is
+    refused; once it expired, --resume from another working directory takes the lease over (a
+    compare-and-swap on its ETag / generation) and finishes the run, every sample exactly once,
+    no attempt left over."""
     import time
 
     from spellshield.storage.commit import ATTEMPTS, LEASE, LEASE_TTL_ENV, committed_units
 
-    run = f"{s3_bucket}/run"
+    run = f"{bucket_on(request, store)}/run"
+    server = request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[store])
     argv = ["--model", memorizer_model, "--out", run, "--num-images", "16", "--batch-size", "4", "--unit-size", "4",
             "--steps", "60", "--seed", "5", "--workers", "1"]
-    home, env = machine_env(s3_server, tmp_path, "first")
+    home, env = machine_env(server, tmp_path, "first")
     env[LEASE_TTL_ENV] = "6"
     proc = subprocess.Popen([sys.executable, "-m", "spellshield.jobs.generate", *argv], cwd=home, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -182,7 +187,7 @@ def test_driver_killed_then_resumed_on_s3(s3_server, s3_env, s3_bucket, memorize
         proc.wait()
     before = len(committed_units(run))
     assert 1 <= before < 4 and storage.exists(f"{run}/{LEASE}")
-    second, env2 = machine_env(s3_server, tmp_path, "second")
+    second, env2 = machine_env(server, tmp_path, "second")
     env2[LEASE_TTL_ENV] = "6"
     code, err = run_generate(["--resume", run], env2, second)
     if code == 2:  # the killed driver's lease was still live: refused, one line, nothing written
@@ -244,10 +249,11 @@ def test_bad_storage_input_is_refused_before_ray(problem, capsys, s3_env, s3_buc
     assert sorted(loc.uri for loc in storage.list_dir(s3_bucket, recursive=True)) == before
 
 
-def test_resume_refused_while_a_driver_holds_the_run(capsys, s3_env, s3_bucket):
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_resume_refused_while_a_driver_holds_the_run(store, capsys, request):
     from spellshield.storage.commit import LEASE, acquire_lease
 
-    run = f"{s3_bucket}/run"
+    run = f"{bucket_on(request, store)}/run"
     lease = acquire_lease(f"{run}/{LEASE}", ttl_s=60)
     code = main(["generate", "--resume", run])
     err = capsys.readouterr().err.strip().splitlines()

@@ -101,19 +101,46 @@ def test_calibrate_on_s3_leaves_the_cache_entry_of_the_old_manifest_as_it_was(s3
     assert storage.file_sha256(os.path.join(new.directory, judges["file"])) == judges["sha256"]
 
 
-@pytest.mark.parametrize("argv", [["--out", "gs://some-bucket/run"], ["--resume", "gs://some-bucket/run"]])
-def test_generate_on_gs_is_refused_before_anything(argv, capsys, memorizer_model, tmp_path, monkeypatch):
-    """gs:// has no create-only write here yet: a run there is refused, one line, before the store
-    is even contacted, instead of running without at-most-once commits and the driver lease."""
+@pytest.mark.parametrize("problem", ["bucket", "unreachable", "credentials"])
+def test_bad_gs_input_is_refused_before_anything(problem, capsys, gcs_env, gcs_bucket, digits_corpus, memorizer_model, tmp_path,
+                                                 monkeypatch):
+    """gs:// runs and builds are supported (tests/test_storage_gs.py); a gs:// path that cannot be
+    used is one line naming the problem, exit 2, before Ray starts, nothing written: a missing
+    bucket, an unreachable STORAGE_EMULATOR_HOST, no Google credentials at all."""
+    from tests.s3server import free_ports
     from tests.test_storage_generate import GEN
 
-    monkeypatch.chdir(tmp_path)
-    options = ["--model", memorizer_model, *GEN] if argv[0] == "--out" else []
-    assert main(["generate", *argv, *options]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["spellshield generate: error: gs://some-bucket/run: runs and leases need create-only writes, implemented "
-                   "for s3:// and local paths only (not gs:// yet, see docs/storage.md); write the run to s3:// or a local path"]
-    assert os.listdir(tmp_path) == []
+    storage.write_json(f"{gcs_bucket}/run/run.json", {"status": "finished", "config": {}})
+    before = [loc.uri for loc in storage.list_dir(gcs_bucket, recursive=True)]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    bucket = gcs_bucket
+    cases = [["generate", "--model", memorizer_model, "--out", f"{bucket}/new-run", *GEN]]
+    if problem == "bucket":
+        bucket, expected = "gs://no-such-bucket-9", "bucket no-such-bucket-9 does not exist"
+        cases = [["generate", "--model", memorizer_model, "--out", f"{bucket}/run", *GEN], ["generate", "--resume", f"{bucket}/run"],
+                 ["build-index", "--corpus", f"{bucket}/corpus/digits-*.tar", "--out", str(work / "index")],
+                 ["build-index", "--corpus", digits_corpus[0], "--out", f"{bucket}/index"], ["audit", f"{bucket}/run"]]
+    elif problem == "unreachable":
+        endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+        expected = (f"cannot reach the object store at {endpoint} to write {bucket}/new-run; "
+                    f"is it running, and is STORAGE_EMULATOR_HOST right?")
+    else:  # no emulator and no credentials: the run's create-only writes cannot be made, said before the store is contacted
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+        expected = "no Google credentials for gs://: set GOOGLE_APPLICATION_CREDENTIALS"
+    for argv in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+        assert err[0].startswith(f"spellshield {argv[0]}: error: ")
+    monkeypatch.undo()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_env.endpoint)
+    assert [loc.uri for loc in storage.list_dir(gcs_bucket, recursive=True)] == before
+    assert os.listdir(work) == []
 
 
 @pytest.mark.slow
