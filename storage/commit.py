@@ -456,9 +456,17 @@ def commit_unit(run: Location | str, unit: str, files: list[tuple[str, str]]) ->
 
 
 def _publish(run: Location, record: dict) -> None:
+    """Copy a committed attempt's staged files to their final names, in order, then drop the
+    stage. Safe to repeat after a publisher killed at any point: a staged file that is gone was
+    copied before the stage began to be dropped (every copy comes first), so its final object
+    is this attempt's; one that is neither staged nor published is an error, never skipped."""
     stage = run.child(ATTEMPTS, record["unit"], record["attempt"])
     for item in record["files"]:
-        copy(stage.child(item["name"]), run.child(item["name"]))
+        source, final = stage.child(item["name"]), run.child(item["name"])
+        if exists(source):
+            copy(source, final)
+        elif not exists(final):
+            raise StorageError(f"{final.uri} is committed but neither published nor staged (was the stage deleted?)")
     delete_tree(stage)
 
 

@@ -105,6 +105,26 @@ def test_roll_forward_after_a_writer_killed_between_commit_and_publication(root,
     assert list(committed_units(root)) == ["unit-00001"]
 
 
+def test_roll_forward_after_a_writer_killed_while_dropping_its_stage(root, tmp_path):
+    # a writer killed after publishing every file, while deleting its stage: the stage's first
+    # object (in listing order) already gone, the others still there (CI saw this: a resumed
+    # build failed on the stage object that was gone)
+    files = _unit_files(tmp_path, "killed", "unit-00005")
+    assert commit_unit(root, "unit-00005", files) is True
+    attempt = committed_units(root)["unit-00005"]["attempt"]
+    for name, local in files[1:]:
+        storage.put_file(local, f"{root}/{ATTEMPTS}/unit-00005/{attempt}/{name}")
+    assert roll_forward(root) == {"published": ["unit-00005"], "dropped": []}
+    for name, _ in files:
+        assert storage.read_bytes(f"{root}/{name}") == f"killed:{name}".encode()
+    assert storage.list_dir(f"{root}/{ATTEMPTS}", recursive=True) == []
+    # a committed unit with neither its stage nor its published file is reported, not skipped
+    storage.delete(f"{root}/{files[0][0]}")
+    storage.put_file(files[1][1], f"{root}/{ATTEMPTS}/unit-00005/{attempt}/{files[1][0]}")
+    with pytest.raises(storage.StorageError, match=f"{files[0][0]} is committed but neither published nor staged"):
+        roll_forward(root)
+
+
 def test_a_retracted_unit_can_be_committed_again(root, tmp_path):
     assert commit_unit(root, "unit-00004", _unit_files(tmp_path, "stale", "unit-00004")) is True
     retract_unit(root, "unit-00004")

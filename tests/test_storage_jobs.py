@@ -237,8 +237,6 @@ def test_project_index_on_s3(capsys, s3_env, s3_bucket, protected_index, tmp_pat
     """project-index s3://... --lists: the projection and inverted file are uploaded beside the
     index; the ivf and projected backends opened on the URI fetch them into the node's cache and
     find what exact search on the local index finds."""
-    import numpy as np
-
     from spellshield.indexing.search import open_index
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
