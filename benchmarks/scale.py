@@ -209,7 +209,7 @@ def gemm_baseline(path: str, q: np.ndarray, radius: float, norms: torch.Tensor, 
 
 def tables(paths: list[str]) -> str:
     """The RESULTS.md rows of the scale JSON files (phases a stopped run did not reach are '-'),
-    and the growth from the first file's N to the last's."""
+    and, given exactly two files, the growth from the first's N to the second's."""
     runs = [json.load(open(p)) for p in paths]
     label = lambda d: "synthetic" if "synthetic" in d["data"] else "real TAEF2" if "taef2" in d["data"].lower() else "real"  # noqa: E731
     fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -234,13 +234,13 @@ def tables(paths: list[str]) -> str:
                    f"| {fmt(b['structure_gb'] * 1024 if b else None)} MB | {fmt(d.get('open_s'), '{:.1f}')} "
                    f"| {fmt(d.get('search_peak_rss_gb'), '{:.2f}')} | {d['load_average_start'][0]:.0f} / {fmt(searched[0])} / {fmt(end[0])} |")
     first, last = runs[0], runs[-1]
-    if len(runs) > 1 and first.get("search") and last.get("search"):
+    if len(runs) == 2 and first.get("search") and last.get("search"):
         out.append("")
         for a, b in zip(first["search"], last["search"]):
             out.append(f"- r x {a['radius_factor']:g}, N x {last['n'] / first['n']:g}: time x {b['median_ms'] / a['median_ms']:.1f}, "
                        f"lists probed x {b['lists_per_query'] / a['lists_per_query']:.1f}, candidates x "
                        f"{b['candidates_per_query'] / max(a['candidates_per_query'], 1e-9):.1f}")
-    if len(runs) > 1 and "search_peak_rss_gb" in first and "search_peak_rss_gb" in last:
+    if len(runs) == 2 and "search_peak_rss_gb" in first and "search_peak_rss_gb" in last:
         out.append(f"- build time x {last['build']['seconds'] / first['build']['seconds']:.1f}, build peak RSS x "
                    f"{last['build']['peak_rss_gb'] / first['build']['peak_rss_gb']:.1f}, search peak RSS x "
                    f"{last['search_peak_rss_gb'] / first['search_peak_rss_gb']:.1f}")
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                         help="real data: the first N CIFAR-10 training images through TAEF2 at 64 px, encoded once "
                         "and cached under --scratch (CIFAR-10 and TAEF2 from $SPELLSHIELD_SHARED, see benchmarks/search.py)")
     parser.add_argument("--tables", nargs="+", default=None, metavar="JSON",
-                        help="print the RESULTS.md rows of these result files (smallest N first) and exit")
+                        help="print the RESULTS.md rows of these result files (smallest N first; given two, their growth) and exit")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables(args.tables))
