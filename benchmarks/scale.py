@@ -2,11 +2,15 @@
 
     nice -n 10 python benchmarks/scale.py --n 1000000 --scratch /work/scratch/issue10 \
         --out benchmarks/results/scale-1e6.json
+    SPELLSHIELD_SHARED=/work/shared nice -n 10 python benchmarks/scale.py --cifar-taef2 50000 --lists 512 \
+        --scratch /work/scratch/issue10 --out benchmarks/results/scale-cifar-taef2-50k.json
 
 Data: ``benchmarks/synthetic_latents.py`` streams N vectors (D = 2,048, float16, the real
 latents' PCA variances, 10% near-duplicate rows) into a memory-mapped .npy under ``--scratch``
-(reused when present). The radius is the index's suggested one: half the median 1-NN distance of
-200 corpus vectors (self excluded), from a streaming float32 scan.
+(reused when present). Or real latents: ``--cifar-taef2 N`` encodes the first N CIFAR-10 training
+images with the TAEF2 at 64 px (``benchmarks/search.py``'s encoding and cache, kept under
+``--scratch``); ``--vectors`` takes any (N, D) .npy. The radius is the index's suggested one:
+half the median 1-NN distance of 200 corpus vectors (self excluded), from a streaming float32 scan.
 
 Queries, like a sampler's x0_hat, in ``--batches`` batches of ``--batch``: half are corpus
 vectors moved by 10-50% of the radius (each has hits), half midpoints of two corpus vectors.
@@ -205,8 +209,9 @@ def gemm_baseline(path: str, q: np.ndarray, radius: float, norms: torch.Tensor, 
 
 def tables(paths: list[str]) -> str:
     """The RESULTS.md rows of the scale JSON files (phases a stopped run did not reach are '-'),
-    and the growth from the first file's N to the last's."""
+    and, given exactly two files, the growth from the first's N to the second's."""
     runs = [json.load(open(p)) for p in paths]
+    label = lambda d: "synthetic" if "synthetic" in d["data"] else "real TAEF2" if "taef2" in d["data"].lower() else "real"  # noqa: E731
     fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
     out = ["| data | N | lists | r | r x | lists probed / query (share) | candidates / query | hits | recall | precision "
            "| ms / batch | GEMM scan ms / batch (arithmetic alone) | ivf / GEMM |", "|---" * 13 + "|"]
@@ -214,26 +219,28 @@ def tables(paths: list[str]) -> str:
         lists = (d.get("build") or {}).get("lists")
         gemm = fmt(d.get("gemm_scan_ms")) + (f" ({d['gemm_compute_ms']:,.0f})" if "gemm_compute_ms" in d else "")
         for r in d.get("search") or []:
-            out.append(f"| {'synthetic' if 'synthetic' in d['data'] else 'real'} | {d['n']:,} | {lists} | {d['radius']:.2f} "
+            out.append(f"| {label(d)} | {d['n']:,} | {lists} | {d['radius']:.2f} "
                        f"| {r['radius_factor']:g} | {r['lists_per_query']:.0f} ({100 * r['probed_fraction']:.1f}%) "
                        f"| {r['candidates_per_query']:.1f} | {fmt(r.get('hits'))} | {fmt(r.get('recall'), '{:g}')} "
                        f"| {fmt(r.get('precision'), '{:g}')} | {r['median_ms']:,.0f} | {gemm} | {r['vs_gemm_scan']:.2f} |")
     out += ["", "| N | build (s) | build peak RSS (GB) | structure on disk | open, sha256 included (s) | search peak RSS (GB) "
-                "| load average start / end |", "|---" * 7 + "|"]
+                "| load average start / after the search / end |", "|---" * 7 + "|"]
     for d in runs:
         b = d.get("build") or {}
         end = d.get("load_average_end") or d.get("load_average_now") or [None]
-        out.append(f"| {d['n']:,} | {fmt(b.get('seconds'))} | {fmt(b.get('peak_rss_gb'), '{:.2f}')} "
+        searched = (d.get("load_average_after") or {}).get("search") or [None]  # older files: '-'
+        real = "" if label(d) == "synthetic" else f" ({label(d)})"
+        out.append(f"| {d['n']:,}{real} | {fmt(b.get('seconds'))} | {fmt(b.get('peak_rss_gb'), '{:.2f}')} "
                    f"| {fmt(b['structure_gb'] * 1024 if b else None)} MB | {fmt(d.get('open_s'), '{:.1f}')} "
-                   f"| {fmt(d.get('search_peak_rss_gb'), '{:.2f}')} | {d['load_average_start'][0]:.0f} / {fmt(end[0])} |")
+                   f"| {fmt(d.get('search_peak_rss_gb'), '{:.2f}')} | {d['load_average_start'][0]:.0f} / {fmt(searched[0])} / {fmt(end[0])} |")
     first, last = runs[0], runs[-1]
-    if len(runs) > 1 and first.get("search") and last.get("search"):
+    if len(runs) == 2 and first.get("search") and last.get("search"):
         out.append("")
         for a, b in zip(first["search"], last["search"]):
             out.append(f"- r x {a['radius_factor']:g}, N x {last['n'] / first['n']:g}: time x {b['median_ms'] / a['median_ms']:.1f}, "
                        f"lists probed x {b['lists_per_query'] / a['lists_per_query']:.1f}, candidates x "
                        f"{b['candidates_per_query'] / max(a['candidates_per_query'], 1e-9):.1f}")
-    if len(runs) > 1 and "search_peak_rss_gb" in first and "search_peak_rss_gb" in last:
+    if len(runs) == 2 and "search_peak_rss_gb" in first and "search_peak_rss_gb" in last:
         out.append(f"- build time x {last['build']['seconds'] / first['build']['seconds']:.1f}, build peak RSS x "
                    f"{last['build']['peak_rss_gb'] / first['build']['peak_rss_gb']:.1f}, search peak RSS x "
                    f"{last['search_peak_rss_gb'] / first['search_peak_rss_gb']:.1f}")
@@ -260,12 +267,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--vectors", default=None, help="an existing (N, D) .npy instead of synthetic data "
                         "(e.g. real TAEF2 CIFAR-10 latents cached by benchmarks/search.py)")
+    parser.add_argument("--cifar-taef2", type=int, default=None, metavar="N",
+                        help="real data: the first N CIFAR-10 training images through TAEF2 at 64 px, encoded once "
+                        "and cached under --scratch (CIFAR-10 and TAEF2 from $SPELLSHIELD_SHARED, see benchmarks/search.py)")
     parser.add_argument("--tables", nargs="+", default=None, metavar="JSON",
-                        help="print the RESULTS.md rows of these result files (smallest N first) and exit")
+                        help="print the RESULTS.md rows of these result files (smallest N first; given two, their growth) and exit")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables(args.tables))
         return 0
+    if args.vectors and args.cifar_taef2:
+        parser.error("--vectors and --cifar-taef2 are two sources of vectors: give one")
     torch.set_num_threads(args.threads)
     os.makedirs(args.scratch, exist_ok=True)
     rng = np.random.default_rng(args.seed + 1)
@@ -274,7 +286,16 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "data": "synthetic, spectrum of 10,000 real TAEF2 CIFAR-10 latents, 10% near-duplicates"}
 
     path = args.vectors or os.path.join(args.scratch, f"synthetic-{args.n}x{args.dim or 2048}-s{args.seed}.npy")
-    if args.vectors:
+    if args.cifar_taef2:
+        from search import load_vectors, taef2_cache_path
+
+        path = taef2_cache_path(args.scratch, args.cifar_taef2)
+        started = time.perf_counter()
+        if not os.path.isfile(path):
+            load_vectors("cifar-taef2", args.cifar_taef2, 0, args.scratch)  # writes ``path``
+            result["encode_s"] = time.perf_counter() - started
+        result["data"] = f"real: the first {args.cifar_taef2:,} CIFAR-10 training images through TAEF2 at 64 px ({path})"
+    elif args.vectors:
         result["data"] = f"{args.vectors} (given)"
     elif not os.path.isfile(path):
         started = time.perf_counter()
@@ -286,8 +307,9 @@ def main(argv=None) -> int:
     result.update(n=count, dim=dim, vectors_file_gb=os.path.getsize(path) / 2**30)
     del vectors
 
-    def save() -> None:  # after every phase: a run stopped half-way leaves what it measured
+    def save(phase: str) -> None:  # after every phase: a run stopped half-way leaves what it measured
         result["load_average_now"] = os.getloadavg()
+        result.setdefault("load_average_after", {})[phase] = result["load_average_now"]  # the load each phase saw
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out + ".tmp", "w") as f:
@@ -313,7 +335,7 @@ def main(argv=None) -> int:
                        "stored_error": meta["stored_error"], "eps": meta["eps"],
                        "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
     print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
-    save()
+    save("build")
 
     # -- radius, queries and the GEMM scan baseline ---------------------------------------------------
     started = time.perf_counter()
@@ -323,7 +345,7 @@ def main(argv=None) -> int:
     result.update(radius=radius, median_1nn=median_nn, radius_s=time.perf_counter() - started)
     print(f"radius {radius:.3f} (median 1-NN {median_nn:.3f}) in {result['radius_s']:.0f} s", flush=True)
     queries = make_queries(path, count, args.batches, args.batch, radius, rng)
-    save()
+    save("radius")
 
     reps = args.baseline_repeats or (3 if count <= 1_000_000 else 1)
     wall, compute = gemm_baseline(path, queries[0], radius, norms, reps)
@@ -331,7 +353,7 @@ def main(argv=None) -> int:
     del norms
     print(f"plain float32 GEMM scan of {count:,} vectors: {result['gemm_scan_ms']:.0f} ms per batch "
           f"({result['gemm_compute_ms']:.0f} ms of it arithmetic, the rest reading the file)", flush=True)
-    save()
+    save("gemm_scan")
 
     # -- search -------------------------------------------------------------------------------------
     reset_peak()
@@ -364,12 +386,12 @@ def main(argv=None) -> int:
                "vs_gemm_scan": 1e3 * float(np.median(times)) / result["gemm_scan_ms"]}
         rows.append(row)
         result["search"] = rows
-        save()
+        save(f"search r x {factor:g}")
         print(f"  r x {factor}: {row['median_ms']:.1f} ms/batch ({row['vs_gemm_scan']:.2f} x GEMM scan), "
               f"{row['lists_per_query']:.0f}/{lists} lists, {row['candidates_per_query']:.1f} candidates/query", flush=True)
     result["search_peak_rss_gb"] = peak_rss_gb()
     print(f"search peak RSS {result['search_peak_rss_gb']:.2f} GB", flush=True)
-    save()
+    save("search")
 
     # -- truth: recall and precision against brute force --------------------------------------------
     started = time.perf_counter()
@@ -390,7 +412,7 @@ def main(argv=None) -> int:
               f"({row['hits']} hits)", flush=True)
     result["load_average_end"] = os.getloadavg()
     print(f"truth in {result['truth_s']:.0f} s", flush=True)
-    save()
+    save("truth")
     return 0 if all(r["recall"] == 1.0 and r["precision"] == 1.0 for r in rows) else 1
 
 

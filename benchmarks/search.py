@@ -59,6 +59,11 @@ FLOAT16_BACKENDS = {
 }
 
 
+def taef2_cache_path(cache: str, n: int, resolution: int = 64) -> str:
+    """Where ``load_vectors`` keeps the TAEF2 latents of the first ``n`` CIFAR-10 training images."""
+    return os.path.join(cache, f"cifar-taef2-{n}-{resolution}px.npy")
+
+
 def load_vectors(dataset: str, n: int, dim: int, cache: str, resolution: int = 64) -> np.ndarray:
     if dataset == "random":
         return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
@@ -70,7 +75,7 @@ def load_vectors(dataset: str, n: int, dim: int, cache: str, resolution: int = 6
         return cifar_latents(CIFAR, n)  # the pixel encoder's latents
     if not os.path.isdir(TAEF2):
         raise SystemExit(f"{TAEF2} is absent: use --dataset cifar or random")
-    stored = os.path.join(cache, f"cifar-taef2-{n}-{resolution}px.npy")  # encoding is the slow part on a CPU
+    stored = taef2_cache_path(cache, n, resolution)  # encoding is the slow part on a CPU
     if os.path.isfile(stored):
         return np.load(stored)
     started = time.perf_counter()

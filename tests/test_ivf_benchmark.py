@@ -29,6 +29,32 @@ def test_scale_benchmark_at_toy_size(tmp_path):
     assert tables.stdout.count("| synthetic | 3,000 | 32 |") == 8 and "- r x 0.125, N x 1: time x 1.0" in tables.stdout
 
 
+def test_scale_benchmark_on_cached_real_latents(tmp_path):
+    """``--cifar-taef2 N`` runs on the latents ``benchmarks/search.py`` cached under ``--scratch`` (here a
+    stand-in file at that path: encoding 50,000 images is the slow part the cache exists to skip),
+    encodes nothing, and its rows are labelled real in the tables."""
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    from search import taef2_cache_path
+
+    scratch, out = tmp_path / "scratch", tmp_path / "real.json"
+    scratch.mkdir()
+    np.save(taef2_cache_path(str(scratch), 2000), np.random.default_rng(1).standard_normal((2000, 48)).astype(np.float32))
+    argv = ["--cifar-taef2", "2000", "--dims", "16", "--lists", "16", "--batches", "2", "--threads", "1",
+            "--scratch", str(scratch), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["n"] == 2000 and result["dim"] == 48 and "encode_s" not in result
+    assert result["data"].startswith("real: the first 2,000 CIFAR-10 training images through TAEF2 at 64 px")
+    assert all(row["recall"] == 1.0 and row["precision"] == 1.0 for row in result["search"])
+    tables = subprocess.run([sys.executable, "benchmarks/scale.py", "--tables", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert tables.stdout.count("| real TAEF2 | 2,000 | 16 |") == 4 and "| 2,000 (real TAEF2) |" in tables.stdout
+    both = subprocess.run([sys.executable, "benchmarks/scale.py", *argv, "--vectors", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "give one" in both.stderr
+
+
 def test_synthetic_latents_have_the_real_spectrum(tmp_path):
     sys.path.insert(0, f"{ROOT}/benchmarks")
     from synthetic_latents import generate, load_spectrum
