@@ -118,6 +118,28 @@ class NpyRows:
         return out
 
 
+def synthetic_path(scratch: str, count: int, dim: int, seed: int) -> str:
+    """Where the run's synthetic vectors are written (and found again by later runs)."""
+    return os.path.join(scratch, f"synthetic-{count}x{dim}-s{seed}.npy")
+
+
+def structure_dir(scratch: str, count: int, dim: int, dims: int, lists: int, code_dtype: str) -> str:
+    """Where the run's inverted file is built (benchmarks/ivf_profile.py opens it there)."""
+    return os.path.join(scratch, f"ivf-{count}x{dim}-d{dims}-l{lists}-{code_dtype}")
+
+
+def fit_scale_projection(reader: "NpyRows", dims: int, fit_sample: int, seed: int, rng=None):
+    """The run's PCA projection, fitted on ``fit_sample`` rows drawn by ``rng`` (the run's
+    generator, ``default_rng(seed + 1)``, whose first draw this is): deterministic, so that
+    benchmarks/ivf_profile.py refits the very projection the structure was built with."""
+    from spellshield.indexing.projected import fit_projection
+
+    rng = np.random.default_rng(seed + 1) if rng is None else rng
+    count, dim = reader.shape
+    fit_rows = np.sort(rng.choice(count, size=min(fit_sample, count), replace=False))
+    return fit_projection(torch.from_numpy(reader[fit_rows].astype(np.float32)), min(dims, dim), seed)
+
+
 def gemm_sq(q: torch.Tensor, block: torch.Tensor, block_sq: torch.Tensor | None = None) -> torch.Tensor:
     block_sq = (block * block).sum(1) if block_sq is None else block_sq
     return (q * q).sum(1)[:, None] + block_sq[None, :] - 2.0 * (q @ block.T)
@@ -249,7 +271,7 @@ def tables(paths: list[str]) -> str:
 
 def main(argv=None) -> int:
     from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, read_ivf
-    from spellshield.indexing.projected import MemmapStore, fit_projection
+    from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100000)
@@ -285,7 +307,7 @@ def main(argv=None) -> int:
               "code_dtype": args.code_dtype, "load_average_start": os.getloadavg(), "machine": platform.platform(),
               "cpus": os.cpu_count(), "data": "synthetic, spectrum of 10,000 real TAEF2 CIFAR-10 latents, 10% near-duplicates"}
 
-    path = args.vectors or os.path.join(args.scratch, f"synthetic-{args.n}x{args.dim or 2048}-s{args.seed}.npy")
+    path = args.vectors or synthetic_path(args.scratch, args.n, args.dim or 2048, args.seed)
     if args.cifar_taef2:
         from search import load_vectors, taef2_cache_path
 
@@ -321,13 +343,12 @@ def main(argv=None) -> int:
     # turns the search's answers into recall and precision.
     # -- build --------------------------------------------------------------------------------------
     lists = args.lists or default_lists(count)
-    out = os.path.join(args.scratch, f"ivf-{count}x{dim}-d{args.dims}-l{lists}-{args.code_dtype}")
+    out = structure_dir(args.scratch, count, dim, args.dims, lists, args.code_dtype)
     reset_peak()
     base_rss = peak_rss_gb()
     started = time.perf_counter()
-    fit_rows = np.sort(rng.choice(count, size=min(args.fit_sample, count), replace=False))
     reader = NpyRows(path)
-    projection = fit_projection(torch.from_numpy(reader[fit_rows].astype(np.float32)), min(args.dims, dim), args.seed)
+    projection = fit_scale_projection(reader, args.dims, args.fit_sample, args.seed, rng)
     meta = build_ivf(out, reader, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
                      log=lambda m: print("  " + m, flush=True))
     result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,

@@ -28,6 +28,22 @@ def test_scale_benchmark_at_toy_size(tmp_path):
     assert tables.returncode == 0, tables.stderr[-2000:]
     assert tables.stdout.count("| synthetic | 3,000 | 32 |") == 8 and "- r x 0.125, N x 1: time x 1.0" in tables.stdout
 
+    # the profile reopens that structure (refitting the very projection) and splits its time
+    profile = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "benchmarks/ivf_profile.py", str(out), "--scratch", str(tmp_path / "scratch"),
+                           "--batches", "2", "--out", str(profile)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(profile.read_text())["rows"]
+    assert [row["radius_factor"] for row in rows] == [1.0, 0.5, 0.25, 0.125]
+    for row in rows:  # the batch's union of lists: at least one query's lists, at most all, at most their sum
+        assert 0 < row["union_rows_per_batch"] <= min(3000, row["own_rows_per_batch"])
+        assert row["union_rows_per_batch"] >= row["own_rows_per_batch"] / 16
+        assert min(row["candidates_ms"], row["probe_ms"], row["read_codes_ms"], row["gemm_ms"]) > 0
+    assert rows[0]["union_rows_per_batch"] >= rows[-1]["union_rows_per_batch"]
+    wrong = subprocess.run([sys.executable, "benchmarks/ivf_profile.py", str(out), "--scratch", str(tmp_path / "scratch"),
+                            "--fit-sample", "100"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "does not reproduce the codes" in wrong.stderr
+
 
 def test_scale_benchmark_on_cached_real_latents(tmp_path):
     """``--cifar-taef2 N`` runs on the latents ``benchmarks/search.py`` cached under ``--scratch`` (here a
