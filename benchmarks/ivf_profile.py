@@ -8,7 +8,8 @@ PCA projection, refitted from the same seeded draw), makes fresh queries of the 
 (``make_queries``, another seed) and, at each radius factor, splits ``IvfScan.candidates``
 into its steps, timed alone on the same batches: projecting and probing (the bounds), reading
 the probed codes (a slice, or a gather, upcast to float32), the GEMM, and the rest (distances,
-thresholds, the per-query list mask). It also counts the rows the batch scans: the union of the
+thresholds, the per-query list mask); with ``--chunk-rows A B ...`` once per block size of
+that scan, the candidates checked equal. It also counts the rows the batch scans: the union of the
 lists its 16 queries probe (``candidates`` does one GEMM over that union, masked per query)
 against the sum of each query's own lists, the two ways of organising the scan.
 """
@@ -32,7 +33,7 @@ from scale import RADIUS_FACTORS, NpyRows, fit_scale_projection, make_queries, s
 
 def main(argv=None) -> int:
     from spellshield.indexing.exactness import full_precision_matmul
-    from spellshield.indexing.ivf import IvfScan, read_ivf
+    from spellshield.indexing.ivf import IvfScan, block_rows, read_ivf
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0, help="the scale run's --seed")
     parser.add_argument("--fit-sample", type=int, default=10000, help="the scale run's --fit-sample")
+    parser.add_argument("--chunk-rows", type=int, nargs="+", default=None, metavar="ROWS",
+                        help="rows of codes per block of the scan (default: the backend's own, indexing.ivf.block_rows); "
+                        "several: each measured on the same batches, candidates checked equal")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -70,46 +74,55 @@ def main(argv=None) -> int:
               "batches": args.batches, "batch": run["batch"], "load_average_start": os.getloadavg(), "rows": []}
     scan.range_search64(torch.from_numpy(queries[0]), np.full(run["batch"], radius))  # warm-up, not timed
 
-    for factor in RADIUS_FACTORS:
-        radii = np.full(run["batch"], radius * factor)
-        ms = {k: [] for k in ("probe", "read_codes", "gemm", "candidates", "range_search")}
-        union_rows, own_rows = [], []
-        for b in range(args.batches):
-            q = torch.from_numpy(queries[b])
-            t0 = time.perf_counter()
-            p64, t = scan.project_queries(q, radii)
-            keep = scan.probe(p64.cpu().numpy(), t)
-            ms["probe"].append(time.perf_counter() - t0)
-            positions = scan._positions(np.flatnonzero(keep.any(0)))
-            union_rows.append(len(positions))
-            own_rows.append(int(sum(scan.sizes[row].sum() for row in keep)))
-            p32 = p64.to(torch.float32)
-            read = gemm = 0.0
-            with full_precision_matmul():
-                for start in range(0, len(positions), scan.chunk_rows):
-                    t0 = time.perf_counter()
-                    block = scan._codes_at(positions[start:start + scan.chunk_rows])
-                    t1 = time.perf_counter()
-                    p32 @ block.T
-                    read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1
-            ms["read_codes"].append(read)
-            ms["gemm"].append(gemm)
-            t0 = time.perf_counter()
-            scan.candidates(q, radii)
-            ms["candidates"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            scan.range_search64(q, radii)
-            ms["range_search"].append(time.perf_counter() - t0)
-        row = {"radius_factor": factor, **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in ms.items()},
-               "union_rows_per_batch": float(np.mean(union_rows)), "union_share": float(np.mean(union_rows)) / count,
-               "own_rows_per_batch": float(np.mean(own_rows)), "own_share_per_query": float(np.mean(own_rows)) / count / run["batch"]}
-        row["rest_ms"] = row["candidates_ms"] - row["probe_ms"] - row["read_codes_ms"] - row["gemm_ms"]
-        result["rows"].append(row)
-        print(f"r x {factor:g}: range_search {row['range_search_ms']:.0f} ms = candidates {row['candidates_ms']:.0f} "
-              f"(probe {row['probe_ms']:.0f}, read codes {row['read_codes_ms']:.0f}, GEMM {row['gemm_ms']:.0f}, "
-              f"rest {row['rest_ms']:.0f}) + re-check; scans {row['union_rows_per_batch']:,.0f} rows "
-              f"({100 * row['union_share']:.1f}% of N) for the batch's union, the queries' own lists "
-              f"{row['own_rows_per_batch']:,.0f} ({100 * row['own_share_per_query']:.1f}% of N each)", flush=True)
+    sizes = args.chunk_rows or [block_rows(scan.dims, "cpu")]
+    answers = {}  # (radius factor, batch) -> candidate pairs: the same whatever the block size
+    for chunk_rows in sizes:
+        scan.chunk_rows = chunk_rows
+        for factor in RADIUS_FACTORS:
+            radii = np.full(run["batch"], radius * factor)
+            ms = {k: [] for k in ("probe", "read_codes", "gemm", "candidates", "range_search")}
+            union_rows, own_rows = [], []
+            for b in range(args.batches):
+                q = torch.from_numpy(queries[b])
+                t0 = time.perf_counter()
+                p64, t = scan.project_queries(q, radii)
+                keep = scan.probe(p64.cpu().numpy(), t)
+                ms["probe"].append(time.perf_counter() - t0)
+                positions = scan._positions(np.flatnonzero(keep.any(0)))
+                union_rows.append(len(positions))
+                own_rows.append(int(sum(scan.sizes[row].sum() for row in keep)))
+                p32 = p64.to(torch.float32)
+                read = gemm = 0.0
+                with full_precision_matmul():
+                    for start in range(0, len(positions), scan.chunk_rows):
+                        t0 = time.perf_counter()
+                        block = scan._codes_at(positions[start:start + scan.chunk_rows])
+                        t1 = time.perf_counter()
+                        p32 @ block.T
+                        read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1
+                ms["read_codes"].append(read)
+                ms["gemm"].append(gemm)
+                t0 = time.perf_counter()
+                found = scan.candidates(q, radii)
+                ms["candidates"].append(time.perf_counter() - t0)
+                pairs = sorted(zip(found[0].tolist(), found[1].tolist()))
+                if answers.setdefault((factor, b), pairs) != pairs:
+                    print(f"blocks of {chunk_rows} rows found other candidates than blocks of {sizes[0]} (r x {factor:g}, "
+                          f"batch {b})", file=sys.stderr)
+                    return 1
+                t0 = time.perf_counter()
+                scan.range_search64(q, radii)
+                ms["range_search"].append(time.perf_counter() - t0)
+            row = {"chunk_rows": chunk_rows, "radius_factor": factor, **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in ms.items()},
+                   "union_rows_per_batch": float(np.mean(union_rows)), "union_share": float(np.mean(union_rows)) / count,
+                   "own_rows_per_batch": float(np.mean(own_rows)), "own_share_per_query": float(np.mean(own_rows)) / count / run["batch"]}
+            row["rest_ms"] = row["candidates_ms"] - row["probe_ms"] - row["read_codes_ms"] - row["gemm_ms"]
+            result["rows"].append(row)
+            print(f"blocks of {chunk_rows} rows, r x {factor:g}: range_search {row['range_search_ms']:.0f} ms = candidates {row['candidates_ms']:.0f} "
+                  f"(probe {row['probe_ms']:.0f}, read codes {row['read_codes_ms']:.0f}, GEMM {row['gemm_ms']:.0f}, "
+                  f"rest {row['rest_ms']:.0f}) + re-check; scans {row['union_rows_per_batch']:,.0f} rows "
+                  f"({100 * row['union_share']:.1f}% of N) for the batch's union, the queries' own lists "
+                  f"{row['own_rows_per_batch']:,.0f} ({100 * row['own_share_per_query']:.1f}% of N each)", flush=True)
     result["load_average_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

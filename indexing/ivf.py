@@ -297,6 +297,21 @@ def read_ivf(path: str, projection_path: str | None = None) -> dict:
     return meta
 
 
+# The codes of the probed lists are upcast to float32 and multiplied one block at a time. On the
+# CPU a block of ~4 MB stays in cache from the upcast to the GEMM and reuses the allocator's
+# memory, where a 64 MB block is a fresh allocation (page faults) written to and read back from
+# DRAM: at 10^6 x 256 float16 codes (benchmarks/ivf_profile.py --chunk-rows, RESULTS.md) 4,096
+# rows per block cut the batch from 761 to 291 ms at r and 316 to 108 ms at r/8, the same
+# candidates. On a GPU large blocks keep the kernel launches few.
+CPU_BLOCK_BYTES, DEVICE_BLOCK_BYTES = 4 << 20, 64 << 20
+
+
+def block_rows(dims: int, device) -> int:
+    """Rows of float32 codes per block of ``IvfScan.candidates`` on ``device``."""
+    budget = CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else DEVICE_BLOCK_BYTES
+    return max(1024, budget // (4 * dims))
+
+
 class IvfScan(ProjectedScan):
     """Range search and knn over a store of full vectors through the inverted file (module doc).
 
@@ -320,7 +335,7 @@ class IvfScan(ProjectedScan):
         self._stored_error = float(stored_error)
         self.lists = len(self.sizes)
         self._nonempty = self.sizes > 0
-        self.chunk_rows = max(1024, (64 << 20) // (4 * self.dims))  # ~64 MB of float32 codes at a time
+        self.chunk_rows = block_rows(self.dims, self.device)
         sq = np.empty(len(self.rows), np.float32)  # code norms in float64, stored in float32 (one rounding)
         for start in range(0, len(sq), self.chunk_rows):
             block = torch.from_numpy(np.asarray(codes[start:start + self.chunk_rows])).to(torch.float64)

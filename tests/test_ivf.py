@@ -86,6 +86,26 @@ def test_range_and_knn_equal_brute_force(random_ivf):
     assert stats["lists_per_query"] == stats["lists_probed"] / len(queries)
 
 
+def test_blocks_of_a_few_rows_find_what_one_block_finds(random_ivf):
+    """The codes are scanned block by block (``block_rows``: small on the CPU, large on a GPU):
+    blocks of 37 rows, cutting lists and the batch's union anywhere, change nothing."""
+    from spellshield.indexing.ivf import CPU_BLOCK_BYTES, DEVICE_BLOCK_BYTES, block_rows
+
+    path, base = random_ivf
+    shield = open_index(path, backend="ivf", dims=12)
+    assert shield.scan.chunk_rows == block_rows(12, "cpu") == CPU_BLOCK_BYTES // 48
+    assert block_rows(256, "cuda") == DEVICE_BLOCK_BYTES // 1024 and block_rows(256, "cpu") == 4096
+    queries = random_queries(base)
+    d = brute_force(base, queries)
+    radii = [np.quantile(d, q) for q in (0.005, 0.05, 0.5)]
+    whole = [shield.scan.candidates(torch.from_numpy(queries).to(torch.float32), np.full(len(queries), r)) for r in radii]
+    shield.scan.chunk_rows = 37
+    for r, (qi, rows, probed) in zip(radii, whole):
+        qi2, rows2, probed2 = shield.scan.candidates(torch.from_numpy(queries).to(torch.float32), np.full(len(queries), r))
+        assert probed2 == probed and sorted(zip(qi2.tolist(), rows2.tolist())) == sorted(zip(qi.tolist(), rows.tolist()))
+    check_range(shield, base, queries, radii)
+
+
 def test_a_radius_larger_than_every_list(random_ivf):
     path, base = random_ivf
     shield = open_index(path, backend="ivf", dims=12)

@@ -31,10 +31,11 @@ def test_scale_benchmark_at_toy_size(tmp_path):
     # the profile reopens that structure (refitting the very projection) and splits its time
     profile = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "benchmarks/ivf_profile.py", str(out), "--scratch", str(tmp_path / "scratch"),
-                           "--batches", "2", "--out", str(profile)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--batches", "2", "--chunk-rows", "1000", "64", "--out", str(profile)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(profile.read_text())["rows"]
-    assert [row["radius_factor"] for row in rows] == [1.0, 0.5, 0.25, 0.125]
+    # once per block size (the candidates of the two checked equal by the script)
+    assert [(row["chunk_rows"], row["radius_factor"]) for row in rows] == [(c, f) for c in (1000, 64) for f in (1.0, 0.5, 0.25, 0.125)]
     for row in rows:  # the batch's union of lists: at least one query's lists, at most all, at most their sum
         assert 0 < row["union_rows_per_batch"] <= min(3000, row["own_rows_per_batch"])
         assert row["union_rows_per_batch"] >= row["own_rows_per_batch"] / 16
