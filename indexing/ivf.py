@@ -301,7 +301,7 @@ def read_ivf(path: str, projection_path: str | None = None) -> dict:
 # CPU a block of ~4 MB stays in cache from the upcast to the GEMM and reuses the allocator's
 # memory, where a 64 MB block is a fresh allocation (page faults) written to and read back from
 # DRAM: at 10^6 x 256 float16 codes (benchmarks/ivf_profile.py --chunk-rows, RESULTS.md) 4,096
-# rows per block cut the batch from 761 to 291 ms at r and 316 to 108 ms at r/8, the same
+# rows per block cut the batch from 693 to 299 ms at r and 334 to 136 ms at r/8, the same
 # candidates. On a GPU large blocks keep the kernel launches few.
 CPU_BLOCK_BYTES, DEVICE_BLOCK_BYTES = 4 << 20, 64 << 20
 
