@@ -466,8 +466,13 @@ def _publish(run: Location, record: dict) -> None:
         if exists(source):
             copy(source, final)
         elif not exists(final):
-            raise StorageError(f"{final.uri} is committed but neither published nor staged (was the stage deleted?)")
+            raise _lost(final)
     delete_tree(stage)
+
+
+def _lost(final: Location) -> StorageError:
+    """A committed file found under neither its final nor its staged name: fail, never skip."""
+    return StorageError(f"{final.uri} is committed but neither published nor staged (was the stage deleted?)")
 
 
 def _record_of(run: Location, unit: str) -> Location:
@@ -518,7 +523,7 @@ def fetch_committed(run: Location | str, record: dict, name: str, local_path: st
     # a publisher may copy the object and drop the stage between two looks: look at the final name again
     source = next((loc for loc in (final, staged, final) if exists(loc)), None)
     if source is None:
-        raise StorageError(f"{final.uri} is committed but neither published nor staged (was the stage deleted?)")
+        raise _lost(final)
     get_file(source, local_path)
     if file_sha256(local_path) != item["sha256"]:
         os.remove(local_path)
