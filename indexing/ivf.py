@@ -23,7 +23,10 @@ The second holds because f_jk is affine with gradient 2 (mu_k - mu_j): f_jk(p_q)
 2 |mu_j - mu_k| |p_q - c_z|. Both sides are computed in float64 from the stored float32 values
 and given a float64 rounding allowance. In the lists that remain, the codes within t of p_q
 (float32 GEMM, widened by ``exactness.float32_margin``) are the candidates, and each is decided
-against the full vectors (memory-mapped) in float64, as the ``projected`` backend does. When the
+against the full vectors (memory-mapped) in float64, as the ``projected`` backend does. The codes
+are compared in two passes: on their first ``head_dims`` coordinates (the PCA directions of
+largest variance), then on all d for the rows the first pass keeps; a distance over some of the
+coordinates is at most the distance over all, so a code within t passes both. When the
 candidates would cover half the rows, the re-check is the plain exact scan instead.
 
 knn: the k rows of the query's nearest non-empty lists give U, an upper bound on the k-th
@@ -312,6 +315,80 @@ def block_rows(dims: int, device) -> int:
     return max(1024, budget // (4 * dims))
 
 
+# The codes are compared with the queries in two passes: first on their leading ``head_dims``
+# coordinates (the PCA directions of largest variance), then, for the rows some query keeps, on all
+# d. A squared distance over some of the coordinates is at most the one over all of them, so every
+# code within t of p_q in (1) is also within t on the head: the head pass loses no candidate, and
+# the full pass decides as before. On latents like TAEF2's, the first 64 of 256 coordinates already
+# put 99.6% of the rows beyond t at the suggested radius r and all but 0.1% at r/2 (10^5 synthetic
+# rows, benchmarks/RESULTS.md "Scale"), so the scan reads and multiplies a quarter of each code.
+HEAD_DIMS = 64
+
+
+def head_dims(dims: int) -> int:
+    """Coordinates of the head pass of ``IvfScan.candidates``: ``HEAD_DIMS`` when it is at most
+    half of ``dims``, else all of them (one pass: a head that large saves too little)."""
+    return HEAD_DIMS if 2 * HEAD_DIMS <= dims else dims
+
+
+class SplitCodes:
+    """Codes (N, d) held in RAM as two C-contiguous arrays: the first ``h`` coordinates of every
+    row, and the rest. Indexed like the (N, d) array for leading columns (``codes[rows, :k]``).
+    The head pass of ``IvfScan.candidates`` then copies a contiguous block of a quarter of the
+    bytes (d = 256, h = 64); a strided slice of the full rows read as many cache lines and, in
+    torch's float16 -> float32 copy, cost 8x more per row even from cache (RESULTS.md, "Scale")."""
+
+    def __init__(self, head: np.ndarray, tail: np.ndarray):
+        if len(head) != len(tail) or head.dtype != tail.dtype:
+            raise ValueError("the head and tail of split codes must have the same rows and dtype")
+        self.head, self.tail = head, tail
+        self.shape = (len(head), head.shape[1] + tail.shape[1])
+        self.dtype = head.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if not isinstance(cols, slice) or cols.start not in (None, 0) or cols.step not in (None, 1):
+            raise IndexError("split codes are indexed by rows and leading columns only")
+        k, h = min(self.shape[1], self.shape[1] if cols.stop is None else cols.stop), self.head.shape[1]
+        if k <= h:
+            return self.head[rows, :k]
+        return np.concatenate([self.head[rows], self.tail[rows, :k - h]], axis=1)
+
+
+def read_codes(path: str, head: int, keep: np.ndarray | None = None, block_bytes: int = 64 << 20):
+    """The (N, d) codes in the .npy at ``path`` (the rows where the bool ``keep`` holds, if given),
+    read into RAM: ``SplitCodes`` at column ``head`` when head < d, else one array. Read block by
+    block with plain reads, not a memory map: the process then holds the arrays it keeps and one
+    block, never the file's pages as well."""
+    array = np.load(path, mmap_mode="r")
+    (count, dims), dtype, offset = array.shape, array.dtype, array.offset
+    del array
+    if keep is not None and len(keep) != count:
+        raise ValueError(f"{path} holds {count} rows, the selection {len(keep)}")
+    total = count if keep is None else int(np.count_nonzero(keep))
+    head = min(int(head), dims)
+    parts = [np.empty((total, head), dtype)] + ([np.empty((total, dims - head), dtype)] if head < dims else [])
+    row_bytes = dims * dtype.itemsize
+    step, filled = max(1, block_bytes // row_bytes), 0
+    with open(path, "rb") as f:
+        for start in range(0, count, step):
+            rows = min(step, count - start)
+            data = os.pread(f.fileno(), rows * row_bytes, offset + start * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise IndexFormatError(f"{path} is shorter than its header says ({count} rows of {dims})")
+            block = np.frombuffer(data, dtype).reshape(rows, dims)
+            if keep is not None:
+                block = block[keep[start:start + rows]]
+            parts[0][filled:filled + len(block)] = block[:, :head]
+            if len(parts) == 2:
+                parts[1][filled:filled + len(block)] = block[:, head:]
+            filled += len(block)
+    return SplitCodes(*parts) if len(parts) == 2 else parts[0]
+
+
 class IvfScan(ProjectedScan):
     """Range search and knn over a store of full vectors through the inverted file (module doc).
 
@@ -336,11 +413,28 @@ class IvfScan(ProjectedScan):
         self.lists = len(self.sizes)
         self._nonempty = self.sizes > 0
         self.chunk_rows = block_rows(self.dims, self.device)
-        sq = np.empty(len(self.rows), np.float32)  # code norms in float64, stored in float32 (one rounding)
-        for start in range(0, len(sq), self.chunk_rows):
-            block = torch.from_numpy(np.asarray(codes[start:start + self.chunk_rows])).to(torch.float64)
-            sq[start:start + len(block)] = (block * block).sum(1).numpy()
-        self.code_sq = torch.from_numpy(sq).to(self.device)
+        # the head pass's coordinates (``head_dims``); may be changed (benchmarks, tests): its norms follow
+        self.head_dims = codes.head.shape[1] if isinstance(codes, SplitCodes) else head_dims(self.dims)
+        self.code_sq, head_sq = self._norms(self.dims, self.head_dims)
+        self._head_sq = {self.dims: self.code_sq, self.head_dims: head_sq}
+
+    def _norms(self, *heads: int) -> list[torch.Tensor]:
+        """Squared norms of the codes' first k coordinates for each k in ``heads``, in one pass:
+        computed in float64, stored in float32 (one rounding)."""
+        out = [np.empty(len(self.rows), np.float32) for _ in heads]
+        for start in range(0, len(self.rows), self.chunk_rows):
+            block = torch.from_numpy(np.asarray(self.codes[start:start + self.chunk_rows, :max(heads)])).to(torch.float64) ** 2
+            for k, sq in zip(heads, out):
+                sq[start:start + len(block)] = block[:, :k].sum(1).numpy()
+        return [torch.from_numpy(sq).to(self.device) for sq in out]
+
+    def _head_norms(self) -> torch.Tensor:
+        k = int(self.head_dims)
+        if not 1 <= k <= self.dims:
+            raise ValueError(f"head_dims must be in 1..{self.dims}, got {k}")
+        if k not in self._head_sq:
+            self._head_sq[k] = self._norms(k)[0]
+        return self._head_sq[k]
 
     # -- which lists can hold a hit ------------------------------------------------------------
 
@@ -393,9 +487,11 @@ class IvfScan(ProjectedScan):
     def candidates(self, q: torch.Tensor, radii: np.ndarray):
         """(query index, store row) pairs that may be hits, and the number of (query, list) pairs probed.
 
-        The codes of the probed lists are compared with the float32 projected queries by a float32
-        GEMM, widened by ``float32_margin`` (code norms computed in float64, stored in float32),
-        chunk by chunk; a pair counts only when its list is probed for that query.
+        The codes of the probed lists are compared with the float32 projected queries by float32
+        GEMMs, widened by ``float32_margin`` (code norms computed in float64, stored in float32),
+        block by block: first on their ``head_dims`` leading coordinates, then on all d for the
+        rows some query keeps (``head_dims``' comment); a pair counts only when its list is probed
+        for that query and both passes keep it.
         """
         p64, t = self.project_queries(q, radii)
         p32 = p64.to(torch.float32)
@@ -405,18 +501,24 @@ class IvfScan(ProjectedScan):
         positions = self._positions(lists)
         owner = torch.from_numpy(np.repeat(lists, self.sizes[lists])).to(self.device)
         keep = torch.from_numpy(keep_host).to(self.device)
-        q64sq = (p32.to(torch.float64) ** 2).sum(1)
-        qsq_host, qsq32 = q64sq.cpu().numpy(), q64sq.to(torch.float32)
         t2 = np.asarray(t, np.float64) ** 2
+        k = int(self.head_dims)
+        full = self._pass(p32, self.dims, self.code_sq, t2)
+        head = full if k == self.dims else self._pass(p32, k, self._head_norms(), t2)
+        step = self.chunk_rows if head is full else block_rows(k, self.device)
         pairs_q, pairs_p = [], []
         with full_precision_matmul():
-            for start in range(0, len(positions), self.chunk_rows):
-                pos = positions[start:start + self.chunk_rows]
-                block = self._codes_at(pos)
-                zsq = self.code_sq[torch.from_numpy(pos).to(self.device)]
-                thr = round_up_float32(t2 + float32_margin(self.dims, qsq_host, float(zsq.max())))
-                d2 = qsq32[:, None] + zsq[None, :] - 2.0 * (p32 @ block.T)
-                mask = (d2 <= torch.from_numpy(thr).to(self.device)[:, None]) & keep[:, owner[start:start + len(pos)]]
+            for start in range(0, len(positions), step):
+                pos = positions[start:start + step]
+                mask = head(pos)
+                # the rows some query keeps; then each pair only if that query probes the row's list
+                alive = torch.nonzero(mask.any(0), as_tuple=True)[0]
+                if len(alive) == 0:
+                    continue
+                mask = mask[:, alive] & keep[:, owner[start + alive]]
+                pos = pos[alive.cpu().numpy()]
+                if head is not full:  # on all d
+                    mask &= full(pos)
                 qi, local = torch.nonzero(mask, as_tuple=True)
                 pairs_q.append(qi.cpu())
                 pairs_p.append(pos[local.cpu().numpy()])
@@ -424,16 +526,55 @@ class IvfScan(ProjectedScan):
             return torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64), probed
         return torch.cat(pairs_q), self.rows[np.concatenate(pairs_p)], probed
 
+    def _pass(self, p32: torch.Tensor, k: int, code_sq: torch.Tensor, t2: np.ndarray):
+        """The test |p_q - c_z|^2 <= t^2 on the first k coordinates, as a function of sorted code
+        positions: (B, len(pos)) bool, the float32 distances widened by their rounding bound.
+
+        The upcast codes and the distances go to buffers allocated once per pass, grown when a
+        block is larger: a fresh multi-MB tensor per block is not always given back and reused
+        by the C allocator, and at 10^7 rows its heap grew by ~8 GB within one search (RESULTS.md).
+        """
+        p = p32[:, :k].contiguous()
+        q64sq = (p.to(torch.float64) ** 2).sum(1)
+        qsq_host, qsq32 = q64sq.cpu().numpy(), q64sq.to(torch.float32)
+        buffers = {}
+
+        def buffer(name: str, *shape: int) -> torch.Tensor:
+            """A contiguous (shape) float32 tensor in a buffer kept between blocks."""
+            size = math.prod(shape)
+            held = buffers.get(name)
+            if held is None or len(held) < size:
+                held = buffers[name] = torch.empty(size, dtype=torch.float32, device=self.device)
+            return held[:size].view(shape)
+
+        def within(pos: np.ndarray) -> torch.Tensor:
+            contiguous = pos[-1] - pos[0] + 1 == len(pos)
+            zsq = code_sq[pos[0]:pos[-1] + 1] if contiguous else code_sq[torch.from_numpy(pos).to(self.device)]
+            thr = round_up_float32(t2 + float32_margin(k, qsq_host, float(zsq.max())))
+            codes = buffer("codes", len(pos), k)
+            codes.copy_(self._codes_at(pos, k, upcast=False))  # float16 -> float32 is exact
+            d2 = buffer("d2", len(p), len(pos))
+            torch.mm(p, codes.T, out=d2)
+            # |p|^2 + |c|^2 - 2 p.c, summed in place (float32_margin holds for any order of the sums)
+            d2.mul_(-2.0).add_(zsq[None, :]).add_(qsq32[:, None])
+            return d2 <= torch.from_numpy(thr).to(self.device)[:, None]
+
+        return within
+
     def _project64(self, q: torch.Tensor) -> np.ndarray:
         return ((q.to(torch.float64) - self.mean64) @ self.basis64.T).cpu().numpy()
 
-    def _codes_at(self, pos: np.ndarray) -> torch.Tensor:
-        """float32 codes at sorted positions: a slice (no gather) when they are contiguous, as when most lists are probed."""
+    def _codes_at(self, pos: np.ndarray, k: int | None = None, upcast: bool = True) -> torch.Tensor:
+        """The codes (their first ``k`` coordinates) at sorted positions, as stored or (``upcast``)
+        in float32 on the device: a slice (no gather) when they are contiguous, as when most lists
+        are probed."""
+        k = self.dims if k is None else k
         if pos[-1] - pos[0] + 1 == len(pos):
-            codes = self.codes[pos[0]:pos[-1] + 1]
+            codes = self.codes[pos[0]:pos[-1] + 1, :k]
         else:
-            codes = self.codes[pos]
-        return torch.from_numpy(np.asarray(codes)).to(self.device, torch.float32)
+            codes = self.codes[pos, :k]
+        codes = torch.from_numpy(np.asarray(codes))
+        return codes.to(self.device, torch.float32) if upcast else codes
 
     # -- searches ------------------------------------------------------------------------------
 
@@ -505,7 +646,7 @@ class IvfShield(Shield):
             offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(offsets) - 1))])
             rows = mapped[keep]
         if codes == "memory":
-            code_array = np.array(code_file if keep is None else code_file[keep])
+            code_array = read_codes(os.path.join(path, "codes.npy"), head_dims(dims), keep)
         elif codes == "disk" and keep is None:
             code_array = code_file
         else:

@@ -163,6 +163,46 @@ def test_codes_rounding_within_the_bound(tmp_path, code_dtype):
     assert sorted(ids.tolist()) == np.flatnonzero(d < radius).tolist()
 
 
+@pytest.mark.parametrize("code_dtype", ["float16", "float32"])
+def test_the_head_pass_loses_no_hit(tmp_path, code_dtype):
+    """The scan's first pass compares only the codes' leading ``head_dims`` coordinates. Queries
+    within float16 rounding of the radius from a stored point, displaced along one of the fitted
+    principal directions (the whole projected distance then lies in one coordinate, in the head
+    or after it), along mixtures of them, or orthogonal to the projection: every head size finds
+    exactly the brute-force hits, and its candidates are among those of one pass over all d."""
+    from spellshield.indexing.ivf import HEAD_DIMS, head_dims
+
+    assert head_dims(256) == HEAD_DIMS == 64 and head_dims(128) == 64 and head_dims(127) == 127 and head_dims(8) == 8
+    rng = np.random.default_rng(11)
+    base = (rng.standard_normal((900, 16)) * 4.0 * 0.8 ** np.arange(16)).astype(np.float32)
+    base[880:] = base[:20]  # duplicates: ties
+    path = ivf_index(tmp_path / "head", base, 300, 8, 10, code_dtype=code_dtype)
+    shield = open_index(path, backend="ivf", dims=8)
+    scan = shield.scan
+    assert scan.head_dims == 8  # d = 8: one pass by default
+    basis = scan.projection.basis.astype(np.float64)  # (8, 16), orthonormal rows
+    outside = np.linalg.svd(basis)[2][-1]  # orthogonal to every row: projected distance 0
+    mixes = rng.standard_normal((6, 8)) @ basis
+    dirs = np.concatenate([basis, -basis[:4], mixes / np.linalg.norm(mixes, axis=1, keepdims=True), outside[None]])
+    radius = 2.0
+    anchors = base[rng.integers(0, len(base), (len(dirs), 16))]
+    steps = radius * (1 + 2.0**-11 * rng.uniform(-1, 1, (len(dirs), 16)))
+    queries = (anchors + dirs[:, None, :] * steps[..., None]).reshape(-1, 16).astype(np.float32)
+    stored_base = stored(base, "float32")
+    d = brute_force(stored_base, queries)
+    assert 0.3 < (d < radius).any(1).mean() < 0.7  # about half the queries have their anchor inside
+    q = torch.from_numpy(queries)
+    pairs = lambda: set(zip(*[x.tolist() for x in scan.candidates(q, np.full(len(q), radius))[:2]]))  # noqa: E731
+    one_pass = pairs()
+    for head in (1, 2, 3, 5, 8):
+        scan.head_dims = head
+        check_range(shield, stored_base, queries, [radius])
+        assert pairs() <= one_pass, f"head {head}"
+    scan.head_dims = 9
+    with pytest.raises(ValueError, match="head_dims must be in 1..8"):
+        shield.range_search(queries, radius)
+
+
 def test_sharded_equals_unsharded(random_ivf):
     path, base = random_ivf
     one = open_index(path, backend="ivf", dims=12)
@@ -184,6 +224,42 @@ def test_sharded_equals_unsharded(random_ivf):
     for i, (ids, _) in enumerate(server.range_search64(queries, np.full(len(queries), radius), None)):
         assert sorted(ids.tolist()) == own[d[i, own] < radius].tolist()
     assert server.stats()["lists_probed"] > 0
+
+
+def test_codes_split_in_ram_search_like_the_file(tmp_path):
+    """From d = 128 the shield holds its codes split after the head's 64 coordinates
+    (``read_codes``, ``SplitCodes``): indexed like the file's array, read in blocks and by a shard's
+    selection, and searched (whole or by parts, one pass or two) exactly like brute force."""
+    from spellshield.indexing.ivf import SplitCodes, read_codes
+
+    rng = np.random.default_rng(4)
+    base = (rng.standard_normal((1200, 160)) * 3.0 * 0.98 ** np.arange(160)).astype(np.float32)
+    base[1190:] = base[:10]
+    path = ivf_index(tmp_path / "wide", base, 300, 128, 20)
+    shield = open_index(path, backend="ivf", dims=128)
+    codes = shield.scan.codes
+    file = np.load(os.path.join(shield.path, "codes.npy"))
+    assert isinstance(codes, SplitCodes) and codes.head.shape == (1200, 64) and codes.tail.shape == (1200, 64)
+    assert codes.head.flags.c_contiguous and codes.tail.flags.c_contiguous and shield.scan.head_dims == 64
+    picks = np.array([0, 5, 6, 700, 1199])
+    for k in (1, 64, 65, 100, 128, None):
+        assert np.array_equal(codes[picks, :k], file[picks, :k]) and np.array_equal(codes[3:9, :k], file[3:9, :k])
+    assert np.array_equal(codes[10:20], file[10:20])
+    keep = rng.random(1200) < 0.4
+    few = read_codes(os.path.join(shield.path, "codes.npy"), 64, keep, block_bytes=4096)  # blocks of 16 rows
+    assert np.array_equal(few[np.arange(keep.sum()), :128], file[keep])
+    assert np.array_equal(read_codes(os.path.join(shield.path, "codes.npy"), 128), file)  # no split: one array
+    with pytest.raises(IndexError, match="leading columns"):
+        codes[:, 3:5]
+    queries = np.concatenate([base[:6] + 0.05 * rng.standard_normal((6, 160)).astype(np.float32), base[1190:1192]])
+    d = brute_force(base, queries)
+    radii = [np.quantile(d, q) for q in (0.002, 0.02, 0.3)]
+    check_range(shield, base, queries, radii)
+    check_knn(shield, base, queries, 7)
+    shield.scan.head_dims = 128  # one pass over all d: the same answers
+    check_range(shield, base, queries, radii)
+    sharded = open_index(path, backend="sharded", shard_backend="ivf", parts=2, dims=128)
+    check_range(sharded, base, queries, radii)
 
 
 @pytest.mark.parametrize("name", ["codes.npy", "radii.npy", "centroids.npy", "rows.npy", "offsets.npy"])
