@@ -28,12 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scale import RADIUS_FACTORS, NpyRows, fit_scale_projection, make_queries, structure_dir, synthetic_path  # noqa: E402
+from scale import (RADIUS_FACTORS, NpyRows, check_reproduces, fit_scale_projection, make_queries,  # noqa: E402
+                   structure_dir, synthetic_path)
 
 
 def main(argv=None) -> int:
     from spellshield.indexing.exactness import full_precision_matmul
-    from spellshield.indexing.ivf import IvfScan, block_rows, read_ivf
+    from spellshield.indexing.ivf import IvfScan, block_rows, head_dims, read_codes, read_ivf
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-rows", type=int, nargs="+", default=None, metavar="ROWS",
                         help="rows of codes per block of the scan (default: the backend's own, indexing.ivf.block_rows); "
                         "several: each measured on the same batches, candidates checked equal")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=None, metavar="K",
+                        help="coordinates of the scan's first pass (default: the backend's own, indexing.ivf.head_dims; "
+                        "d: one pass); several: each measured on the same batches, the range search's answers checked equal")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -56,18 +60,18 @@ def main(argv=None) -> int:
     out = structure_dir(args.scratch, count, dim, run["dims"], lists, run["code_dtype"])
     projection = fit_scale_projection(NpyRows(path), run["dims"], args.fit_sample, args.seed)
     meta = read_ivf(out)
+    check_reproduces(projection, out, path, meta)  # or the profile would measure another structure
     load = lambda name: np.load(os.path.join(out, name))  # noqa: E731
-    scan = IvfScan(projection, load("centroids.npy"), load("offsets.npy"), load("rows.npy"), load("codes.npy"),
-                   load("radii.npy"), meta["eps"], meta["stored_error"], MemmapStore(np.load(path, mmap_mode="r"), None, "cpu"))
-    # The refitted projection must be the one the structure was built with: |c_z - P(z - m)| <= E
-    # (the stored error bound, ivf module doc) on a few stored rows, or the profile would measure
-    # another structure.
-    sample = np.asarray(scan.rows[:64])
-    p64 = scan._project64(torch.from_numpy(np.asarray(np.load(path, mmap_mode="r")[sample], np.float32)))
-    off = np.linalg.norm(p64 - np.asarray(scan.codes[:64], np.float64), axis=1).max()
-    if off > meta["stored_error"] * (1 + 1e-6):
-        parser.error(f"the projection refitted from seed {args.seed} does not reproduce the codes in {out} "
-                     f"(off by {off:.3g} > {meta['stored_error']:.3g}): give the scale run's --seed and --fit-sample")
+
+    def open_scan(head: int) -> IvfScan:
+        """The scan as IvfShield opens it, its codes split in RAM after ``head`` coordinates."""
+        scan = IvfScan(projection, load("centroids.npy"), load("offsets.npy"), load("rows.npy"),
+                       read_codes(os.path.join(out, "codes.npy"), head), load("radii.npy"), meta["eps"],
+                       meta["stored_error"], MemmapStore(np.load(path, mmap_mode="r"), None, "cpu"))
+        scan.head_dims = head
+        return scan
+
+    scan = open_scan(head_dims(run["dims"]))
     radius = run["radius"]
     queries = make_queries(path, count, args.batches, run["batch"], radius, np.random.default_rng(args.seed + 7))
     result = {"scale_run": os.path.basename(args.scale_json), "n": count, "lists": lists, "radius": radius,
@@ -75,13 +79,18 @@ def main(argv=None) -> int:
     scan.range_search64(torch.from_numpy(queries[0]), np.full(run["batch"], radius))  # warm-up, not timed
 
     sizes = args.chunk_rows or [block_rows(scan.dims, "cpu")]
-    answers = {}  # (radius factor, batch) -> candidate pairs: the same whatever the block size
-    for chunk_rows in sizes:
+    heads = args.head_dims or [head_dims(scan.dims)]
+    answers = {}  # (head, radius factor, batch) -> candidate pairs: the same whatever the block size
+    results = {}  # (radius factor, batch) -> the range search's answers: the same whatever the head and block size
+    for chunk_rows, head in [(c, k) for c in sizes for k in heads]:
+        if scan.head_dims != head:
+            scan = open_scan(head)
         scan.chunk_rows = chunk_rows
+        step = chunk_rows if head == scan.dims else block_rows(head, "cpu")
         for factor in RADIUS_FACTORS:
             radii = np.full(run["batch"], radius * factor)
             ms = {k: [] for k in ("probe", "read_codes", "gemm", "candidates", "range_search")}
-            union_rows, own_rows = [], []
+            union_rows, own_rows, head_rows = [], [], []
             for b in range(args.batches):
                 q = torch.from_numpy(queries[b])
                 t0 = time.perf_counter()
@@ -91,38 +100,53 @@ def main(argv=None) -> int:
                 positions = scan._positions(np.flatnonzero(keep.any(0)))
                 union_rows.append(len(positions))
                 own_rows.append(int(sum(scan.sizes[row].sum() for row in keep)))
-                p32 = p64.to(torch.float32)
+                p32 = p64.to(torch.float32)[:, :head].contiguous()
                 read = gemm = 0.0
-                with full_precision_matmul():
-                    for start in range(0, len(positions), scan.chunk_rows):
+                upcast, dots = torch.empty((step, head)), torch.empty(len(p32) * step)  # reused, as in ``candidates``
+                with full_precision_matmul():  # the first pass: reading ``head`` coordinates of the union's codes, the GEMM
+                    for start in range(0, len(positions), step):
                         t0 = time.perf_counter()
-                        block = scan._codes_at(positions[start:start + scan.chunk_rows])
+                        pos = positions[start:start + step]
+                        block = upcast[:len(pos)]
+                        block.copy_(scan._codes_at(pos, head, upcast=False))
                         t1 = time.perf_counter()
-                        p32 @ block.T
+                        torch.mm(p32, block.T, out=dots[:len(p32) * len(pos)].view(len(p32), len(pos)))
                         read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1
+                    # rows some query keeps after the first pass (its own lists, its head distance)
+                    owner = np.repeat(np.arange(scan.lists), scan.sizes)[positions]
+                    test = scan._pass(p64.to(torch.float32), head, scan._head_norms(), np.asarray(t, np.float64) ** 2)
+                    head_rows.append(sum(int((torch.from_numpy(keep[:, owner[s:s + step]]) & test(positions[s:s + step])).any(0).sum())
+                                         for s in range(0, len(positions), step)))
                 ms["read_codes"].append(read)
                 ms["gemm"].append(gemm)
                 t0 = time.perf_counter()
                 found = scan.candidates(q, radii)
                 ms["candidates"].append(time.perf_counter() - t0)
                 pairs = sorted(zip(found[0].tolist(), found[1].tolist()))
-                if answers.setdefault((factor, b), pairs) != pairs:
-                    print(f"blocks of {chunk_rows} rows found other candidates than blocks of {sizes[0]} (r x {factor:g}, "
-                          f"batch {b})", file=sys.stderr)
+                if answers.setdefault((head, factor, b), pairs) != pairs:
+                    print(f"blocks of {chunk_rows} rows found other candidates than blocks of {sizes[0]} (head {head}, "
+                          f"r x {factor:g}, batch {b})", file=sys.stderr)
                     return 1
                 t0 = time.perf_counter()
-                scan.range_search64(q, radii)
+                got = scan.range_search64(q, radii)
                 ms["range_search"].append(time.perf_counter() - t0)
-            row = {"chunk_rows": chunk_rows, "radius_factor": factor, **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in ms.items()},
+                got = [(ids.tolist(), d.tolist()) for ids, d in got]
+                if results.setdefault((factor, b), got) != got:
+                    print(f"a first pass on {head} coordinates found other hits than on {heads[0]} (r x {factor:g}, batch {b})",
+                          file=sys.stderr)
+                    return 1
+            row = {"chunk_rows": chunk_rows, "head_dims": head, "radius_factor": factor, **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in ms.items()},
                    "union_rows_per_batch": float(np.mean(union_rows)), "union_share": float(np.mean(union_rows)) / count,
-                   "own_rows_per_batch": float(np.mean(own_rows)), "own_share_per_query": float(np.mean(own_rows)) / count / run["batch"]}
+                   "own_rows_per_batch": float(np.mean(own_rows)), "own_share_per_query": float(np.mean(own_rows)) / count / run["batch"],
+                   "head_survivors_per_batch": float(np.mean(head_rows)), "head_survivor_share": float(np.mean(head_rows)) / count}
             row["rest_ms"] = row["candidates_ms"] - row["probe_ms"] - row["read_codes_ms"] - row["gemm_ms"]
             result["rows"].append(row)
-            print(f"blocks of {chunk_rows} rows, r x {factor:g}: range_search {row['range_search_ms']:.0f} ms = candidates {row['candidates_ms']:.0f} "
+            print(f"blocks of {chunk_rows} rows, head {head}, r x {factor:g}: range_search {row['range_search_ms']:.0f} ms = candidates {row['candidates_ms']:.0f} "
                   f"(probe {row['probe_ms']:.0f}, read codes {row['read_codes_ms']:.0f}, GEMM {row['gemm_ms']:.0f}, "
                   f"rest {row['rest_ms']:.0f}) + re-check; scans {row['union_rows_per_batch']:,.0f} rows "
                   f"({100 * row['union_share']:.1f}% of N) for the batch's union, the queries' own lists "
-                  f"{row['own_rows_per_batch']:,.0f} ({100 * row['own_share_per_query']:.1f}% of N each)", flush=True)
+                  f"{row['own_rows_per_batch']:,.0f} ({100 * row['own_share_per_query']:.1f}% of N each); "
+                  f"{row['head_survivors_per_batch']:,.0f} rows pass the first pass", flush=True)
     result["load_average_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

@@ -72,6 +72,18 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
+def memory_gb() -> dict:
+    """The process's resident memory now, in GB: all of it, and its anonymous (heap) and
+    file-backed (mapped file pages) parts (/proc/self/status)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 2**20
+    return out
+
+
 def scan(path: str, fn) -> None:
     """Call ``fn(start, float32 block)`` over the vectors of a .npy, read in chunks (no memory map)."""
     array = np.load(path, mmap_mode="r")
@@ -138,6 +150,24 @@ def fit_scale_projection(reader: "NpyRows", dims: int, fit_sample: int, seed: in
     count, dim = reader.shape
     fit_rows = np.sort(rng.choice(count, size=min(fit_sample, count), replace=False))
     return fit_projection(torch.from_numpy(reader[fit_rows].astype(np.float32)), min(dims, dim), seed)
+
+
+def check_reproduces(projection, structure: str, path: str, meta: dict, rows: int = 64) -> None:
+    """Exit unless ``projection`` is the one ``structure`` was built with: |c_z - P(z - m)| <= E
+    (the stored error bound, ivf module doc) on its first stored rows; else a run would measure
+    another structure than it names."""
+    from spellshield.indexing.projected import project
+
+    sample = np.load(os.path.join(structure, "rows.npy"), mmap_mode="r")[:rows]
+    vectors = torch.from_numpy(np.asarray(np.load(path, mmap_mode="r")[np.asarray(sample)], np.float32))
+    p64 = project(vectors, torch.from_numpy(projection.basis).to(torch.float64),
+                  torch.from_numpy(projection.mean).to(torch.float64)).numpy()
+    codes = np.asarray(np.load(os.path.join(structure, "codes.npy"), mmap_mode="r")[:rows], np.float64)
+    off = float(np.linalg.norm(p64 - codes, axis=1).max())
+    if off > meta["stored_error"] * (1 + 1e-6):
+        print(f"the projection refitted from this run's seed does not reproduce the codes in {structure} (off by "
+              f"{off:.3g} > {meta['stored_error']:.3g}): give the --seed and --fit-sample it was built with", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def gemm_sq(q: torch.Tensor, block: torch.Tensor, block_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,7 +300,7 @@ def tables(paths: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, read_ivf
+    from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, head_dims, read_codes, read_ivf
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -287,6 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--scratch", default="/tmp/spellshield-scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--reuse-structure", action="store_true",
+                        help="reopen the inverted file an earlier run built under --scratch (every sha256 checked, and the "
+                        "refitted projection checked against its codes) instead of building it again; the build figures "
+                        "are then kept from --out's earlier JSON, marked reused")
     parser.add_argument("--vectors", default=None, help="an existing (N, D) .npy instead of synthetic data "
                         "(e.g. real TAEF2 CIFAR-10 latents cached by benchmarks/search.py)")
     parser.add_argument("--cifar-taef2", type=int, default=None, metavar="N",
@@ -349,13 +383,24 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     reader = NpyRows(path)
     projection = fit_scale_projection(reader, args.dims, args.fit_sample, args.seed, rng)
-    meta = build_ivf(out, reader, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
-                     log=lambda m: print("  " + m, flush=True))
-    result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,
-                       "lists": lists, "list_sizes": meta["list_sizes"], "explained_variance": projection.explained_variance,
-                       "stored_error": meta["stored_error"], "eps": meta["eps"],
-                       "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
-    print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
+    if args.reuse_structure:
+        earlier = {}
+        if args.out and os.path.isfile(args.out):
+            with open(args.out) as f:
+                earlier = json.load(f).get("build", {})
+        meta = read_ivf(out)  # refuses a missing or changed file
+        check_reproduces(projection, out, path, meta)
+        result["build"] = {**earlier, "reused": True, "reused_structure": out}
+        print(f"reusing {out} (built earlier: {earlier.get('seconds', float('nan')):.0f} s)", flush=True)
+    else:
+        meta = build_ivf(out, reader, projection, lists, code_dtype=args.code_dtype, seed=args.seed,
+                         log=lambda m: print("  " + m, flush=True))
+        result["build"] = {"seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": base_rss,
+                           "lists": lists, "list_sizes": meta["list_sizes"], "explained_variance": projection.explained_variance,
+                           "stored_error": meta["stored_error"], "eps": meta["eps"],
+                           "structure_gb": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**30}
+        print(f"built {lists} lists in {result['build']['seconds']:.0f} s, peak RSS {result['build']['peak_rss_gb']:.2f} GB", flush=True)
+    del reader
     save("build")
 
     # -- radius, queries and the GEMM scan baseline ---------------------------------------------------
@@ -378,13 +423,17 @@ def main(argv=None) -> int:
 
     # -- search -------------------------------------------------------------------------------------
     reset_peak()
+    memory = result["search_memory_gb"] = {"at_start": memory_gb()}  # what the earlier phases left resident
     started = time.perf_counter()
     meta = read_ivf(out)  # every sha256 checked, as on open
     load = lambda name: np.load(os.path.join(out, name))  # noqa: E731
     store = MemmapStore(np.load(path, mmap_mode="r"), None, "cpu")
-    scan_ = IvfScan(projection, load("centroids.npy"), load("offsets.npy"), load("rows.npy"), load("codes.npy"),
+    codes = read_codes(os.path.join(out, "codes.npy"), head_dims(args.dims))  # as IvfShield reads them
+    scan_ = IvfScan(projection, load("centroids.npy"), load("offsets.npy"), load("rows.npy"), codes,
                     load("radii.npy"), meta["eps"], meta["stored_error"], store)
+    del codes
     result["open_s"] = time.perf_counter() - started
+    memory["after_open"] = memory_gb()
     rows, answers = [], {}
     for factor in RADIUS_FACTORS:
         r = radius * factor
@@ -411,7 +460,9 @@ def main(argv=None) -> int:
         print(f"  r x {factor}: {row['median_ms']:.1f} ms/batch ({row['vs_gemm_scan']:.2f} x GEMM scan), "
               f"{row['lists_per_query']:.0f}/{lists} lists, {row['candidates_per_query']:.1f} candidates/query", flush=True)
     result["search_peak_rss_gb"] = peak_rss_gb()
-    print(f"search peak RSS {result['search_peak_rss_gb']:.2f} GB", flush=True)
+    memory["end"] = memory_gb()
+    print(f"search peak RSS {result['search_peak_rss_gb']:.2f} GB (resident at its start {memory['at_start']['VmRSS']:.2f}, "
+          f"after opening {memory['after_open']['VmRSS']:.2f}, at its end {memory['end']['VmRSS']:.2f} GB)", flush=True)
     save("search")
 
     # -- truth: recall and precision against brute force --------------------------------------------

@@ -23,6 +23,17 @@ def test_scale_benchmark_at_toy_size(tmp_path):
         assert row["recall"] == 1.0 and row["precision"] == 1.0
         assert 0 < row["probed_fraction"] <= 1 and row["candidates_per_query"] >= 0
     assert result["search"][0]["hits"] >= 2 * 8  # the near half of every batch hits at the suggested radius
+    # a second run reopens the structure instead of building it: same radius, queries and answers
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"build": result["build"]}))
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", *argv[:-1], str(again), "--reuse-structure"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reused = json.loads(again.read_text())
+    assert reused["build"] == {**result["build"], "reused": True, "reused_structure": reused["build"]["reused_structure"]}
+    assert reused["radius"] == result["radius"] and "built 32 lists" not in proc.stdout and "reusing" in proc.stdout
+    assert [(r["hits"], r["lists_per_query"]) for r in reused["search"]] == [(r["hits"], r["lists_per_query"]) for r in result["search"]]
+    assert 0 < reused["search_memory_gb"]["at_start"]["VmRSS"] <= reused["search_peak_rss_gb"]
     tables = subprocess.run([sys.executable, "benchmarks/scale.py", "--tables", str(out), str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-2000:]
@@ -31,15 +42,20 @@ def test_scale_benchmark_at_toy_size(tmp_path):
     # the profile reopens that structure (refitting the very projection) and splits its time
     profile = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "benchmarks/ivf_profile.py", str(out), "--scratch", str(tmp_path / "scratch"),
-                           "--batches", "2", "--chunk-rows", "1000", "64", "--out", str(profile)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--batches", "2", "--chunk-rows", "1000", "64", "--head-dims", "16", "4", "--out", str(profile)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(profile.read_text())["rows"]
-    # once per block size (the candidates of the two checked equal by the script)
-    assert [(row["chunk_rows"], row["radius_factor"]) for row in rows] == [(c, f) for c in (1000, 64) for f in (1.0, 0.5, 0.25, 0.125)]
+    # once per block size and head (the candidates of two block sizes, the answers of two heads checked equal by the script)
+    assert [(row["chunk_rows"], row["head_dims"], row["radius_factor"]) for row in rows] == [
+        (c, k, f) for c in (1000, 64) for k in (16, 4) for f in (1.0, 0.5, 0.25, 0.125)]
     for row in rows:  # the batch's union of lists: at least one query's lists, at most all, at most their sum
         assert 0 < row["union_rows_per_batch"] <= min(3000, row["own_rows_per_batch"])
         assert row["union_rows_per_batch"] >= row["own_rows_per_batch"] / 16
         assert min(row["candidates_ms"], row["probe_ms"], row["read_codes_ms"], row["gemm_ms"]) > 0
+        assert 0 <= row["head_survivors_per_batch"] <= row["union_rows_per_batch"]
+    for one, head in zip(rows[:4], rows[4:8]):  # a 4-dim first pass keeps at least the rows a 16-dim one keeps
+        assert head["head_survivors_per_batch"] >= one["head_survivors_per_batch"]
     assert rows[0]["union_rows_per_batch"] >= rows[-1]["union_rows_per_batch"]
     wrong = subprocess.run([sys.executable, "benchmarks/ivf_profile.py", str(out), "--scratch", str(tmp_path / "scratch"),
                             "--fit-sample", "100"], cwd=ROOT, capture_output=True, text=True, timeout=600)
