@@ -106,6 +106,8 @@ def wait_for(condition, what: str, timeout: float = 300, every: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# heavy: the CI budget (30 min on 2 cores); the same path is covered in CI by test_two_node_cluster (two nodes) and test_credentials_reach_the_workers_of_an_existing_cluster_through_the_job (a ray start cluster on S3); run with -m heavy
+@pytest.mark.heavy
 def test_round_trip_on_two_nodes_without_a_shared_filesystem(s3_server, s3_env, s3_bucket, memorizer_model, digits_corpus,
                                                              tmp_path):
     from spellshield.storage.commit import ATTEMPTS, LEASE, LEASE_TTL_ENV, committed_units

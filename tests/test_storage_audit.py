@@ -130,7 +130,8 @@ def run_job_audit(argv, env, cwd):
     return run_job("audit", argv, env, cwd)
 
 
-@pytest.mark.slow
+# heavy: the CI budget (30 min on 2 cores); the same path is covered in CI by test_audit_on_s3 (the CLI) and test_readme_python_runs_as_written (the API); run with -m heavy
+@pytest.mark.heavy
 def test_api_audit_on_s3(s3_server, s3_env, s3_bucket, memorizer_model, protected_index, tmp_path):
     """spellshield.audit(run=s3://..., index=s3://...) in a fresh process: the summary it returns
     is the one it wrote to the run's storage; a second audit redraws the report in place."""

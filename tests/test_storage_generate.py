@@ -160,7 +160,8 @@ def test_encoder_on_s3(s3_env, s3_bucket, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["s3", "gs"])
+# gs is heavy (the CI budget): CI covers the same path on s3, and gs's conditional writes in test_storage_commit
+@pytest.mark.parametrize("store", ["s3", pytest.param("gs", marks=pytest.mark.heavy)])
 def test_driver_killed_then_resumed(store, request, memorizer_model, tmp_path):
     """A driver killed -9 mid-run on an S3 or GCS --out: while its lease is live a resume is
     refused; once it expired, --resume from another working directory takes the lease over (a

@@ -143,7 +143,8 @@ def test_bad_gs_input_is_refused_before_anything(problem, capsys, gcs_env, gcs_b
     assert os.listdir(work) == []
 
 
-@pytest.mark.slow
+# heavy: the CI budget (30 min on 2 cores); the same path is covered in CI by test_build_generate_audit_on_gs and the s3 build, generate and audit tests; run with -m heavy
+@pytest.mark.heavy
 def test_demo_on_s3(s3_server, s3_env, s3_bucket, tmp_path):
     """demo --out s3://...: corpus, index, model, both runs, their reports and summary.json on
     the store; nothing in the working directory."""
