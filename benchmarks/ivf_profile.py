@@ -11,7 +11,11 @@ the probed codes (a slice, or a gather, upcast to float32), the GEMM, and the re
 thresholds, the per-query list mask); with ``--chunk-rows A B ...`` once per block size of
 that scan, the candidates checked equal. It also counts the rows the batch scans: the union of the
 lists its 16 queries probe (``candidates`` does one GEMM over that union, masked per query)
-against the sum of each query's own lists, the two ways of organising the scan.
+against the sum of each query's own lists, the two ways of organising the scan. With
+``--head-dims K ...`` the scan's first pass (``indexing.ivf.head_dims``) is measured on K leading
+coordinates, the codes split in RAM after them as the shield holds them, the range search's
+answers checked equal across heads, and the rows that pass the first pass counted; the step
+times above are then those of the first pass.
 """
 
 from __future__ import annotations
