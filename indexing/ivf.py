@@ -319,9 +319,11 @@ def block_rows(dims: int, device) -> int:
 # coordinates (the PCA directions of largest variance), then, for the rows some query keeps, on all
 # d. A squared distance over some of the coordinates is at most the one over all of them, so every
 # code within t of p_q in (1) is also within t on the head: the head pass loses no candidate, and
-# the full pass decides as before. On latents like TAEF2's, the first 64 of 256 coordinates already
-# put 99.6% of the rows beyond t at the suggested radius r and all but 0.1% at r/2 (10^5 synthetic
-# rows, benchmarks/RESULTS.md "Scale"), so the scan reads and multiplies a quarter of each code.
+# the full pass decides as before. On latents like TAEF2's the first 64 of 256 coordinates already
+# put 95% of the rows beyond t at the suggested radius r and all but a handful at r/2 to r/8 (10^6
+# rows: 47,216 and 9 of the batch's 1.0 M, benchmarks/results/ivf-profile-1e6-heads.json), so the
+# scan reads and multiplies a quarter of each code: 131/96/128/56 ms per batch from r to r/8
+# there, against 290/276/363/192 ms in one pass.
 HEAD_DIMS = 64
 
 
@@ -350,7 +352,8 @@ class SplitCodes:
 
     def __getitem__(self, key) -> np.ndarray:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        if not isinstance(cols, slice) or cols.start not in (None, 0) or cols.step not in (None, 1):
+        if (not isinstance(cols, slice) or cols.start not in (None, 0) or cols.step not in (None, 1)
+                or (cols.stop is not None and cols.stop < 0)):
             raise IndexError("split codes are indexed by rows and leading columns only")
         k, h = min(self.shape[1], self.shape[1] if cols.stop is None else cols.stop), self.head.shape[1]
         if k <= h:
@@ -531,8 +534,8 @@ class IvfScan(ProjectedScan):
         positions: (B, len(pos)) bool, the float32 distances widened by their rounding bound.
 
         The upcast codes and the distances go to buffers allocated once per pass, grown when a
-        block is larger: a fresh multi-MB tensor per block is not always given back and reused
-        by the C allocator, and at 10^7 rows its heap grew by ~8 GB within one search (RESULTS.md).
+        block is larger: with a fresh multi-MB tensor per block the C allocator's heap grew by
+        6-8 GB within one batch at 10^7 rows (RESULTS.md, "Scale", 10^7).
         """
         p = p32[:, :k].contiguous()
         q64sq = (p.to(torch.float64) ** 2).sum(1)
