@@ -77,7 +77,8 @@ with ray_cluster(num_cpus=1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("verbose", [False, True])
+# verbose is heavy (the CI budget): CI keeps the default, quiet console; verbose only lets Ray's lines through
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.heavy)])
 def test_console_of_a_restarted_worker(tmp_path, verbose):
     env = {k: v for k, v in os.environ.items() if k not in (VERBOSE, "RAY_ADDRESS")}
     if verbose:
