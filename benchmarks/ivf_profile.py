@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                         t0 = time.perf_counter()
                         pos = positions[start:start + step]
                         block = upcast[:len(pos)]
-                        block.copy_(scan._codes_at(pos, head, upcast=False))
+                        block.copy_(scan._codes_at(pos, head))
                         t1 = time.perf_counter()
                         torch.mm(p32, block.T, out=dots[:len(p32) * len(pos)].view(len(p32), len(pos)))
                         read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1

@@ -64,24 +64,25 @@ def reset_peak() -> None:
         pass
 
 
-def peak_rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def memory_gb() -> dict:
-    """The process's resident memory now, in GB: all of it, and its anonymous (heap) and
-    file-backed (mapped file pages) parts (/proc/self/status)."""
+def proc_status_gb(*keys: str) -> dict:
+    """Memory fields of /proc/self/status (kB there), in GB."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
             key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in keys:
                 out[key] = int(line.split()[1]) / 2**20
     return out
+
+
+def peak_rss_gb() -> float:
+    return proc_status_gb("VmHWM").get("VmHWM", float("nan"))
+
+
+def memory_gb() -> dict:
+    """The process's resident memory now, in GB: all of it, and its anonymous (heap) and
+    file-backed (mapped file pages) parts."""
+    return proc_status_gb("VmRSS", "RssAnon", "RssFile")
 
 
 def scan(path: str, fn) -> None:

@@ -555,7 +555,7 @@ class IvfScan(ProjectedScan):
             zsq = code_sq[pos[0]:pos[-1] + 1] if contiguous else code_sq[torch.from_numpy(pos).to(self.device)]
             thr = round_up_float32(t2 + float32_margin(k, qsq_host, float(zsq.max())))
             codes = buffer("codes", len(pos), k)
-            codes.copy_(self._codes_at(pos, k, upcast=False))  # float16 -> float32 is exact
+            codes.copy_(self._codes_at(pos, k))  # float16 -> float32 is exact
             d2 = buffer("d2", len(p), len(pos))
             torch.mm(p, codes.T, out=d2)
             # |p|^2 + |c|^2 - 2 p.c, summed in place (float32_margin holds for any order of the sums)
@@ -567,17 +567,13 @@ class IvfScan(ProjectedScan):
     def _project64(self, q: torch.Tensor) -> np.ndarray:
         return ((q.to(torch.float64) - self.mean64) @ self.basis64.T).cpu().numpy()
 
-    def _codes_at(self, pos: np.ndarray, k: int | None = None, upcast: bool = True) -> torch.Tensor:
-        """The codes (their first ``k`` coordinates) at sorted positions, as stored or (``upcast``)
-        in float32 on the device: a slice (no gather) when they are contiguous, as when most lists
-        are probed."""
-        k = self.dims if k is None else k
+    def _codes_at(self, pos: np.ndarray, k: int) -> torch.Tensor:
+        """The first ``k`` coordinates of the codes at sorted positions, as stored, on the host
+        (the caller upcasts into its buffer): a slice (no gather) when they are contiguous, as when
+        most lists are probed."""
         if pos[-1] - pos[0] + 1 == len(pos):
-            codes = self.codes[pos[0]:pos[-1] + 1, :k]
-        else:
-            codes = self.codes[pos, :k]
-        codes = torch.from_numpy(np.asarray(codes))
-        return codes.to(self.device, torch.float32) if upcast else codes
+            return torch.from_numpy(np.asarray(self.codes[pos[0]:pos[-1] + 1, :k]))
+        return torch.from_numpy(np.asarray(self.codes[pos, :k]))
 
     # -- searches ------------------------------------------------------------------------------
 
