@@ -32,13 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scale import (RADIUS_FACTORS, NpyRows, check_reproduces, fit_scale_projection, make_queries,  # noqa: E402
+from scale import (RADIUS_FACTORS, check_reproduces, fit_scale_projection, make_queries,  # noqa: E402
                    structure_dir, synthetic_path)
 
 
 def main(argv=None) -> int:
     from spellshield.indexing.exactness import full_precision_matmul
-    from spellshield.indexing.ivf import IvfScan, block_rows, head_dims, read_codes, read_ivf
+    from spellshield.indexing.ivf import IvfScan, NpyRows, block_rows, head_dims, read_codes, read_ivf
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -114,12 +114,12 @@ def main(argv=None) -> int:
                         block = upcast[:len(pos)]
                         block.copy_(scan._codes_at(pos, head))
                         t1 = time.perf_counter()
-                        torch.mm(p32, block.T, out=dots[:len(p32) * len(pos)].view(len(p32), len(pos)))
+                        torch.mm(block, p32.T, out=dots[:len(p32) * len(pos)].view(len(pos), len(p32)))
                         read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1
                     # rows some query keeps after the first pass (its own lists, its head distance)
                     owner = np.repeat(np.arange(scan.lists), scan.sizes)[positions]
                     test = scan._pass(p64.to(torch.float32), head, scan._head_norms(), np.asarray(t, np.float64) ** 2)
-                    head_rows.append(sum(int((torch.from_numpy(keep[:, owner[s:s + step]]) & test(positions[s:s + step])).any(0).sum())
+                    head_rows.append(sum(int((torch.from_numpy(keep.T[owner[s:s + step]]) & test(positions[s:s + step])).any(1).sum())
                                          for s in range(0, len(positions), step)))
                 ms["read_codes"].append(read)
                 ms["gemm"].append(gemm)

@@ -100,37 +100,6 @@ def scan(path: str, fn) -> None:
             fn(start, torch.from_numpy(block).to(torch.float32))  # torch's conversion (numpy's float16 one is slow)
 
 
-class NpyRows:
-    """The rows of a 2-D .npy read with ``pread`` instead of a memory map, for ``build_ivf``: the
-    build's RSS is then what it holds, not the pages of a file larger than RAM it has touched."""
-
-    def __init__(self, path: str):
-        array = np.load(path, mmap_mode="r")
-        self.shape, self.dtype, self.offset = array.shape, array.dtype, array.offset
-        del array
-        self.row_bytes = self.shape[1] * self.dtype.itemsize
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _read(self, start: int, rows: int) -> np.ndarray:
-        data = os.pread(self.fd, rows * self.row_bytes, self.offset + start * self.row_bytes)
-        assert len(data) == rows * self.row_bytes, "short read"
-        return np.frombuffer(data, self.dtype).reshape(rows, self.shape[1])
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
-            assert step == 1
-            return self._read(start, max(stop - start, 0))
-        rows = np.asarray(key)
-        out = np.empty((len(rows), self.shape[1]), self.dtype)
-        for i, row in enumerate(rows.tolist()):
-            out[i] = self._read(row, 1)[0]
-        return out
-
-
 def synthetic_path(scratch: str, count: int, dim: int, seed: int) -> str:
     """Where the run's synthetic vectors are written (and found again by later runs)."""
     return os.path.join(scratch, f"synthetic-{count}x{dim}-s{seed}.npy")
@@ -141,10 +110,11 @@ def structure_dir(scratch: str, count: int, dim: int, dims: int, lists: int, cod
     return os.path.join(scratch, f"ivf-{count}x{dim}-d{dims}-l{lists}-{code_dtype}")
 
 
-def fit_scale_projection(reader: "NpyRows", dims: int, fit_sample: int, seed: int, rng=None):
-    """The run's PCA projection, fitted on ``fit_sample`` rows drawn by ``rng`` (the run's
-    generator, ``default_rng(seed + 1)``, whose first draw this is): deterministic, so that
-    benchmarks/ivf_profile.py refits the very projection the structure was built with."""
+def fit_scale_projection(reader, dims: int, fit_sample: int, seed: int, rng=None):
+    """The run's PCA projection, fitted on ``fit_sample`` rows of ``reader`` (an
+    ``indexing.ivf.NpyRows``) drawn by ``rng`` (the run's generator, ``default_rng(seed + 1)``,
+    whose first draw this is): deterministic, so that benchmarks/ivf_profile.py refits the very
+    projection the structure was built with."""
     from spellshield.indexing.projected import fit_projection
 
     rng = np.random.default_rng(seed + 1) if rng is None else rng
@@ -301,7 +271,7 @@ def tables(paths: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    from spellshield.indexing.ivf import IvfScan, build_ivf, default_lists, head_dims, read_codes, read_ivf
+    from spellshield.indexing.ivf import IvfScan, NpyRows, build_ivf, default_lists, head_dims, read_codes, read_ivf
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -333,6 +333,18 @@ def head_dims(dims: int) -> int:
     return HEAD_DIMS if 2 * HEAD_DIMS <= dims else dims
 
 
+def rows_any(mask: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: the rows of a (rows, B) bool mask that hold a True. When B is a multiple of 8
+    and the mask C-contiguous, its bytes are read as B / 8 int64 words per row (a bool is one byte,
+    0 or 1): at B = 16 and 16,384 rows 0.05 ms against 0.19-0.21 for ``any(1)``, whose reduction
+    over a short inner dimension is slow on the CPU (benchmarks/results/scan-kernels.json)."""
+    width = mask.shape[1]
+    if width % 8 == 0 and width > 0 and mask.is_contiguous():
+        words = mask.view(torch.int64)
+        return words[:, 0] != 0 if width == 8 else words.any(1)
+    return mask.any(1)
+
+
 class SplitCodes:
     """Codes (N, d) held in RAM as two C-contiguous arrays: the first ``h`` coordinates of every
     row, and the rest. Indexed like the (N, d) array for leading columns (``codes[rows, :k]``).
@@ -361,30 +373,74 @@ class SplitCodes:
         return np.concatenate([self.head[rows], self.tail[rows, :k - h]], axis=1)
 
 
+class NpyRows:
+    """The rows of a 2-D .npy file read with ``pread`` instead of a memory map: the process then
+    holds the rows it asked for, never the pages of a file larger than RAM it has touched (the
+    codes, ``read_codes``; the vectors ``build_ivf`` streams in benchmarks/scale.py). Indexed by a
+    slice of step 1 or an array of rows; a context manager that closes its file."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:  # the header only (a memory map would refuse a short file unnamed)
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            self.offset = f.tell()
+        if len(shape) != 2 or fortran or dtype.hasobject:
+            raise IndexFormatError(f"{path} does not hold rows of vectors (shape {shape}, dtype {dtype})")
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "NpyRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, rows: int) -> np.ndarray:
+        data = os.pread(self.fd, rows * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != rows * self.row_bytes:
+            raise IndexFormatError(f"{self.path} is shorter than its header says ({self.shape[0]} rows of {self.shape[1]})")
+        return np.frombuffer(data, self.dtype).reshape(rows, self.shape[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("rows of a .npy are read by slices of step 1 or arrays of rows")
+            return self._read(start, max(stop - start, 0))
+        rows = np.asarray(key)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        for i, row in enumerate(rows.tolist()):
+            out[i] = self._read(row, 1)[0]
+        return out
+
+
 def read_codes(path: str, head: int, keep: np.ndarray | None = None, block_bytes: int = 64 << 20):
     """The (N, d) codes in the .npy at ``path`` (the rows where the bool ``keep`` holds, if given),
     read into RAM: ``SplitCodes`` at column ``head`` when head < d, else one array. Read block by
-    block with plain reads, not a memory map: the process then holds the arrays it keeps and one
+    block (``NpyRows``), not memory-mapped: the process then holds the arrays it keeps and one
     block, never the file's pages as well."""
-    array = np.load(path, mmap_mode="r")
-    (count, dims), dtype, offset = array.shape, array.dtype, array.offset
-    del array
-    if keep is not None and len(keep) != count:
-        raise ValueError(f"{path} holds {count} rows, the selection {len(keep)}")
-    total = count if keep is None else int(np.count_nonzero(keep))
-    head = min(int(head), dims)
-    parts = [np.empty((total, head), dtype)] + ([np.empty((total, dims - head), dtype)] if head < dims else [])
-    row_bytes = dims * dtype.itemsize
-    step, filled = max(1, block_bytes // row_bytes), 0
-    with open(path, "rb") as f:
+    with NpyRows(path) as file:
+        (count, dims), dtype = file.shape, file.dtype
+        if keep is not None and len(keep) != count:
+            raise ValueError(f"{path} holds {count} rows, the selection {len(keep)}")
+        total = count if keep is None else int(np.count_nonzero(keep))
+        head = min(int(head), dims)
+        parts = [np.empty((total, head), dtype)] + ([np.empty((total, dims - head), dtype)] if head < dims else [])
+        step, filled = max(1, block_bytes // file.row_bytes), 0
         for start in range(0, count, step):
-            rows = min(step, count - start)
-            data = os.pread(f.fileno(), rows * row_bytes, offset + start * row_bytes)
-            if len(data) != rows * row_bytes:
-                raise IndexFormatError(f"{path} is shorter than its header says ({count} rows of {dims})")
-            block = np.frombuffer(data, dtype).reshape(rows, dims)
+            block = file[start:start + step]
             if keep is not None:
-                block = block[keep[start:start + rows]]
+                block = block[keep[start:start + len(block)]]
             parts[0][filled:filled + len(block)] = block[:, :head]
             if len(parts) == 2:
                 parts[1][filled:filled + len(block)] = block[:, head:]
@@ -464,18 +520,27 @@ class IvfScan(ProjectedScan):
         # Covering radius: |p - mu_j| - R_j < t; |p - mu_j| >= sqrt(max(d2 - err, 0)).
         low = np.sqrt(np.maximum(d2 - err, 0.0))
         keep = (low - self.radii[None, :] * (1 + SLACK64) < t64) & self._nonempty[None, :]
-        # Voronoi against each query's nearest centroids k: (f_jk - eps) / (2 |mu_j - mu_k|) < t.
+        # Voronoi against each query's nearest centroids k: (f_jk - eps) / (2 |mu_j - mu_k|) < t,
+        # only for the lists the covering radius keeps for some query, and each centroid k once:
+        # one 2-D product (13 ms at 8,192 lists, all kept) where a (B, n, lists) batched product
+        # took 39 (benchmarks/results/scan-kernels.json).
         count = min(VORONOI_NEIGHBOURS, int(self._nonempty.sum()))
+        cols = np.flatnonzero(keep.any(0))
+        if len(cols) == 0:
+            return keep
         ranked = np.where(self._nonempty[None, :], d2, np.inf)
         near = np.argpartition(ranked, count - 1, axis=1)[:, :count]  # (B, n)
+        centres, which = np.unique(near, return_inverse=True)
         rows = np.arange(len(d2))[:, None]
-        f = d2[:, None, :] - (d2[rows, near] + err[rows, near])[:, :, None] - err[:, None, :] - self.eps
+        d2c, errc = d2[:, cols], err[:, cols]
+        f = d2c[:, None, :] - (d2[rows, near] + err[rows, near])[:, :, None] - errc[:, None, :] - self.eps
         # |mu_j - mu_k| overestimated (a smaller bound is the safe side when f > 0).
-        ck_sq = self.centroid_sq[near][:, :, None]
-        gap2 = ck_sq + self.centroid_sq[None, None, :] - 2.0 * (self.centroids64[near] @ self.centroids64.T)
-        gap2_err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (ck_sq + self.centroid_sq[None, None, :])
-        gap = np.sqrt(np.maximum(gap2, 0.0) + gap2_err) * (1 + SLACK64)
-        keep &= ~(f / (2.0 * gap) >= t64[:, :, None]).any(1)
+        ck_sq, cj_sq = self.centroid_sq[centres][:, None], self.centroid_sq[cols][None, :]
+        others = self.centroids64 if len(cols) == self.lists else self.centroids64[cols]
+        gap2 = ck_sq + cj_sq - 2.0 * (self.centroids64[centres] @ others.T)
+        gap2_err = 4.0 * gamma(self.dims + 3, FLOAT64_UNIT) * (ck_sq + cj_sq)
+        gap = np.sqrt(np.maximum(gap2, 0.0) + gap2_err) * (1 + SLACK64)  # (centres, cols)
+        keep[:, cols] &= ~(f / (2.0 * gap[which.reshape(near.shape)]) >= t64[:, :, None]).any(1)
         return keep
 
     def _positions(self, lists: np.ndarray) -> np.ndarray:
@@ -486,6 +551,22 @@ class IvfScan(ProjectedScan):
             return np.zeros(0, np.int64)
         base = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
         return base + np.arange(total)
+
+    def _blocks(self, lists: np.ndarray, step: int):
+        """The rows of ``lists`` (sorted) in list order, ``step`` at a time: (positions, the list of
+        each) per block, made block by block: at the suggested radius the union is all N rows, and
+        whole (N,) position and owner arrays cost hundreds of MB at 10^7 rows."""
+        sizes = self.sizes[lists]
+        ends = np.cumsum(sizes)
+        total = int(ends[-1]) if len(ends) else 0
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            first = int(np.searchsorted(ends, start, side="right"))
+            last = int(np.searchsorted(ends, stop - 1, side="right")) + 1
+            skip = start - int(ends[first] - sizes[first])  # rows of lists[first] in earlier blocks
+            part = lists[first:last]
+            yield (self._positions(part)[skip:skip + stop - start],
+                   np.repeat(part, sizes[first:last])[skip:skip + stop - start])
 
     def candidates(self, q: torch.Tensor, radii: np.ndarray):
         """(query index, store row) pairs that may be hits, and the number of (query, list) pairs probed.
@@ -501,9 +582,7 @@ class IvfScan(ProjectedScan):
         keep_host = self.probe(p64.cpu().numpy(), t)
         probed = int(keep_host.sum())
         lists = np.flatnonzero(keep_host.any(0))
-        positions = self._positions(lists)
-        owner = torch.from_numpy(np.repeat(lists, self.sizes[lists])).to(self.device)
-        keep = torch.from_numpy(keep_host).to(self.device)
+        keep = torch.from_numpy(np.ascontiguousarray(keep_host.T)).to(self.device)  # (lists, B)
         t2 = np.asarray(t, np.float64) ** 2
         k = int(self.head_dims)
         full = self._pass(p32, self.dims, self.code_sq, t2)
@@ -511,18 +590,18 @@ class IvfScan(ProjectedScan):
         step = self.chunk_rows if head is full else block_rows(k, self.device)
         pairs_q, pairs_p = [], []
         with full_precision_matmul():
-            for start in range(0, len(positions), step):
-                pos = positions[start:start + step]
-                mask = head(pos)
+            for pos, owner in self._blocks(lists, step):
+                mask = head(pos)  # (rows, B)
                 # the rows some query keeps; then each pair only if that query probes the row's list
-                alive = torch.nonzero(mask.any(0), as_tuple=True)[0]
+                alive = torch.nonzero(rows_any(mask), as_tuple=True)[0]
                 if len(alive) == 0:
                     continue
-                mask = mask[:, alive] & keep[:, owner[start + alive]]
-                pos = pos[alive.cpu().numpy()]
+                alive_host = alive.cpu().numpy()
+                pos = pos[alive_host]
+                mask = mask[alive] & keep[torch.from_numpy(owner[alive_host]).to(self.device)]
                 if head is not full:  # on all d
                     mask &= full(pos)
-                qi, local = torch.nonzero(mask, as_tuple=True)
+                local, qi = torch.nonzero(mask, as_tuple=True)
                 pairs_q.append(qi.cpu())
                 pairs_p.append(pos[local.cpu().numpy()])
         if not pairs_q:
@@ -531,15 +610,19 @@ class IvfScan(ProjectedScan):
 
     def _pass(self, p32: torch.Tensor, k: int, code_sq: torch.Tensor, t2: np.ndarray):
         """The test |p_q - c_z|^2 <= t^2 on the first k coordinates, as a function of sorted code
-        positions: (B, len(pos)) bool, the float32 distances widened by their rounding bound.
+        positions: (len(pos), B) bool, the float32 distances widened by their rounding bound.
 
+        One GEMM per block gives |c|^2 - 2 c.p, with the codes as the left factor: MKL makes an
+        (rows, B) result faster than a (B, rows) one at B = 16 (16,384 rows: 0.34 against 0.46 ms
+        on 64 coordinates, 2.1 against 3.5 ms on 256; benchmarks/results/scan-kernels.json).
+        |p|^2 moves to the threshold's side in float64: one float32 rounding fewer than
+        ``float32_margin`` allows for, so its bound still holds.
         The upcast codes and the distances go to buffers allocated once per pass, grown when a
         block is larger: with a fresh multi-MB tensor per block the C allocator's heap grew by
         6-8 GB within one batch at 10^7 rows (RESULTS.md, "Scale", 10^7).
         """
         p = p32[:, :k].contiguous()
-        q64sq = (p.to(torch.float64) ** 2).sum(1)
-        qsq_host, qsq32 = q64sq.cpu().numpy(), q64sq.to(torch.float32)
+        qsq = (p.to(torch.float64) ** 2).sum(1).cpu().numpy()
         buffers = {}
 
         def buffer(name: str, *shape: int) -> torch.Tensor:
@@ -553,14 +636,13 @@ class IvfScan(ProjectedScan):
         def within(pos: np.ndarray) -> torch.Tensor:
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
             zsq = code_sq[pos[0]:pos[-1] + 1] if contiguous else code_sq[torch.from_numpy(pos).to(self.device)]
-            thr = round_up_float32(t2 + float32_margin(k, qsq_host, float(zsq.max())))
+            # |c|^2 - 2 c.p <= t^2 + margin - |p|^2, the right side in float64 and rounded up once
+            thr = round_up_float32(t2 + float32_margin(k, qsq, float(zsq.max())) - qsq)
             codes = buffer("codes", len(pos), k)
             codes.copy_(self._codes_at(pos, k))  # float16 -> float32 is exact
-            d2 = buffer("d2", len(p), len(pos))
-            torch.mm(p, codes.T, out=d2)
-            # |p|^2 + |c|^2 - 2 p.c, summed in place (float32_margin holds for any order of the sums)
-            d2.mul_(-2.0).add_(zsq[None, :]).add_(qsq32[:, None])
-            return d2 <= torch.from_numpy(thr).to(self.device)[:, None]
+            d2 = buffer("d2", len(pos), len(p))
+            torch.addmm(zsq[:, None], codes, p.T, alpha=-2.0, out=d2)  # x -2 is exact
+            return d2 <= torch.from_numpy(thr).to(self.device)[None, :]
 
         return within
 

@@ -99,11 +99,33 @@ def test_blocks_of_a_few_rows_find_what_one_block_finds(random_ivf):
     d = brute_force(base, queries)
     radii = [np.quantile(d, q) for q in (0.005, 0.05, 0.5)]
     whole = [shield.scan.candidates(torch.from_numpy(queries).to(torch.float32), np.full(len(queries), r)) for r in radii]
+    scan = shield.scan
+    lists = np.flatnonzero(np.random.default_rng(1).random(scan.lists) < 0.6)  # some lists, made block by block
+    blocks = list(scan._blocks(lists, 37))
+    assert all(len(pos) == len(owner) == 37 for pos, owner in blocks[:-1]) and 0 < len(blocks[-1][0]) <= 37
+    assert np.array_equal(np.concatenate([pos for pos, _ in blocks]),
+                          np.concatenate([np.arange(scan.offsets[j], scan.offsets[j + 1]) for j in lists]))
+    assert np.array_equal(np.concatenate([owner for _, owner in blocks]), np.repeat(lists, scan.sizes[lists]))
     shield.scan.chunk_rows = 37
     for r, (qi, rows, probed) in zip(radii, whole):
         qi2, rows2, probed2 = shield.scan.candidates(torch.from_numpy(queries).to(torch.float32), np.full(len(queries), r))
         assert probed2 == probed and sorted(zip(qi2.tolist(), rows2.tolist())) == sorted(zip(qi.tolist(), rows.tolist()))
     check_range(shield, base, queries, radii)
+
+
+def test_rows_any_reads_words_like_any():
+    """``rows_any`` (the rows a (rows, B) bool mask keeps, read as int64 words when B is a multiple
+    of 8) equals ``any(1)`` for every width, a transposed (non-contiguous) mask and no rows."""
+    from spellshield.indexing.ivf import rows_any
+
+    rng = np.random.default_rng(5)
+    for width in (1, 7, 8, 12, 16, 24, 64):
+        mask = torch.from_numpy(rng.random((300, width)) < 0.02)
+        mask[7] = True
+        mask[8] = False
+        assert torch.equal(rows_any(mask), mask.any(1)), width
+        assert torch.equal(rows_any(mask.T.contiguous().T), mask.any(1)), width
+    assert rows_any(torch.zeros((0, 16), dtype=torch.bool)).shape == (0,)
 
 
 def test_a_radius_larger_than_every_list(random_ivf):

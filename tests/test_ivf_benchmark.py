@@ -1,10 +1,12 @@
 """The scale benchmark and its synthetic-latent generator run at toy size and check their own answers."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
@@ -106,8 +108,8 @@ def test_synthetic_latents_have_the_real_spectrum(tmp_path):
 
 
 def test_rows_read_with_pread_equal_the_memory_map(tmp_path):
-    sys.path.insert(0, f"{ROOT}/benchmarks")
-    from scale import NpyRows
+    from spellshield.indexing.ivf import NpyRows
+    from spellshield.indexing.manifest import IndexFormatError
 
     data = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float16)
     np.save(tmp_path / "a.npy", data)
@@ -116,3 +118,27 @@ def test_rows_read_with_pread_equal_the_memory_map(tmp_path):
     np.testing.assert_array_equal(rows[3:17], data[3:17])
     np.testing.assert_array_equal(rows[45:80], data[45:])
     np.testing.assert_array_equal(rows[np.array([0, 4, 4, 49])], data[[0, 4, 4, 49]])
+    rows.close()
+    with open(tmp_path / "a.npy", "r+b") as f:  # a file cut short of its header's rows is refused
+        f.truncate(os.path.getsize(tmp_path / "a.npy") - 3)
+    with NpyRows(str(tmp_path / "a.npy")) as rows:
+        np.testing.assert_array_equal(rows[0:48], data[:48])
+        with pytest.raises(IndexFormatError, match="shorter than its header says"):
+            rows[40:50]
+
+
+def test_scan_kernels_benchmark_runs_every_kernel(tmp_path):
+    """benchmarks/scan_kernels.py at toy size: every kernel timed, the JSON written."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "benchmarks/scan_kernels.py", "--rows", "512", "--dims", "8", "24", "--batch", "16",
+                           "--lists", "64", "--loops", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(b["rows"], b["dims"], b["batch"]) for b in result["blocks"]] == [(512, 8, 16), (512, 24, 16)]
+    for block in result["blocks"]:
+        assert min(block["ms"].values()) > 0
+        assert block["ms"]["now"] == pytest.approx(sum(block["ms"][k] for k in ("addmm_rows_by_queries", "test_rows_by_queries",
+                                                                                "words_rows_by_queries")))
+    assert result["gaps"]["lists"] == 64 and 1 <= result["gaps"]["distinct_centres"] <= 16 * 8
+    assert min(result["gaps"]["ms"].values()) > 0
