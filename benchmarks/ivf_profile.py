@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scale import (RADIUS_FACTORS, check_reproduces, fit_scale_projection, make_queries,  # noqa: E402
+from scale import (RADIUS_FACTORS, check_reproduces, finish, fit_scale_projection, make_queries,  # noqa: E402
                    structure_dir, synthetic_path)
 
 
@@ -151,11 +151,7 @@ def main(argv=None) -> int:
                   f"({100 * row['union_share']:.1f}% of N) for the batch's union, the queries' own lists "
                   f"{row['own_rows_per_batch']:,.0f} ({100 * row['own_share_per_query']:.1f}% of N each); "
                   f"{row['head_survivors_per_batch']:,.0f} rows pass the first pass", flush=True)
-    result["load_average_end"] = os.getloadavg()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return finish(result, args.out)
 
 
 if __name__ == "__main__":

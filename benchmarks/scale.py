@@ -100,6 +100,17 @@ def scan(path: str, fn) -> None:
             fn(start, torch.from_numpy(block).to(torch.float32))  # torch's conversion (numpy's float16 one is slow)
 
 
+def finish(result: dict, out: str | None) -> int:
+    """The end of a script that measures on a scale run's structure (``ivf_profile.py``,
+    ``ivf_ab.py``): the load average recorded, the JSON written whole or not at all; exit 0."""
+    result["load_average_end"] = os.getloadavg()
+    if out:
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out + ".tmp", out)
+    return 0
+
+
 def synthetic_path(scratch: str, count: int, dim: int, seed: int) -> str:
     """Where the run's synthetic vectors are written (and found again by later runs)."""
     return os.path.join(scratch, f"synthetic-{count}x{dim}-s{seed}.npy")

@@ -321,9 +321,9 @@ def block_rows(dims: int, device) -> int:
 # code within t of p_q in (1) is also within t on the head: the head pass loses no candidate, and
 # the full pass decides as before. On latents like TAEF2's the first 64 of 256 coordinates already
 # put 95% of the rows beyond t at the suggested radius r and all but a handful at r/2 to r/8 (10^6
-# rows: 47,216 and 9 of the batch's 1.0 M, benchmarks/results/ivf-profile-1e6-heads.json), so the
-# scan reads and multiplies a quarter of each code: 131/96/128/56 ms per batch from r to r/8
-# there, against 290/276/363/192 ms in one pass.
+# rows: 47,215 and 9 of the batch's 1.0 M, benchmarks/results/ivf-profile-1e6-heads.json), so the
+# scan reads and multiplies a quarter of each code: 186/139/120/48 ms per batch from r to r/8
+# there, against 309/330/226/138 ms in one pass (32 coordinates: 500 ms at r, 662,183 survivors).
 HEAD_DIMS = 64
 
 

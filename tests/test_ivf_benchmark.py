@@ -63,6 +63,19 @@ def test_scale_benchmark_at_toy_size(tmp_path):
                             "--fit-sample", "100"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "does not reproduce the codes" in wrong.stderr
 
+    # the A/B of two versions of the scan on that structure: HEAD's ivf.py against the working tree's
+    ab = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "benchmarks/ivf_ab.py", str(out), "--scratch", str(tmp_path / "scratch"),
+                           "--against", "HEAD", "--batches", "2", "--rounds", "1", "--out", str(ab)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(ab.read_text())
+    assert [row["radius_factor"] for row in result["rows"]] == [1.0, 0.5, 0.25, 0.125] and result["n"] == 3000
+    assert all(row["before_ms"] > 0 and row["now_ms"] > 0 for row in result["rows"]) and proc.stdout.count("the same hits") == 4
+    missing = subprocess.run([sys.executable, "benchmarks/ivf_ab.py", str(out), "--scratch", str(tmp_path / "scratch"),
+                              "--against", "no-such-commit"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "no indexing/ivf.py at no-such-commit" in missing.stderr
+
 
 def test_scale_benchmark_on_cached_real_latents(tmp_path):
     """``--cifar-taef2 N`` runs on the latents ``benchmarks/search.py`` cached under ``--scratch`` (here a
