@@ -101,26 +101,23 @@ def main(argv=None) -> int:
                 p64, t = scan.project_queries(q, radii)
                 keep = scan.probe(p64.cpu().numpy(), t)
                 ms["probe"].append(time.perf_counter() - t0)
-                positions = scan._positions(np.flatnonzero(keep.any(0)))
-                union_rows.append(len(positions))
+                blocks = list(scan._blocks(np.flatnonzero(keep.any(0)), step))  # the union's rows, as ``candidates`` makes them
+                union_rows.append(sum(len(pos) for pos, _ in blocks))
                 own_rows.append(int(sum(scan.sizes[row].sum() for row in keep)))
                 p32 = p64.to(torch.float32)[:, :head].contiguous()
                 read = gemm = 0.0
                 upcast, dots = torch.empty((step, head)), torch.empty(len(p32) * step)  # reused, as in ``candidates``
                 with full_precision_matmul():  # the first pass: reading ``head`` coordinates of the union's codes, the GEMM
-                    for start in range(0, len(positions), step):
+                    for pos, _ in blocks:
                         t0 = time.perf_counter()
-                        pos = positions[start:start + step]
                         block = upcast[:len(pos)]
                         block.copy_(scan._codes_at(pos, head))
                         t1 = time.perf_counter()
                         torch.mm(block, p32.T, out=dots[:len(p32) * len(pos)].view(len(pos), len(p32)))
                         read, gemm = read + t1 - t0, gemm + time.perf_counter() - t1
                     # rows some query keeps after the first pass (its own lists, its head distance)
-                    owner = np.repeat(np.arange(scan.lists), scan.sizes)[positions]
                     test = scan._pass(p64.to(torch.float32), head, scan._head_norms(), np.asarray(t, np.float64) ** 2)
-                    head_rows.append(sum(int((torch.from_numpy(keep.T[owner[s:s + step]]) & test(positions[s:s + step])).any(1).sum())
-                                         for s in range(0, len(positions), step)))
+                    head_rows.append(sum(int((torch.from_numpy(keep.T[owner]) & test(pos)).any(1).sum()) for pos, owner in blocks))
                 ms["read_codes"].append(read)
                 ms["gemm"].append(gemm)
                 t0 = time.perf_counter()

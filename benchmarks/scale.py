@@ -103,11 +103,11 @@ def scan(path: str, fn) -> None:
 def finish(result: dict, out: str | None) -> int:
     """The end of a script that measures on a scale run's structure (``ivf_profile.py``,
     ``ivf_ab.py``): the load average recorded, the JSON written whole or not at all; exit 0."""
+    from spellshield.indexing.manifest import write_json_atomic
+
     result["load_average_end"] = os.getloadavg()
     if out:
-        with open(out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_json_atomic(out, result)
     return 0
 
 
@@ -283,6 +283,7 @@ def tables(paths: list[str]) -> str:
 
 def main(argv=None) -> int:
     from spellshield.indexing.ivf import IvfScan, NpyRows, build_ivf, default_lists, head_dims, read_codes, read_ivf
+    from spellshield.indexing.manifest import write_json_atomic
     from spellshield.indexing.projected import MemmapStore
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -350,9 +351,7 @@ def main(argv=None) -> int:
         result.setdefault("load_average_after", {})[phase] = result["load_average_now"]  # the load each phase saw
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out + ".tmp", "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(args.out + ".tmp", args.out)
+            write_json_atomic(args.out, result)
 
     # Phases in the order of what they are worth if the run is stopped (at 10^7 on a loaded machine
     # each takes an hour or more): build, radius, baseline, search, then the brute-force truth that
